@@ -1,0 +1,92 @@
+"""Run the sandbox (funnel + local PostHog) on loopback ports in a background thread.
+
+A thread with its own event loop keeps the sandbox's work off the tracer's loop, so the sandbox
+cannot distort the lags the tracer measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from sandbox.funnel import FunnelContext, Knobs, create_app
+from sandbox.posthog_server import PostHogState
+from sandbox.posthog_server import create_app as create_posthog_app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class Sandbox:
+    host: str = "127.0.0.1"
+    port: int = 0
+    posthog_port: int = 0
+    knobs: Knobs = field(default_factory=Knobs)
+    posthog: PostHogState = field(default_factory=PostHogState)
+    redis_url: str | None = None
+
+    def __post_init__(self) -> None:
+        self._funnel_sock = bind(self.host, self.port)
+        self._posthog_sock = bind(self.host, self.posthog_port)
+        self.port = self._funnel_sock.getsockname()[1]
+        self.posthog_port = self._posthog_sock.getsockname()[1]
+        self.ctx = FunnelContext(posthog_host=self.posthog_url, posthog_api_key=self.posthog.project_api_key,
+                                 knobs=self.knobs, redis_url=self.redis_url)
+        self._servers: list[uvicorn.Server] = []
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def posthog_url(self) -> str:
+        return f"http://{self.host}:{self.posthog_port}"
+
+    def start(self) -> Sandbox:
+        self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("sandbox did not start within 15 s")
+        return self
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.should_exit = True
+        if self._thread:
+            self._thread.join(10)
+        self.ctx.close()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        apps = [(create_app(self.ctx), self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
+        tasks = []
+        for app, sock in apps:
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            self._servers.append(server)
+            tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
+        while not all(s.started for s in self._servers):
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        await asyncio.gather(*tasks)

@@ -1,0 +1,94 @@
+"""HTTP injector: send a templated request (lead, payment webhook, approval) for one probe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+from pydantic import Field, model_validator
+
+from tracer import clock
+from tracer.inject import Injection
+from tracer.inject.signing import Signing
+from tracer.probe import Probe
+from tracer.schema import Duration, Model
+
+
+class HttpInject(Model):
+    method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = {}
+    json_body: Any = Field(None, alias="json")
+    form: dict[str, str] | None = None
+    timeout: Duration = 10.0
+    sign: Signing | None = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> HttpInject:
+        if self.json_body is not None and self.form is not None:
+            raise ValueError("give either json or form, not both")
+        return self
+
+
+def build_request(spec: HttpInject, probe: Probe, extra_headers: dict[str, str]) -> tuple[str, str, dict[str, str], bytes]:
+    """Render templates and serialize the body; the bytes returned are the bytes signed and sent."""
+    headers = {k: str(v) for k, v in probe.render(spec.headers).items()}
+    body = b""
+    if spec.json_body is not None:
+        obj = probe.render(spec.json_body)
+        if spec.sign is not None:
+            obj = spec.sign.prepare(obj)
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        headers.setdefault("Content-Type", "application/json")
+    elif spec.form is not None:
+        body = urlencode(probe.render(spec.form)).encode()
+        headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    if spec.sign is not None:
+        headers.update(spec.sign.headers(body))
+    headers.update(extra_headers)
+    return spec.method, probe.render(spec.url), headers, body
+
+
+async def send(client: httpx.AsyncClient, spec: HttpInject, probe: Probe, extra_headers: dict[str, str]) -> Injection:
+    method, url, headers, body = build_request(spec, probe, extra_headers)
+    parts = urlsplit(url)
+    attrs: dict[str, Any] = {
+        "http.request.method": method,
+        "url.full": _redact_url(url),
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+        "user_agent.synthetic.type": "test",
+    }
+    sent = clock.now()
+    try:
+        resp = await client.request(method, url, headers=headers, content=body, timeout=spec.timeout)
+    except httpx.TimeoutException:
+        err = f"timeout after {spec.timeout:g}s"
+        attrs["error.type"] = "timeout"
+        return Injection(sent, clock.now(), ok=False, error=err, attributes=attrs)
+    except httpx.HTTPError as exc:
+        attrs["error.type"] = type(exc).__name__
+        return Injection(sent, clock.now(), ok=False, error=_short_error(exc), attributes=attrs)
+    done = clock.now()
+    attrs["http.response.status_code"] = resp.status_code
+    ok = 200 <= resp.status_code < 300
+    if not ok:
+        attrs["error.type"] = str(resp.status_code)
+    return Injection(sent, done, ok=ok, status=resp.status_code, error=None if ok else f"HTTP {resp.status_code}", attributes=attrs)
+
+
+def _short_error(exc: Exception) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused or unreachable"
+    return type(exc).__name__
+
+
+def _redact_url(url: str) -> str:
+    """Drop userinfo and query string: either may carry a token."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}"

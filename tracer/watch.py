@@ -1,0 +1,187 @@
+"""The await stage: what a collector is asked to look for, what it saw, and when it could see.
+
+A ``Watch`` is one expected hop of one probe. Collectors index watches by trace id (never a
+scan over everything in flight) and call ``Watch.observe`` when the sink shows the probe.
+
+``Coverage`` is a collector's record of when it was able to look. Verdicts consult it so a
+window the collector could not see becomes ``unknown`` rather than ``late`` or ``lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tracer.probe import Probe
+    from tracer.spec import HopSpec
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A sighting of a probe on a sink.
+
+    The probe arrived somewhere in ``(not_before, at]`` (monotonic seconds). For a push
+    receiver the two are equal; for a poller ``not_before`` is the previous successful look,
+    so ``at - not_before`` is the measurement's error bar.
+    """
+
+    at: float
+    not_before: float
+    source: str = "push"
+    sink_time: float | None = None  # epoch seconds stamped by the sink itself (e.g. PostHog created_at)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_bar(self) -> float:
+        return max(0.0, self.at - self.not_before)
+
+
+@dataclass(eq=False)
+class Watch:
+    """One hop of one probe, awaited on one sink."""
+
+    probe: Probe
+    hop: HopSpec
+    since: float  # monotonic: when the watch began (just before injection)
+    observations: list[Observation] = field(default_factory=list)
+    _seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def trace_id(self) -> str:
+        return self.probe.trace_id
+
+    @property
+    def sink(self) -> str:
+        return self.hop.sink
+
+    @property
+    def sink_spec(self) -> Any:
+        return self.hop.sink_spec
+
+    @property
+    def first(self) -> Observation | None:
+        return min(self.observations, key=lambda o: o.at) if self.observations else None
+
+    def observe(self, obs: Observation) -> None:
+        """Record a sighting. Call on the event loop thread. Later sightings by another
+        source (push and poll of the same event) are kept to compare them."""
+        if any(o.source == obs.source for o in self.observations):
+            return
+        self.observations.append(obs)
+        self._seen.set()
+
+    async def wait_seen(self, timeout: float) -> bool:
+        if self._seen.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._seen.wait(), timeout=max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class Coverage:
+    """When a collector could look.
+
+    ``looked(through)``: a successful look; anything that reached the sink up to ``through``
+    would have been seen. ``failed(at)``: a look failed or could not be made; the collector is
+    blind from its last certified moment until the next successful look.
+
+    ``retroactive`` collectors (a query over a time window) still find, on their next good
+    look, what arrived while they were blind; only the timing is lost. Push receivers are not
+    retroactive: what was sent while they were down may never be seen.
+    """
+
+    def __init__(self, retroactive: bool, keep: int = 4096) -> None:
+        self.retroactive = retroactive
+        self.certified = -math.inf
+        self._blind: deque[list[float]] = deque(maxlen=keep)  # [start, end]; end=inf while blind
+        self._changed = asyncio.Event()
+        self.failures = 0
+
+    @property
+    def blind_now(self) -> bool:
+        return bool(self._blind) and self._blind[-1][1] == math.inf
+
+    def looked(self, through: float) -> None:
+        if self.blind_now:
+            self._blind[-1][1] = through
+        self.certified = max(self.certified, through)
+        self._wake()
+
+    def failed(self, at: float) -> None:
+        self.failures += 1
+        if not self.blind_now:
+            start = self.certified if self.certified > -math.inf else at
+            self._blind.append([min(start, at), math.inf])
+        self._wake()
+
+    def blind_start(self, start: float, end: float) -> float | None:
+        """Earliest start of a blind interval overlapping ``[start, end]``, or None."""
+        found = None
+        for b0, b1 in self._blind:
+            if b0 <= end and b1 >= start and (found is None or b0 < found):
+                found = b0
+        return found
+
+    async def wait_certified(self, moment: float, timeout: float) -> bool:
+        """Wait until a successful look has covered ``moment``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while self.certified < moment:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                return self.certified >= moment
+        return True
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+
+class WatchIndex:
+    """In-flight watches of one collector, keyed by trace id so matching a sighting is a dict
+    lookup, never a scan over every probe in flight."""
+
+    def __init__(self) -> None:
+        self._by_trace: dict[str, list[Watch]] = {}
+
+    def add(self, w: Watch) -> None:
+        self._by_trace.setdefault(w.trace_id, []).append(w)
+
+    def discard(self, w: Watch) -> None:
+        group = self._by_trace.get(w.trace_id)
+        if group and w in group:
+            group.remove(w)
+            if not group:
+                del self._by_trace[w.trace_id]
+
+    def get(self, trace_id: str) -> list[Watch]:
+        return self._by_trace.get(trace_id, [])
+
+    def in_text(self, text: str) -> list[Watch]:
+        """Watches whose trace id appears anywhere in ``text`` (bodies, subjects, payloads)."""
+        from tracer.probe import TRACE_ID
+
+        found: list[Watch] = []
+        for tid in set(TRACE_ID.findall(text.lower())):
+            found.extend(self._by_trace.get(tid, ()))
+        return found
+
+    def __iter__(self):
+        for group in list(self._by_trace.values()):
+            yield from group
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._by_trace.values())
+
+    def trace_ids(self) -> list[str]:
+        return list(self._by_trace)
