@@ -1,0 +1,1 @@
+"""The export stage: OTLP spans and metrics, and reports (table, JSON, JUnit)."""
