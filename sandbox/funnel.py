@@ -19,6 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sandbox.approvals import approval_routes
+from sandbox.payments import payment_routes
+
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +89,9 @@ def lead_routes(ctx: FunnelContext) -> list[Route]:
             "lead_id": lead_id,
             **(lead.get("metadata") or {}),
         }
+        if "traceparent" in request.headers:
+            # What an instrumented funnel should do: carry the caller's trace into the event.
+            props["traceparent"] = request.headers["traceparent"]
         if random.random() >= ctx.knobs.drop_rate:
             ctx.emit_later(ctx.knobs.lead_delay, "lead_captured", lead["email"], props)
         return JSONResponse({"id": lead_id, "status": "captured"}, status_code=201)
@@ -98,7 +104,7 @@ async def health(_: Request) -> JSONResponse:
 
 
 def create_app(ctx: FunnelContext) -> Starlette:
-    routes = [Route("/api/v1/health", health), *lead_routes(ctx)]
-    app = Starlette(routes=routes, on_shutdown=[ctx.close])
+    routes = [Route("/api/v1/health", health), *lead_routes(ctx), *payment_routes(ctx), *approval_routes(ctx)]
+    app = Starlette(routes=routes)
     app.state.ctx = ctx
     return app

@@ -46,6 +46,7 @@ class Sandbox:
         self._servers: list[uvicorn.Server] = []
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -60,6 +61,8 @@ class Sandbox:
         self._thread.start()
         if not self._ready.wait(15):
             raise RuntimeError("sandbox did not start within 15 s")
+        if self._error is not None:
+            raise RuntimeError(f"sandbox failed to start: {self._error!r}") from self._error
         return self
 
     def stop(self) -> None:
@@ -76,14 +79,17 @@ class Sandbox:
         self.stop()
 
     def _run(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
 
     async def _serve(self) -> None:
         apps = [(create_app(self.ctx), self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
         tasks = []
         for app, sock in apps:
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
             self._servers.append(server)
             tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
         while not all(s.started for s in self._servers):

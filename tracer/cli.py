@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import click
@@ -114,7 +113,7 @@ def run_check(spec: FunnelSpec, samples: int, fmt: str, junit: str | None, trace
     if fmt == "json":
         click.echo(json.dumps(summary, indent=2))
     else:
-        render_table(summary, Console())
+        render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
     if junit:
         write_junit(summary, junit)
     return int(summary["exit_code"])

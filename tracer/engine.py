@@ -13,24 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import collectors
 from tracer import clock
-from tracer.export.spans import get_tracer, make_provider, trace_id_for_next_root
+from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.inject import Injection
 from tracer.inject import http as http_injector
 from tracer.probe import Probe
-from tracer.spec import FunnelSpec, HopSpec
-from tracer.verdict import FAILING, INJECT_FAILED, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
+from tracer.spec import FunnelSpec, HopSpec, InjectSpec
+from tracer.verdict import INJECT_FAILED, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
 from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
-_propagator = TraceContextTextMapPropagator()
 
 
 @dataclass
@@ -43,6 +38,7 @@ class ProbeResult:
 class Engine:
     def __init__(self, spec: FunnelSpec, provider: TracerProvider | None = None) -> None:
         self.spec = spec
+        self._own_provider = provider is None
         self.provider = provider or make_provider()
         self.tracer = get_tracer(self.provider)
         self.collectors: dict[str, collectors.Collector] = {}
@@ -64,7 +60,10 @@ class Engine:
             await c.close()
         if self.http is not None:
             await self.http.aclose()
-        self.provider.force_flush(5000)
+        if self._own_provider:
+            self.provider.shutdown()  # flushes pending spans
+        else:
+            self.provider.force_flush(5000)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -75,20 +74,14 @@ class Engine:
 
     # -- one probe ----------------------------------------------------------
     async def run_probe(self, step_name: str) -> ProbeResult:
+        """Inject one probe, await every hop, judge, and export its trace."""
         step = self.spec.steps[step_name]
         probe = Probe(step=step_name)
-        begin = clock.now()
-        common = {"funnel.step": step_name, "funnel.probe_id": probe.probe_id, "funnel.synthetic": True,
-                  "funnel.service": self.spec.service}
-        with trace_id_for_next_root(probe.trace_id):
-            root = self.tracer.start_span(f"probe {step_name}", start_time=clock.wall_ns(begin), attributes=common)
-        root_ctx = trace.set_span_in_context(root)
-
-        watches = {hop.name: Watch(probe=probe, hop=hop, since=begin) for hop in step.hops}
+        watches = {hop.name: Watch(probe=probe, hop=hop, since=probe.created_at) for hop in step.hops}
         for w in watches.values():
             self.collectors[w.sink].watch(w)
         try:
-            injection = await self._inject(step_name, probe, root_ctx)
+            injection = await self._inject(step.inject, probe)
             if injection.ok:
                 hops = await self._await_hops(step_name, step.hops, watches, injection)
             else:
@@ -96,39 +89,17 @@ class Engine:
         finally:
             for w in watches.values():
                 self.collectors[w.sink].unwatch(w)
-
-        for result in hops:
-            self._hop_span(result, root_ctx, common)
-        failing = [h for h in hops if h.verdict in FAILING]
-        root.set_attribute("funnel.verdict", failing[0].verdict if failing else _worst(hops))
-        if failing:
-            root.set_status(Status(StatusCode.ERROR, f"{len(failing)} hop(s) {failing[0].verdict}"))
-        root.end(end_time=clock.wall_ns(max([injection.done_at, *(h.end for h in hops)])))
+        emit_probe(self.tracer, probe, injection, hops, self.spec.service)
         return ProbeResult(probe, injection, hops)
 
-    async def _inject(self, step_name: str, probe: Probe, root_ctx: Context) -> Injection:
-        spec = self.spec.steps[step_name].inject
-        if spec.kind == "http":
-            assert spec.http is not None and self.http is not None
-            span = self.tracer.start_span(
-                spec.http.method, context=root_ctx, kind=SpanKind.CLIENT, start_time=clock.wall_ns(clock.now())
-            )
-            carrier: dict[str, str] = {}
-            _propagator.inject(carrier, context=trace.set_span_in_context(span))
-            injection = await http_injector.send(self.http, spec.http, probe, carrier)
-        else:
-            from tracer.inject import redis_dlq
+    async def _inject(self, spec: InjectSpec, probe: Probe) -> Injection:
+        if spec.http is not None:
+            assert self.http is not None
+            return await http_injector.send(self.http, spec.http, probe, {"traceparent": probe.traceparent})
+        from tracer.inject import redis_dlq
 
-            assert spec.redis_dlq is not None
-            span = self.tracer.start_span(
-                "dlq inject", context=root_ctx, kind=SpanKind.PRODUCER, start_time=clock.wall_ns(clock.now())
-            )
-            injection = await redis_dlq.send(spec.redis_dlq, probe)
-        span.set_attributes({**injection.attributes, "funnel.step": step_name, "funnel.synthetic": True})
-        if not injection.ok:
-            span.set_status(Status(StatusCode.ERROR, injection.error))
-        span.end(end_time=clock.wall_ns(injection.done_at))
-        return injection
+        assert spec.redis_dlq is not None
+        return await redis_dlq.send(spec.redis_dlq, probe)
 
     def _inject_failed(self, step_name: str, hop: HopSpec, injection: Injection) -> HopResult:
         return HopResult(
@@ -188,32 +159,6 @@ class Engine:
             result.error_bar = collector.error_bar
         return result
 
-    def _hop_span(self, r: HopResult, root_ctx: Context, common: dict[str, object]) -> None:
-        attrs: dict[str, object] = {
-            **common,
-            "funnel.hop": r.hop,
-            "funnel.sink": r.sink,
-            "funnel.target_s": r.target,
-            "funnel.deadline_s": r.deadline,
-            "funnel.verdict": r.verdict,
-        }
-        if r.lag is not None:
-            attrs["funnel.lag_s"] = r.lag
-        if r.error_bar is not None:
-            attrs["funnel.error_bar_s"] = r.error_bar
-        if r.sink_lag is not None:
-            attrs["funnel.sink_lag_s"] = r.sink_lag
-        if r.after:
-            attrs["funnel.after"] = r.after
-        if r.reason:
-            attrs["funnel.reason"] = r.reason
-        for source, lag in r.sources.items():
-            attrs[f"funnel.lag_s.{source}"] = lag
-        span = self.tracer.start_span(f"hop {r.hop}", context=root_ctx, start_time=clock.wall_ns(r.start), attributes=attrs)
-        if r.verdict in FAILING:
-            span.set_status(Status(StatusCode.ERROR, r.reason or r.verdict))
-        span.end(end_time=clock.wall_ns(max(r.end, r.start)))
-
     # -- the launch gate ------------------------------------------------------
     async def check(self, samples: int, on_result: Callable[[ProbeResult], None] | None = None) -> list[ProbeResult]:
         """``samples`` probes per step, spaced by each step's ``spacing``; steps run side by side."""
@@ -237,7 +182,3 @@ class Engine:
             (samples - 1) * s.spacing + sum(self.spec.deadline(h) for h in s.hops) for s in self.spec.steps.values()
         )
 
-
-def _worst(hops: list[HopResult]) -> str:
-    order = ["breach", "lost", "late", "unknown", "inject_failed", "ok"]
-    return min((h.verdict for h in hops), key=order.index)

@@ -19,11 +19,19 @@ _PLACEHOLDER = re.compile(r"\{(trace_id|probe_id|now_iso|now_epoch_ms|uuid|step|
 TRACE_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 
 
-def new_trace_id() -> str:
+def _nonzero_hex(nbytes: int) -> str:
     while True:
-        tid = secrets.token_hex(16)
-        if int(tid, 16):  # all-zero is invalid in W3C trace context
-            return tid
+        value = secrets.token_hex(nbytes)
+        if int(value, 16):  # all-zero ids are invalid in W3C trace context
+            return value
+
+
+def new_trace_id() -> str:
+    return _nonzero_hex(16)
+
+
+def new_span_id() -> str:
+    return _nonzero_hex(8)
 
 
 @dataclass(eq=False)
@@ -32,6 +40,15 @@ class Probe:
     trace_id: str = field(default_factory=new_trace_id)
     probe_id: str = field(default_factory=lambda: secrets.token_hex(6))
     created_at: float = field(default_factory=clock.now)
+    # Span ids are fixed up front: the injection span's id goes out in ``traceparent`` before the
+    # span exists, and a restarted canary can rebuild the same trace from a ledger record.
+    root_span_id: str = field(default_factory=new_span_id)
+    inject_span_id: str = field(default_factory=new_span_id)
+
+    @property
+    def traceparent(self) -> str:
+        """W3C ``traceparent`` naming the injection span as parent, sampled."""
+        return f"00-{self.trace_id}-{self.inject_span_id}-01"
 
     def render(self, value: Any) -> Any:
         """Fill ``{trace_id}``, ``{probe_id}``, ``{now_iso}``, ``{now_epoch_ms}``, ``{uuid}``,

@@ -16,33 +16,43 @@ import contextvars
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 import tracer
+from tracer import clock
+from tracer.verdict import FAILING, HopResult
 
-_next_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("funnel_trace_id", default=None)
+_forced: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
+    "funnel_forced_ids", default=(None, None)
+)
 
 
 class ProbeIdGenerator(RandomIdGenerator):
-    """Random ids, except a probe's root span takes the trace id the probe already carries."""
+    """Random ids, except where a probe has fixed them up front (its trace id, its root and
+    injection span ids): see ``Probe``."""
 
     def generate_trace_id(self) -> int:
-        chosen = _next_trace_id.get()
-        return chosen if chosen is not None else super().generate_trace_id()
+        return _forced.get()[0] or super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        return _forced.get()[1] or super().generate_span_id()
 
 
 @contextmanager
-def trace_id_for_next_root(trace_id_hex: str) -> Iterator[None]:
-    token = _next_trace_id.set(int(trace_id_hex, 16))
+def forced_ids(trace_id_hex: str | None, span_id_hex: str | None) -> Iterator[None]:
+    token = _forced.set((int(trace_id_hex, 16) if trace_id_hex else None, int(span_id_hex, 16) if span_id_hex else None))
     try:
         yield
     finally:
-        _next_trace_id.reset(token)
+        _forced.reset(token)
 
 
 def otlp_configured() -> bool:
@@ -71,8 +81,8 @@ def otlp_span_exporter() -> SpanExporter:
 def resource(extra: dict[str, str] | None = None) -> Resource:
     """``service.name`` defaults to funnel-tracer; ``OTEL_SERVICE_NAME`` and
     ``OTEL_RESOURCE_ATTRIBUTES`` override, as in every OTel SDK."""
-    base = {"service.name": "funnel-tracer", "service.version": tracer.__version__, **(extra or {})}
-    return Resource.create(base)
+    ours = Resource({"service.name": "funnel-tracer", "service.version": tracer.__version__, **(extra or {})})
+    return Resource.create({}).merge(ours).merge(OTELResourceDetector().detect())
 
 
 def make_provider(exporter: SpanExporter | None = None, extra_resource: dict[str, str] | None = None) -> TracerProvider:
@@ -86,3 +96,62 @@ def make_provider(exporter: SpanExporter | None = None, extra_resource: dict[str
 
 def get_tracer(provider: TracerProvider) -> trace.Tracer:
     return provider.get_tracer("funnel-tracer", tracer.__version__)
+
+
+if TYPE_CHECKING:
+    from tracer.inject import Injection
+    from tracer.probe import Probe
+
+
+def emit_probe(tr: trace.Tracer, probe: Probe, injection: Injection, hops: list[HopResult], service: str) -> None:
+    """One trace per probe: a root span for the step, a CLIENT (or PRODUCER) child for the
+    injection with the very span id sent in ``traceparent``, and a child per hop from its start
+    to its observation (or deadline). Built after the probe resolved, from its record alone."""
+    common = {"funnel.step": probe.step, "funnel.probe_id": probe.probe_id, "funnel.synthetic": True,
+              "funnel.service": service}
+    failing = [h for h in hops if h.verdict in FAILING]
+    end = max([injection.done_at, *(h.end for h in hops)])
+    with forced_ids(probe.trace_id, probe.root_span_id):
+        root = tr.start_span(f"probe {probe.step}", start_time=clock.wall_ns(probe.created_at), attributes=common)
+    root.set_attribute("funnel.verdict", failing[0].verdict if failing else _worst(hops))
+    if failing:
+        root.set_status(Status(StatusCode.ERROR, f"{len(failing)} hop(s) {failing[0].verdict}"))
+    ctx = trace.set_span_in_context(root)
+
+    kind = SpanKind.CLIENT if "http.request.method" in injection.attributes else SpanKind.PRODUCER
+    name = str(injection.attributes.get("http.request.method") or "dlq inject")
+    with forced_ids(None, probe.inject_span_id):
+        span = tr.start_span(name, context=ctx, kind=kind, start_time=clock.wall_ns(injection.sent_at),
+                             attributes={**injection.attributes, **common})
+    if not injection.ok:
+        span.set_status(Status(StatusCode.ERROR, injection.error))
+    span.end(end_time=clock.wall_ns(injection.done_at))
+
+    for r in hops:
+        _hop_span(tr, r, ctx, common)
+    root.end(end_time=clock.wall_ns(end))
+
+
+def _hop_span(tr: trace.Tracer, r: HopResult, ctx: Context, common: dict[str, object]) -> None:
+    attrs: dict[str, object] = {
+        **common,
+        "funnel.hop": r.hop,
+        "funnel.sink": r.sink,
+        "funnel.target_s": r.target,
+        "funnel.deadline_s": r.deadline,
+        "funnel.verdict": r.verdict,
+    }
+    optional = {"funnel.lag_s": r.lag, "funnel.error_bar_s": r.error_bar, "funnel.sink_lag_s": r.sink_lag,
+                "funnel.after": r.after, "funnel.reason": r.reason}
+    attrs.update({k: v for k, v in optional.items() if v is not None})
+    for source, lag in r.sources.items():
+        attrs[f"funnel.lag_s.{source}"] = lag
+    span = tr.start_span(f"hop {r.hop}", context=ctx, start_time=clock.wall_ns(r.start), attributes=attrs)
+    if r.verdict in FAILING:
+        span.set_status(Status(StatusCode.ERROR, r.reason or r.verdict))
+    span.end(end_time=clock.wall_ns(max(r.end, r.start)))
+
+
+def _worst(hops: list[HopResult]) -> str:
+    order = ["breach", "lost", "late", "unknown", "inject_failed", "ok"]
+    return min((h.verdict for h in hops), key=order.index) if hops else "ok"

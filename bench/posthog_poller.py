@@ -1,0 +1,86 @@
+"""Benchmark the PostHog poller against the sandbox's PostHog-compatible server.
+
+(a) HogQL queries per poll cycle with 1, 100 and 1,000 probes in flight (must stay 1).
+(b) Measured lag minus true lag over N probes with a known funnel delay: the sandbox stamps
+    ``created_at`` when an event becomes queryable, on the same clock, so it is the truth.
+
+    python bench/posthog_poller.py [--probes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import time
+
+import yaml
+
+from collectors.posthog import PostHogCollector, PostHogConfig
+from sandbox.funnel import Knobs
+from sandbox.posthog_server import PostHogState
+from sandbox.runner import Sandbox
+from tracer import clock
+from tracer.engine import Engine
+from tracer.export.report import percentile
+from tracer.probe import Probe
+from tracer.spec import HopSpec, parse_spec
+from tracer.watch import Watch
+
+
+async def queries_per_cycle(sb: Sandbox, in_flight: int, cycles: int = 10) -> tuple[float, float, int]:
+    cfg = PostHogConfig(host=sb.posthog_url, project_id="1", personal_api_key="phx_sandbox",
+                        queries_per_minute=6000, queries_per_hour=360000, budget_share=1.0, min_interval=0.2)
+    hop = HopSpec(name="h", target=5, posthog={"event": "lead_captured", "property": "email", "match": "contains",
+                                                 "value": "canary+{trace_id}@"})
+    collector = PostHogCollector(cfg)
+    await collector.start()
+    for _ in range(in_flight):
+        collector.watch(Watch(probe=Probe(step="lead"), hop=hop, since=clock.now()))
+    before = sb.posthog.queries
+    started = time.perf_counter()
+    await asyncio.sleep(cycles * collector.interval + 0.05)
+    elapsed = time.perf_counter() - started
+    sent = sb.posthog.queries - before
+    await collector.close()
+    return sent / max(1, round(elapsed / collector.interval)), elapsed / max(sent, 1), sent
+
+
+def lag_error(sb: Sandbox, probes: int) -> dict[str, float]:
+    text = open("tracer/data/sandbox.yaml").read()
+    import os
+
+    os.environ["FUNNEL_URL"], os.environ["POSTHOG_HOST"] = sb.url, sb.posthog_url
+    spec = parse_spec(yaml.safe_load(text))
+    spec = spec.model_copy(update={"steps": {"lead": spec.steps["lead"].model_copy(update={"spacing": 0.1})}})
+
+    async def go():
+        async with Engine(spec) as engine:
+            return await engine.check(probes), engine.collectors["posthog"].interval
+
+    results, interval = asyncio.run(go())
+    errors = [h.lag - h.sink_lag for r in results for h in r.hops if h.lag is not None and h.sink_lag is not None]
+    return {"n": len(errors), "p50": percentile(errors, 50), "p99": percentile(errors, 99), "max": max(errors),
+            "min": min(errors), "interval": interval}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--probes", type=int, default=60)
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    with Sandbox(knobs=Knobs(lead_delay=0.5), posthog=PostHogState(ingest_delay=0.5)) as sb:
+        print("\n(a) queries per poll cycle\n\n| probes in flight | queries sent | queries per cycle | mean gap between queries |")
+        print("|---:|---:|---:|---:|")
+        for n in (1, 100, 1000):
+            per_cycle, gap, sent = asyncio.run(queries_per_cycle(sb, n))
+            print(f"| {n} | {sent} | {per_cycle:.2f} | {gap * 1000:.0f} ms |")
+        r = lag_error(sb, args.probes)
+        print(f"\n(b) measured minus true lag, {r['n']} probes, lead delay 0.5 s + ingest delay 0.5 s\n")
+        print("| poll interval | p50 error | p99 error | min | max |\n|---:|---:|---:|---:|---:|")
+        print(f"| {r['interval'] * 1000:.0f} ms | {r['p50'] * 1000:.0f} ms | {r['p99'] * 1000:.0f} ms | "
+              f"{r['min'] * 1000:.0f} ms | {r['max'] * 1000:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()
