@@ -28,7 +28,7 @@ from tracer.spec import HopSpec, parse_spec
 from tracer.watch import Watch
 
 
-async def queries_per_cycle(sb: Sandbox, in_flight: int, cycles: int = 10) -> tuple[float, float, int]:
+async def queries_per_cycle(sb: Sandbox, in_flight: int, cycles: int = 10) -> tuple[int, int, float, int]:
     cfg = PostHogConfig(host=sb.posthog_url, project_id="1", personal_api_key="phx_sandbox",
                         queries_per_minute=6000, queries_per_hour=360000, budget_share=1.0, min_interval=0.2)
     hop = HopSpec(name="h", target=5, posthog={"event": "lead_captured", "property": "email", "match": "contains",
@@ -37,13 +37,13 @@ async def queries_per_cycle(sb: Sandbox, in_flight: int, cycles: int = 10) -> tu
     await collector.start()
     for _ in range(in_flight):
         collector.watch(Watch(probe=Probe(step="lead"), hop=hop, since=clock.now()))
-    before = sb.posthog.queries
+    before, cycles_before = sb.posthog.queries, collector.cycles
     started = time.perf_counter()
     await asyncio.sleep(cycles * collector.interval + 0.05)
     elapsed = time.perf_counter() - started
-    sent = sb.posthog.queries - before
+    received, run = sb.posthog.queries - before, collector.cycles - cycles_before
     await collector.close()
-    return sent / max(1, round(elapsed / collector.interval)), elapsed / max(sent, 1), sent
+    return run, received, elapsed / max(received, 1), collector.last_query_bytes
 
 
 def lag_error(sb: Sandbox, probes: int) -> dict[str, float]:
@@ -70,11 +70,12 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     with Sandbox(knobs=Knobs(lead_delay=0.5), posthog=PostHogState(ingest_delay=0.5)) as sb:
-        print("\n(a) queries per poll cycle\n\n| probes in flight | queries sent | queries per cycle | mean gap between queries |")
-        print("|---:|---:|---:|---:|")
+        print("\n(a) queries per poll cycle (server-side count / collector cycles)\n")
+        print("| probes in flight | poll cycles | queries received | queries per cycle | mean gap | query size |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for n in (1, 100, 1000):
-            per_cycle, gap, sent = asyncio.run(queries_per_cycle(sb, n))
-            print(f"| {n} | {sent} | {per_cycle:.2f} | {gap * 1000:.0f} ms |")
+            run, received, gap, size = asyncio.run(queries_per_cycle(sb, n))
+            print(f"| {n} | {run} | {received} | {received / max(run, 1):.2f} | {gap * 1000:.0f} ms | {size / 1024:.1f} KiB |")
         r = lag_error(sb, args.probes)
         print(f"\n(b) measured minus true lag, {r['n']} probes, lead delay 0.5 s + ingest delay 0.5 s\n")
         print("| poll interval | p50 error | p99 error | min | max |\n|---:|---:|---:|---:|---:|")

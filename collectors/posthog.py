@@ -125,11 +125,14 @@ class PostHogCollector:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._last_good_sent: float | None = None
+        self.cycles = 0  # poll cycles with something in flight
         self.queries = 0
+        self.last_query_bytes = 0
         self.failed_queries = 0
         self.cached_results = 0
         self.last_error: str | None = None
         self.last_cycle_gap = self.interval
+        self._backoff = 0.0
 
     # -- Collector protocol -------------------------------------------------
     @property
@@ -192,10 +195,12 @@ class PostHogCollector:
         watches = list(self._index)
         if not watches:
             return None
+        self.cycles += 1
         now = clock.now()
         lo = clock.wall(min(w.since for w in watches)) - self.config.clock_skew
         hi = clock.wall(now) + self.config.clock_skew
         query, lookup = build_query(watches, lo, hi)
+        self.last_query_bytes = len(query)
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
@@ -272,8 +277,6 @@ class PostHogCollector:
             )
         )
         self._index.discard(w)
-
-    _backoff = 0.0
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_queries += 1
