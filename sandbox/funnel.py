@@ -8,6 +8,7 @@ loss and faults.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from sandbox.approvals import approval_routes
 from sandbox.payments import payment_routes
+from sandbox.telemetry import TracedPosthog, tracer
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,21 @@ class FunnelContext:
     def posthog(self) -> Posthog:
         if self._client is None:
             # sync_mode: one HTTP request per capture, so the funnel's delay knob is the only delay.
-            self._client = Posthog(self.posthog_api_key, host=self.posthog_host, sync_mode=True, disable_geoip=True)
+            # TracedPosthog: the official client with a span around each capture (sandbox/telemetry.py).
+            self._client = TracedPosthog(self.posthog_api_key, host=self.posthog_host, sync_mode=True, disable_geoip=True)
         return self._client
 
     def emit_later(self, delay: float, event: str, distinct_id: str, properties: dict[str, Any]) -> None:
         """Emit a PostHog event after ``delay`` seconds without holding up the HTTP response."""
 
         async def run() -> None:
-            await asyncio.sleep(delay)
-            await asyncio.to_thread(self.posthog.capture, event, distinct_id=distinct_id, properties=properties)
+            with tracer.start_as_current_span(f"emit {event}", attributes={"funnel.emit_delay_s": delay}):
+                await asyncio.sleep(delay)
+                await asyncio.to_thread(self.posthog.capture, event, distinct_id=distinct_id, properties=properties)
 
-        task = asyncio.get_running_loop().create_task(run())
+        # The task runs after the response is sent, in a copy of the request's context: its spans
+        # stay in the caller's trace, children of the request's server span.
+        task = asyncio.get_running_loop().create_task(run(), context=contextvars.copy_context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -18,4 +18,4 @@ Secret = SecretStr
 class Model(BaseModel):
     """Strict by default: a misspelt key is an error naming its YAML path, not a silent default."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, hide_input_in_errors=True)

@@ -29,6 +29,8 @@ class HttpInject(Model):
     def _one_body(self) -> HttpInject:
         if self.json_body is not None and self.form is not None:
             raise ValueError("give either json or form, not both")
+        if self.sign is not None and self.sign.scheme == "body_token" and self.json_body is None:
+            raise ValueError("sign.scheme body_token puts the secret in a JSON body: give json, not form")
         return self
 
 
