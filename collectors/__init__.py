@@ -8,6 +8,7 @@ Everything runs on the engine's asyncio loop.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from tracer.watch import Coverage, Watch
@@ -45,6 +46,15 @@ class Collector(Protocol):
     def health(self) -> dict[str, Any]:
         """``{"up": bool, ...}`` for /healthz, metrics and reports. No secrets."""
         ...
+
+
+class PushReceiver(Collector, Protocol):
+    """Optional, for push collectors (webhook): hand every accepted body on ``path`` to
+    ``on_body(body, received)`` as well, after the collector's own matching. The canary uses it
+    to pass sightings of probes owned by *another* instance to the shared ledger
+    (``tracer.ledger``), so instances behind one load balancer each match their probes once."""
+
+    def route(self, path: str, on_body: Callable[[Any, float], None]) -> None: ...
 
 
 def build(sink: str, config: Any) -> Collector:

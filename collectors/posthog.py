@@ -15,6 +15,7 @@ Honesty rules:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -43,6 +44,11 @@ class PostHogConfig(Model):
     max_backoff: Duration = 60.0
     timeout: Duration = 10.0
     clock_skew: Duration = Field(120.0, description="slack around the timestamp window for client clock skew")
+    push_path: str | None = Field(
+        None,
+        pattern=r"^/?[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*/?$",
+        description="webhook receiver path a PostHog realtime destination posts to (needs collectors.webhook)",
+    )
 
 
 class PostHogHop(Model):
@@ -75,7 +81,8 @@ def build_query(watches: list[Watch], lo_epoch: float, hi_epoch: float) -> tuple
 
     Shape (the sandbox's PostHog server answers exactly this subset)::
 
-        SELECT uuid, event, timestamp, created_at, properties.<p0> AS m0, ...
+        SELECT uuid, event, timestamp, created_at, properties.<p0> AS m0, ...,
+               properties.traceparent AS traceparent
         FROM events
         WHERE timestamp >= toDateTime('…', 'UTC') AND timestamp <= toDateTime('…', 'UTC')
           AND ((event = '…' AND properties.<p0> IN ('…', …))
@@ -98,6 +105,8 @@ def build_query(watches: list[Watch], lo_epoch: float, hi_epoch: float) -> tuple
             cond = "(" + " OR ".join(f"properties.{prop} LIKE {_like(v)}" for v in values) + ")"
         clauses.append(f"(event = {_lit(event)} AND {cond})")
     cols = ", ".join(f"properties.{p} AS {alias}" for p, alias in props.items())
+    # The emitter's trace context, when it copied one into the event: the hop span links to it.
+    cols += ", properties.traceparent AS traceparent"
     limit = min(50_000, max(100, 4 * len(watches)))
     query = (
         f"SELECT uuid, event, timestamp, created_at, {cols} FROM events "
@@ -154,6 +163,8 @@ class PostHogCollector:
             await self._client.aclose()
 
     def watch(self, w: Watch) -> None:
+        if self.config.push_path:
+            w.expect_sources = {"poll", "push"}
         self._index.add(w)
         self._wake.set()
 
@@ -273,10 +284,37 @@ class PostHogCollector:
                     "event": rec.get("event"),
                     "timestamp": rec.get("timestamp"),
                     "created_at": rec.get("created_at"),
+                    **({"traceparent": str(rec["traceparent"])} if rec.get("traceparent") else {}),
                 },
             )
         )
-        self._index.discard(w)
+        self._forget_if_done(w)
+
+    # -- push: a PostHog realtime destination posting to the webhook receiver ------------
+    def on_push(self, body: Any, received: float) -> None:
+        """A realtime destination delivered an event (default body ``{"event": {...}, "person":
+        {...}}``). Matched like a poll row, found through the trace-id index."""
+        event = body.get("event") if isinstance(body, dict) else None
+        if not isinstance(event, dict):
+            return
+        props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+        for w in self._index.in_text(json.dumps(event)):
+            hop: PostHogHop = w.sink_spec
+            got, want = _prop(props, hop.property), str(w.probe.render(hop.value))
+            if hop.event != event.get("event") or got is None or (got != want if hop.match == "equals" else want not in got):
+                continue
+            detail = {"uuid": event.get("uuid"), "event": event.get("event"), "timestamp": event.get("timestamp")}
+            if props.get("traceparent"):
+                detail["traceparent"] = str(props["traceparent"])
+            w.observe(Observation(at=received, not_before=received, source="push",
+                                  sink_time=clock.parse_iso(str(event.get("timestamp") or "")), detail=detail))
+            self._forget_if_done(w)
+
+    def _forget_if_done(self, w: Watch) -> None:
+        """Keep polling for a watch until every expected source saw it, so reports can say which
+        of push and poll was first and by how much."""
+        if w.expect_sources <= {o.source for o in w.observations}:
+            self._index.discard(w)
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_queries += 1
@@ -291,6 +329,15 @@ class PostHogCollector:
                 pass
         log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
         return delay
+
+
+def _prop(props: dict[str, Any], path: str) -> str | None:
+    node: Any = props
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return None if node is None else str(node)
 
 
 def _error_detail(resp: httpx.Response) -> str:

@@ -7,12 +7,17 @@ cannot distort the lags the tracer measures.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 from dataclasses import dataclass, field
 
 import uvicorn
+from opentelemetry.sdk.trace.export import SpanExporter
 
+from sandbox import payments, telemetry
+from sandbox.approvals import ApprovalSettings
+from sandbox.dlq import DlqWorker
 from sandbox.funnel import FunnelContext, Knobs, create_app
 from sandbox.posthog_server import PostHogState
 from sandbox.posthog_server import create_app as create_posthog_app
@@ -34,7 +39,11 @@ class Sandbox:
     posthog_port: int = 0
     knobs: Knobs = field(default_factory=Knobs)
     posthog: PostHogState = field(default_factory=PostHogState)
-    redis_url: str | None = None
+    redis_url: str | None = None  # enables the payment DLQ and its retry worker
+    dlq_retry_interval: float = 2.0
+    approvals: ApprovalSettings = field(default_factory=ApprovalSettings)  # where approval notifications go
+    # Spans go here; default: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else nowhere (sandbox/telemetry.py).
+    exporter: SpanExporter | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._funnel_sock = bind(self.host, self.port)
@@ -43,6 +52,9 @@ class Sandbox:
         self.posthog_port = self._posthog_sock.getsockname()[1]
         self.ctx = FunnelContext(posthog_host=self.posthog_url, posthog_api_key=self.posthog.project_api_key,
                                  knobs=self.knobs, redis_url=self.redis_url)
+        self.ctx.extra["approvals"] = self.approvals
+        self.dlq: DlqWorker | None = None
+        self.tracer_provider = telemetry.make_provider(self.exporter)
         self._servers: list[uvicorn.Server] = []
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -71,6 +83,8 @@ class Sandbox:
         if self._thread:
             self._thread.join(10)
         self.ctx.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes the sandbox's spans
 
     def __enter__(self) -> Sandbox:
         return self.start()
@@ -79,6 +93,7 @@ class Sandbox:
         self.stop()
 
     def _run(self) -> None:
+        telemetry.activate(self.tracer_provider)  # this thread, its tasks and to_thread workers
         try:
             asyncio.run(self._serve())
         except BaseException as exc:  # surfaced by start()
@@ -86,7 +101,15 @@ class Sandbox:
             self._ready.set()
 
     async def _serve(self) -> None:
-        apps = [(create_app(self.ctx), self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
+        funnel = create_app(self.ctx)
+        if self.tracer_provider is not None:
+            telemetry.instrument_libraries()
+            funnel = telemetry.wrap_asgi(funnel, self.tracer_provider)
+        if self.redis_url:
+            handler = functools.partial(payments.reprocess, self.ctx)
+            worker = DlqWorker(self.redis_url, key="dlq:webhooks", retry_interval=self.dlq_retry_interval, handler=handler)
+            self.dlq = self.ctx.extra["dlq"] = await worker.start()
+        apps = [(funnel, self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
         tasks = []
         for app, sock in apps:
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
@@ -95,4 +118,8 @@ class Sandbox:
         while not all(s.started for s in self._servers):
             await asyncio.sleep(0.01)
         self._ready.set()
-        await asyncio.gather(*tasks)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            if self.dlq is not None:
+                await self.dlq.close()

@@ -70,6 +70,7 @@ class OtlpReceiver:
                         "status_code": s.status.code,
                         "attributes": {a.key: _value(a.value) for a in s.attributes},
                         "links": [(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
+                        "link_attributes": [{a.key: _value(a.value) for a in lk.attributes} for lk in s.links],
                         "resource": resource,
                     })
         with self._lock:

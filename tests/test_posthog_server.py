@@ -127,7 +127,7 @@ def test_sdk_capture_is_found_by_the_tracers_query(ph: tuple[PostHogState, str])
 
     assert state.captured == 3
     assert [r["uuid"] for r in found] == [sent_uuid]
-    assert data["columns"] == ["uuid", "event", "timestamp", "created_at", "m0"]
+    assert data["columns"] == ["uuid", "event", "timestamp", "created_at", "m0", "traceparent"]
     assert data["types"][2] == ["timestamp", "DateTime64(6, 'UTC')"]
     assert data["is_cached"] is False and data["hasMore"] is False and data["error"] is None
     assert found[0]["m0"] == f"canary+{w.trace_id}@x.io"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 import tracer
 from tracer.spec import FunnelSpec, SpecError, load_spec
@@ -23,6 +25,7 @@ Examples:
   funnel-tracer validate -c funnel.yaml
   funnel-tracer check -c funnel.yaml --samples 10 --junit report.xml
   funnel-tracer check -c funnel.yaml --format json | jq .steps
+  funnel-tracer check -c funnel.yaml --format markdown --html review.html   # launch review
 \b
 Exit codes (check, demo):
   0  every hop within its freshness target
@@ -78,11 +81,16 @@ def _sinks(spec: FunnelSpec) -> list[str]:
 
 
 def _output_options(f: Any) -> Any:
+    from tracer.export.report import DEFAULT_TRACE_URL_HELP
+
     f = click.option("--junit", type=click.Path(dir_okay=False, writable=True), help="Also write JUnit XML (one testcase per hop).")(f)
-    f = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-                     help="table for people, json for machines (contract in the README).")(f)
-    f = click.option("--trace-url", envvar="FUNNEL_TRACE_URL", default=None,
-                     help="Per-probe trace link template, e.g. http://localhost:16686/trace/{trace_id}.")(f)
+    f = click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True),
+                     help="Also write a self-contained HTML launch-review report with a lag plot per hop.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
+                     show_default=True,
+                     help="table for people, json for machines (contract in the README), markdown for a launch review.")(f)
+    f = click.option("--trace-url", envvar="FUNNEL_TRACE_URL", default=None, show_default=DEFAULT_TRACE_URL_HELP,
+                     help="Per-probe trace link template ({trace_id} is filled in; '' for no links). Env: FUNNEL_TRACE_URL.")(f)
     return f
 
 
@@ -91,7 +99,8 @@ def _output_options(f: Any) -> Any:
 @click.option("-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Probes per step.")
 @click.option("--step", "steps", multiple=True, help="Only these steps (repeatable).")
 @_output_options
-def check(config: str, samples: int, steps: tuple[str, ...], fmt: str, junit: str | None, trace_url: str | None) -> None:
+def check(config: str, samples: int, steps: tuple[str, ...], fmt: str, junit: str | None, trace_url: str | None,
+          html_path: str | None) -> None:
     """Run N probes per step, wait for every hop to resolve, report, and exit 0/1/2/3.
 
     Made for launch gates in CI: the exit code says whether the funnel was fresh.
@@ -102,20 +111,29 @@ def check(config: str, samples: int, steps: tuple[str, ...], fmt: str, junit: st
         if unknown:
             raise click.UsageError(f"no such step: {', '.join(unknown)} (have: {', '.join(spec.steps)})")
         spec = spec.model_copy(update={"steps": {k: v for k, v in spec.steps.items() if k in steps}})
-    sys.exit(run_check(spec, samples, fmt, junit, trace_url))
+    sys.exit(run_check(spec, samples, fmt, junit, trace_url, html_path))
 
 
-def run_check(spec: FunnelSpec, samples: int, fmt: str, junit: str | None, trace_url: str | None) -> int:
-    from tracer.export.report import render_table, summarize, write_junit
+def run_check(spec: FunnelSpec, samples: int, fmt: str, junit: str | None, trace_url: str | None,
+              html_path: str | None = None) -> int:
+    from tracer.export.report import default_trace_url, render_table, summarize, write_junit
 
     results = asyncio.run(_check(spec, samples))
-    summary = summarize(spec, results, trace_url)
+    summary = summarize(spec, results, default_trace_url() if trace_url is None else trace_url or None)
     if fmt == "json":
         click.echo(json.dumps(summary, indent=2))
+    elif fmt == "markdown":
+        from tracer.export.markdown import render_markdown
+
+        click.echo(render_markdown(summary))
     else:
         render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
     if junit:
         write_junit(summary, junit)
+    if html_path:
+        from tracer.export.html import write_html
+
+        write_html(summary, html_path)
     return int(summary["exit_code"])
 
 
@@ -140,28 +158,45 @@ async def _check(spec: FunnelSpec, samples: int) -> list[Any]:
 @_output_options
 @click.option("--lead-delay", default=0.2, show_default=True, help="Sandbox: seconds before the funnel emits each event.")
 @click.option("--ingest-delay", default=0.3, show_default=True, help="Sandbox: seconds before PostHog makes an event queryable.")
-def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, lead_delay: float, ingest_delay: float) -> None:
+def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, html_path: str | None, lead_delay: float,
+         ingest_delay: float) -> None:
     """Start the sandbox funnel + a local PostHog on free ports, run `check` against them, clean up.
 
     Needs nothing beyond the install. The spec used is examples/sandbox.yaml.
     """
+    from sandbox.approvals import ApprovalSettings
     from sandbox.funnel import Knobs
     from sandbox.posthog_server import PostHogState
+    from sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
     from sandbox.runner import Sandbox
 
-    with Sandbox(knobs=Knobs(lead_delay=lead_delay), posthog=PostHogState(ingest_delay=ingest_delay)) as sb:
-        os.environ["FUNNEL_URL"] = sb.url
-        os.environ["POSTHOG_HOST"] = sb.posthog_url
-        text = resources.files("tracer").joinpath("data/sandbox.yaml").read_text(encoding="utf-8")
+    with contextlib.ExitStack() as stack:
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            try:
+                redis_url = stack.enter_context(PrivateRedis()).url
+            except RuntimeError:
+                err.print(f"[yellow]DLQ step skipped:[/] {escape(HOW_TO_GET_REDIS)}", highlight=False, soft_wrap=True)
+        receiver, mailbox = free_port(), free_port()
+        approvals = ApprovalSettings(slack_url=f"http://127.0.0.1:{receiver}/slack", smtp_host="127.0.0.1", smtp_port=mailbox)
+        sb = stack.enter_context(Sandbox(knobs=Knobs(lead_delay=lead_delay), posthog=PostHogState(ingest_delay=ingest_delay),
+                                         redis_url=redis_url, dlq_retry_interval=1.0, approvals=approvals))
+        os.environ.update({"FUNNEL_URL": sb.url, "POSTHOG_HOST": sb.posthog_url, "RECEIVER_PORT": str(receiver),
+                           "SMTP_PORT": str(mailbox), "REDIS_URL": redis_url or "redis://127.0.0.1:1/0"})
         import yaml
 
         from tracer.spec import parse_spec
 
+        text = resources.files("tracer").joinpath("data/sandbox.yaml").read_text(encoding="utf-8")
         spec = parse_spec(yaml.safe_load(text), "examples/sandbox.yaml")
+        if not redis_url:  # the other steps still run
+            spec = spec.model_copy(update={"steps": {
+                name: step for name, step in spec.steps.items()
+                if step.inject.kind != "redis_dlq" and all(h.sink != "redis_dlq" for h in step.hops)}})
         if fmt == "table":
-            err.print(f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}; "
-                      f"{samples} probe(s) per step[/]", highlight=False)
-        code = run_check(spec, samples, fmt, junit, trace_url)
+            err.print(f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}, Redis "
+                      f"{'yes' if redis_url else 'no'}; {samples} probe(s) per step[/]", highlight=False, soft_wrap=True)
+        code = run_check(spec, samples, fmt, junit, trace_url, html_path)
     sys.exit(code)
 
 
@@ -172,13 +207,19 @@ def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, lead_
 @click.option("--lead-delay", default=0.0, show_default=True, help="Seconds before the funnel emits lead_captured.")
 @click.option("--drop-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of events never emitted.")
 @click.option("--ingest-delay", default=0.0, show_default=True, help="Seconds before PostHog makes an event queryable.")
-@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis for the payment DLQ.")
+@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis for the payment DLQ and its retry worker.")
+@click.option("--dlq-retry-interval", default=2.0, show_default=True, help="Seconds before the DLQ worker's first retry.")
+@click.option("--slack-url", default="http://127.0.0.1:8787/slack", show_default=True,
+              help="Where approval notifications are posted (Slack incoming-webhook style).")
+@click.option("--smtp", "smtp_addr", default="127.0.0.1:2525", show_default=True, help="host:port approval emails go to.")
 def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rate: float, ingest_delay: float,
-            redis_url: str | None) -> None:
+            redis_url: str | None, dlq_retry_interval: float, slack_url: str, smtp_addr: str) -> None:
     """Run the reference funnel and a PostHog-compatible server until Ctrl-C."""
     import signal
     import threading
 
+    from collectors.redis_dlq import redact_url as redact
+    from sandbox.approvals import ApprovalSettings
     from sandbox.funnel import Knobs
     from sandbox.posthog_server import PostHogState
     from sandbox.runner import Sandbox
@@ -186,9 +227,14 @@ def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rat
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     knobs = Knobs(lead_delay=lead_delay, drop_rate=drop_rate)
-    with Sandbox(host=host, port=port, posthog_port=posthog_port, knobs=knobs,
-                 posthog=PostHogState(ingest_delay=ingest_delay), redis_url=redis_url) as sb:
-        click.echo(f"funnel   {sb.url}  (POST /api/v1/leads)")
+    smtp_host, _, smtp_port = smtp_addr.rpartition(":")
+    approvals = ApprovalSettings(slack_url=slack_url, smtp_host=smtp_host, smtp_port=int(smtp_port))
+    with Sandbox(host=host, port=port, posthog_port=posthog_port, knobs=knobs, approvals=approvals,
+                 posthog=PostHogState(ingest_delay=ingest_delay), redis_url=redis_url,
+                 dlq_retry_interval=dlq_retry_interval) as sb:
+        click.echo(f"funnel   {sb.url}  (POST /api/v1/leads, /api/v1/webhooks/payments, /api/v1/approvals)")
+        click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
+        click.echo(f"notify   {slack_url} and smtp://{smtp_addr}")
         click.echo(f"posthog  {sb.posthog_url}  (capture: /batch/, query: /api/projects/1/query/, key phx_sandbox)")
         click.echo("Ctrl-C to stop.")
         try:
@@ -196,6 +242,33 @@ def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rat
                 pass
         except KeyboardInterrupt:
             pass
+
+
+@main.command()
+@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML).")
+@click.option("--http-host", envvar="FUNNEL_CANARY_HTTP_HOST", default="127.0.0.1", show_default=True,
+              help="Bind address of /healthz and /metrics (0.0.0.0 inside a container).")
+@click.option("--http-port", envvar="FUNNEL_CANARY_HTTP_PORT", default=9464, show_default=True,
+              type=click.IntRange(0, 65535), help="Port of /healthz and /metrics (0: any free port).")
+@click.option("--location", envvar="FUNNEL_CANARY_LOCATION", default=None,
+              help="Where this canary runs (e.g. eu-west-1): resource attribute canary.location.")
+@click.option("--instance", envvar="FUNNEL_CANARY_INSTANCE", default=None,
+              help="Instance id in the shared ledger (default: canary.ledger.instance, else --location, else host name).")
+@click.option("--log-format", "log_format", envvar="FUNNEL_LOG_FORMAT", type=click.Choice(["text", "json"]),
+              default="text", show_default=True, help="json: one JSON object per line.")
+@click.pass_context
+def canary(ctx: click.Context, config: str, http_host: str, http_port: int, location: str | None,
+           instance: str | None, log_format: str) -> None:
+    """Run probes continuously, each step on its own interval, until SIGTERM/SIGINT (then exit 0).
+
+    One log line per resolved probe; spans and metrics over OTLP (OTEL_* variables); /healthz and
+    /metrics (Prometheus text) on --http-port; alerts per the spec's canary.alerts section.
+    """
+    spec = _load(config)
+    from tracer.canary import run_canary, setup_logging
+
+    setup_logging(log_format, (ctx.parent.params.get("verbose") or 0) if ctx.parent else 0)
+    sys.exit(run_canary(spec, location=location, instance=instance, http_host=http_host, http_port=http_port))
 
 
 if __name__ == "__main__":

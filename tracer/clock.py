@@ -41,3 +41,38 @@ def parse_iso(text: str) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
+
+
+# -- stamps: monotonic readings that outlive the process (canary ledger) ----------------------
+def boot_id() -> str:
+    """This machine's boot id. ``time.monotonic()`` (CLOCK_MONOTONIC) is shared by every process
+    of one boot, so a reading taken by a process that has since died is still comparable here."""
+    global _BOOT
+    if _BOOT is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT = f.read().strip()
+        except OSError:  # not Linux: readings of another process are not comparable
+            _BOOT = f"process-{id(_MONO0)}-{_WALL0}"
+    return _BOOT
+
+
+_BOOT: str | None = None
+
+
+def stamp(mono: float) -> dict[str, float | str]:
+    """A monotonic reading in a form another process can read back (see ``from_stamp``)."""
+    return {"mono": mono, "wall": wall(mono), "boot": boot_id()}
+
+
+def mono_of_wall(epoch: float) -> float:
+    """The monotonic reading of this process that corresponds to an epoch time (inverse of ``wall``)."""
+    return _MONO0 + (epoch - _WALL0)
+
+
+def from_stamp(s: dict[str, float | str]) -> float:
+    """A monotonic reading for a stamp taken by any process: exact on the same boot (the same
+    CLOCK_MONOTONIC), otherwise through wall time (then as good as the two wall clocks agree)."""
+    if s.get("boot") == boot_id():
+        return float(s["mono"])
+    return mono_of_wall(float(s["wall"]))

@@ -3,26 +3,33 @@
 One ``Engine`` owns the collectors for every sink the spec uses, an HTTP client for injection
 and an OTel tracer provider. ``run_probe`` takes one probe end to end; ``check`` runs N probes per
 step for the launch gate.
+
+The canary drives the same pipeline in phases, so its ledger can persist a probe between them:
+``begin`` (register watches) -> ``inject`` -> ``finish`` (await, judge, export); ``resume``
+rebuilds a probe from a ledger record after a restart and ``abandon`` reports one that could not
+be awaited to its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
 import collectors
-from tracer import clock
+from tracer import clock, synthetic
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.inject import Injection
 from tracer.inject import http as http_injector
+from tracer.inject.http import HttpInject
 from tracer.probe import Probe
 from tracer.spec import FunnelSpec, HopSpec, InjectSpec
-from tracer.verdict import INJECT_FAILED, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
+from tracer.verdict import INJECT_FAILED, LOST, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
 from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,27 @@ class ProbeResult:
     probe: Probe
     injection: Injection
     hops: list[HopResult]
+    resumed: bool = False
+
+
+@dataclass(eq=False)
+class InFlight:
+    """One probe between ``begin`` and its verdict: what a canary ledger persists."""
+
+    probe: Probe
+    watches: dict[str, Watch]
+    registered_at: float  # monotonic: when its watches were registered
+    injection: Injection | None = None
+    done: dict[str, HopResult] = field(default_factory=dict)  # hops resolved so far
+    resumed: bool = False
+    injection_unknown: bool = False  # resumed from a record written before the injection returned
+
+    @property
+    def step(self) -> str:
+        return self.probe.step
+
+
+OnHop = Callable[[InFlight, HopResult], None]
 
 
 class Engine:
@@ -43,9 +71,12 @@ class Engine:
         self.tracer = get_tracer(self.provider)
         self.collectors: dict[str, collectors.Collector] = {}
         self.http: httpx.AsyncClient | None = None
+        self._marked_cache: dict[int, tuple[HttpInject, HttpInject]] = {}
 
     def sinks(self) -> list[str]:
         used = {hop.sink for step in self.spec.steps.values() for hop in step.hops}
+        if "posthog" in used and self.spec.collectors.posthog and self.spec.collectors.posthog.push_path:
+            used.add("webhook")  # the receiver a PostHog realtime destination posts to
         return sorted(used)
 
     async def start(self) -> None:
@@ -54,6 +85,9 @@ class Engine:
             collector = collectors.build(sink, getattr(self.spec.collectors, sink))
             await collector.start()
             self.collectors[sink] = collector
+        posthog = self.spec.collectors.posthog
+        if posthog is not None and posthog.push_path and "posthog" in self.collectors:
+            self.collectors["webhook"].route(posthog.push_path, self.collectors["posthog"].on_push)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         for c in self.collectors.values():
@@ -73,29 +107,109 @@ class Engine:
         await self.close()
 
     # -- one probe ----------------------------------------------------------
-    async def run_probe(self, step_name: str) -> ProbeResult:
+    async def run_probe(self, step_name: str, on_injected: Callable[[InFlight], None] | None = None) -> ProbeResult:
         """Inject one probe, await every hop, judge, and export its trace."""
+        inflight = self.begin(step_name)
+        try:
+            await self.inject(inflight)
+        except BaseException:
+            self.release(inflight)
+            raise
+        if on_injected is not None:
+            on_injected(inflight)
+        return await self.finish(inflight)
+
+    def begin(self, step_name: str, probe: Probe | None = None) -> InFlight:
+        """Create a probe and register its watches (before injection: nothing can be missed)."""
         step = self.spec.steps[step_name]
-        probe = Probe(step=step_name)
+        probe = probe or Probe(step=step_name)
         watches = {hop.name: Watch(probe=probe, hop=hop, since=probe.created_at) for hop in step.hops}
         for w in watches.values():
             self.collectors[w.sink].watch(w)
+        return InFlight(probe, watches, registered_at=clock.now())
+
+    async def inject(self, inflight: InFlight) -> Injection:
+        inflight.injection = await self._inject(self.spec.steps[inflight.step].inject, inflight.probe)
+        return inflight.injection
+
+    async def finish(self, inflight: InFlight, on_hop: OnHop | None = None) -> ProbeResult:
+        """Await every hop not resolved yet, judge, export the trace. Each hop's result is kept
+        on ``inflight.done`` (and handed to ``on_hop``) as soon as it resolves."""
+        step = self.spec.steps[inflight.step]
+        injection = inflight.injection
+        assert injection is not None, "inject() first"
         try:
-            injection = await self._inject(step.inject, probe)
             if injection.ok:
-                hops = await self._await_hops(step_name, step.hops, watches, injection)
+                hops = await self._await_hops(inflight.step, step.hops, inflight.watches, injection, inflight, on_hop)
             else:
-                hops = [self._inject_failed(step_name, hop, injection) for hop in step.hops]
+                hops = [self._inject_failed(inflight.step, hop, injection) for hop in step.hops]
         finally:
-            for w in watches.values():
-                self.collectors[w.sink].unwatch(w)
-        emit_probe(self.tracer, probe, injection, hops, self.spec.service)
-        return ProbeResult(probe, injection, hops)
+            self.release(inflight)
+        if inflight.injection_unknown:
+            for h in hops:
+                if h.verdict == LOST:  # we cannot tell whether the probe ever reached the funnel
+                    h.verdict = UNKNOWN
+                    h.reason = "not seen, and the canary restarted while injecting: the probe may never have been sent"
+        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
+        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+
+    def release(self, inflight: InFlight) -> None:
+        for w in inflight.watches.values():
+            self.collectors[w.sink].unwatch(w)
+
+    def resume(
+        self, probe: Probe, injection: Injection | None, done: dict[str, HopResult] | None = None
+    ) -> InFlight:
+        """Rebuild a probe injected by an earlier process (from a ledger record): watch its
+        unresolved hops again; ``finish`` then awaits them. ``injection`` None: the record was
+        written before the injection returned, so whether it was sent is unknown."""
+        step = self.spec.steps[probe.step]
+        done = dict(done or {})
+        watches = {
+            hop.name: Watch(probe=probe, hop=hop, since=probe.created_at) for hop in step.hops if hop.name not in done
+        }
+        for w in watches.values():
+            self.collectors[w.sink].watch(w)
+        unknown = injection is None
+        if injection is None:
+            injection = Injection(sent_at=probe.created_at, done_at=probe.created_at, ok=True,
+                                  attributes={"funnel.injection.outcome": "unknown"})
+        return InFlight(probe, watches, registered_at=clock.now(), injection=injection, done=done, resumed=True,
+                        injection_unknown=unknown)
+
+    def abandon(self, inflight: InFlight, reason: str) -> ProbeResult:
+        """Report a probe that could not be awaited to its end (the canary is stopping): hops
+        not resolved yet are ``unknown`` with ``reason``. Exports its trace."""
+        self.release(inflight)
+        step = self.spec.steps[inflight.step]
+        injection = inflight.injection or Injection(inflight.probe.created_at, clock.now(), ok=False,
+                                                    error="canary stopped before injecting")
+        now = clock.now()
+        hops = []
+        for hop in step.hops:
+            r = inflight.done.get(hop.name)
+            if r is None:
+                if not injection.ok:
+                    r = self._inject_failed(inflight.step, hop, injection)
+                else:
+                    r = HopResult(step=inflight.step, hop=hop.name, sink=hop.sink, target=hop.target,
+                                  deadline=self.spec.deadline(hop), verdict=UNKNOWN, start=injection.sent_at,
+                                  end=max(now, injection.sent_at), reason=reason, after=hop.after)
+            hops.append(r)
+        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
+        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+
+    def mark_blind(self, start: float, end: float) -> None:
+        """Every collector was blind in ``[start, end]`` (e.g. the canary process was down)."""
+        for c in self.collectors.values():
+            c.coverage.mark_blind(start, end)
 
     async def _inject(self, spec: InjectSpec, probe: Probe) -> Injection:
         if spec.http is not None:
             assert self.http is not None
-            return await http_injector.send(self.http, spec.http, probe, {"traceparent": probe.traceparent})
+            http_spec = self._marked(spec.http)
+            extra = {**synthetic.headers(self.spec.canary.synthetic, spec.http), "traceparent": probe.traceparent}
+            return await http_injector.send(self.http, http_spec, probe, extra)
         from tracer.inject import redis_dlq
 
         assert spec.redis_dlq is not None
@@ -107,20 +221,50 @@ class Engine:
             verdict=INJECT_FAILED, start=injection.sent_at, end=injection.done_at, reason=injection.error, after=hop.after,
         )
 
+    def _marked(self, spec: HttpInject) -> HttpInject:
+        """The injection template with the synthetic marker applied (computed once per step)."""
+        hit = self._marked_cache.get(id(spec))
+        if hit is None or hit[0] is not spec:
+            hit = self._marked_cache[id(spec)] = (spec, synthetic.mark(self.spec.canary.synthetic, spec))
+        return hit[1]
+
     async def _await_hops(
-        self, step_name: str, hops: list[HopSpec], watches: dict[str, Watch], injection: Injection
+        self, step_name: str, hops: list[HopSpec], watches: dict[str, Watch], injection: Injection,
+        inflight: InFlight | None = None, on_hop: OnHop | None = None,
     ) -> list[HopResult]:
-        done: dict[str, asyncio.Future[HopResult]] = {h.name: asyncio.get_running_loop().create_future() for h in hops}
+        prior = inflight.done if inflight is not None else {}
+        registered = inflight.registered_at if inflight is not None else -math.inf
+        if len(hops) == 1 and not prior:  # the common case: no futures, no gather, no closure
+            result = await self._await_hop(step_name, hops[0], watches[hops[0].name], injection, {}, registered)
+            if inflight is not None:
+                inflight.done[hops[0].name] = result
+                if on_hop is not None:
+                    on_hop(inflight, result)
+            return [result]
+        loop = asyncio.get_running_loop()
+        needed = {h.after for h in hops if h.after}  # futures only for hops another one starts from
+        done: dict[str, asyncio.Future[HopResult]] = {h.name: loop.create_future() for h in hops if h.name in needed}
+        for name, result in prior.items():
+            if name in done:
+                done[name].set_result(result)
 
         async def one(hop: HopSpec) -> HopResult:
-            result = await self._await_hop(step_name, hop, watches[hop.name], injection, done)
-            done[hop.name].set_result(result)
+            if hop.name in prior:
+                return prior[hop.name]
+            result = await self._await_hop(step_name, hop, watches[hop.name], injection, done, registered)
+            if hop.name in done:
+                done[hop.name].set_result(result)
+            if inflight is not None:
+                inflight.done[hop.name] = result
+                if on_hop is not None:
+                    on_hop(inflight, result)
             return result
 
         return list(await asyncio.gather(*(one(h) for h in hops)))
 
     async def _await_hop(
-        self, step_name: str, hop: HopSpec, watch: Watch, injection: Injection, done: dict[str, asyncio.Future[HopResult]]
+        self, step_name: str, hop: HopSpec, watch: Watch, injection: Injection,
+        done: dict[str, asyncio.Future[HopResult]], registered_at: float = -math.inf,
     ) -> HopResult:
         collector = self.collectors[hop.sink]
         deadline = self.spec.deadline(hop)
@@ -137,11 +281,17 @@ class Engine:
             result.start = start
         deadline_at = start + deadline
         await watch.wait_seen(deadline_at - clock.now())
+        if watch.first is not None and watch.missing_sources():
+            # Push and poll both configured: let the slower one report too, for the comparison.
+            await watch.wait_other_sources(min(deadline_at - clock.now(), max(2.0, 3 * collector.error_bar)))
         certified = True
         if watch.first is None:
             # Give the collector a chance to look past the deadline before calling it lost.
             grace = max(5.0, 3 * collector.error_bar)
-            certified = await collector.coverage.wait_certified(deadline_at, grace)
+            # A resumed probe's deadline may be past already: only a look made after its watch
+            # was registered again can certify it.
+            certify_at = max(deadline_at, registered_at)
+            certified = await collector.coverage.wait_certified(certify_at, grace)
         obs = watch.first
         if hop.expect == "absent":
             result.verdict, result.reason = judge_absent(obs, start, deadline, collector.coverage, certified)

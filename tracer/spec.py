@@ -6,13 +6,14 @@ Every error names its YAML path, e.g. ``steps.lead.hops[0].posthog.event: field 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from collectors.posthog import PostHogConfig, PostHogHop
 from collectors.redis_dlq import RedisDlqConfig, RedisDlqHop
@@ -20,7 +21,8 @@ from collectors.smtp import SmtpConfig, SmtpHop
 from collectors.webhook import WebhookConfig, WebhookHop
 from tracer.inject.http import HttpInject
 from tracer.inject.redis_dlq import DlqInject
-from tracer.schema import Duration, Model
+from tracer.schema import Duration, Model, Secret
+from tracer.verdict import VERDICTS
 
 SINKS = ("posthog", "redis_dlq", "webhook", "smtp")
 INJECTORS = ("http", "redis_dlq")
@@ -50,7 +52,10 @@ class HopSpec(Model):
 
     @property
     def sink(self) -> str:
-        return next(s for s in SINKS if getattr(self, s) is not None)
+        for s in SINKS:  # a plain loop: collectors ask this for every watch on every poll
+            if getattr(self, s) is not None:
+                return s
+        raise AssertionError("validated: exactly one sink")
 
     @property
     def sink_spec(self) -> Any:
@@ -78,6 +83,7 @@ class StepSpec(Model):
     hops: list[HopSpec] = Field(min_length=1)
     interval: Duration = Field(60.0, gt=0, description="canary: one probe every interval")
     spacing: Duration = Field(1.0, description="check: pause between a step's samples")
+    max_in_flight: int | None = Field(None, gt=0, description="canary: cap for this step (default canary.max_in_flight_per_step)")
 
     @model_validator(mode="after")
     def _hop_refs(self) -> StepSpec:
@@ -88,6 +94,95 @@ class StepSpec(Model):
             if h.after is not None and h.after not in names[: names.index(h.name)]:
                 raise ValueError(f"hop '{h.name}': after '{h.after}' must name an earlier hop of this step")
         return self
+
+
+# -- the canary: `funnel-tracer canary` ----------------------------------------------------------
+class SyntheticSpec(Model):
+    """How everything the tracer injects is marked as synthetic, so the funnel, PostHog and
+    revenue reports can filter it out. Applies to ``check`` and ``canary`` alike."""
+
+    header: str | None = Field("X-Synthetic", description="header added to every HTTP injection (null: none)")
+    header_value: str = "true"
+    property: str | None = Field(
+        None, pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$",
+        description="dotted path set in every JSON body (form: last segment), e.g. metadata.synthetic",
+    )
+    property_value: bool | int | str = True
+    email_domain: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}$",
+        description="every e-mail address in an inject body must use this domain (checked at load)",
+    )
+    posthog_personless: bool = Field(
+        True, description="set $process_person_profile: false on events the tracer captures into PostHog itself"
+    )
+
+
+class LedgerSpec(Model):
+    """Where in-flight probes are recorded: in memory (default), or in Redis so a restarted canary
+    resumes them and several instances can share receivers."""
+
+    redis_url: Secret | None = Field(None, description="redis://... ; unset: in memory")
+    namespace: str = Field("funnel-tracer", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    instance: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.@-]+$",
+        description="this instance's id (default: --instance, else --location, else the host name); "
+        "keep it across restarts to resume, and distinct between instances running at once",
+    )
+    shared_receivers: bool = Field(
+        True, description="instances share push receivers: sightings of other instances' probes go through Redis "
+        "(while Redis is down, push hops are blind rather than possibly lost)",
+    )
+    max_sightings: int = Field(10_000, gt=0, description="bound of each instance's queue of sightings made by others")
+    heartbeat: Duration = Field(1.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: Secret | None) -> Secret | None:
+        if v is not None and not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
+class AlertsSpec(Model):
+    """k-of-n alerting per hop, posted to a webhook (Slack-compatible or generic JSON)."""
+
+    webhook_url: Secret | None = Field(None, description="where alerts are posted; unset: no alerts")
+    format: Literal["slack", "json"] = "slack"
+    k: int = Field(3, gt=0, description="alert when k of the last n probes of a hop are failing")
+    n: int = Field(5, gt=0)
+    blind_k: int | None = Field(None, gt=0, description="same rule for 'canary blind' (default k)")
+    blind_n: int | None = Field(None, gt=0, description="default n")
+    failing: list[str] = Field(default_factory=lambda: ["late", "lost", "breach"])
+    blind: list[str] = Field(default_factory=lambda: ["unknown", "inject_failed"])
+    trace_url: str | None = Field(None, description="link template, e.g. {jaeger_url}/trace/{trace_id}")
+    jaeger_url: str | None = Field(None, pattern=r"^https?://")
+    timeout: Duration = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _k_of_n(self) -> AlertsSpec:
+        if self.k > self.n:
+            raise ValueError("k must not exceed n")
+        if (self.blind_k or self.k) > (self.blind_n or self.n):
+            raise ValueError("blind_k must not exceed blind_n")
+        known = set(VERDICTS)
+        for name in ("failing", "blind"):
+            bad = [v for v in getattr(self, name) if v not in known]
+            if bad:
+                raise ValueError(f"{name}: unknown verdict(s) {', '.join(bad)} (have: {', '.join(VERDICTS)})")
+        return self
+
+
+class CanarySpec(Model):
+    jitter: float = Field(0.2, ge=0, le=1, description="each probe lands within +-jitter/2 x interval of its slot")
+    max_in_flight: int | None = Field(None, gt=0, description="global cap on probes in flight (default: none)")
+    max_in_flight_per_step: int | None = Field(
+        None, gt=0, description="default per-step cap (default: twice what the step's interval and deadlines need)"
+    )
+    grace: Duration = Field(30.0, ge=0, description="on SIGTERM: wait this long for probes in flight")
+    ledger: LedgerSpec = LedgerSpec()
+    alerts: AlertsSpec = AlertsSpec()
+    synthetic: SyntheticSpec = SyntheticSpec()
 
 
 class CollectorsSpec(Model):
@@ -102,9 +197,12 @@ class FunnelSpec(Model):
     deadline_factor: float = Field(3.0, ge=1.0)
     collectors: CollectorsSpec = CollectorsSpec()
     steps: dict[str, StepSpec] = Field(min_length=1)
+    canary: CanarySpec = CanarySpec()
 
     @model_validator(mode="after")
     def _collectors_configured(self) -> FunnelSpec:
+        if self.collectors.posthog and self.collectors.posthog.push_path and self.collectors.webhook is None:
+            raise _PathError("collectors.posthog.push_path", "push needs a 'collectors.webhook' receiver to post to")
         for step_name, step in self.steps.items():
             for i, hop in enumerate(step.hops):
                 if getattr(self.collectors, hop.sink) is None:
@@ -112,10 +210,61 @@ class FunnelSpec(Model):
                         f"steps.{step_name}.hops[{i}].{hop.sink}",
                         f"this hop needs a 'collectors.{hop.sink}' section",
                     )
+        domain = self.canary.synthetic.email_domain
+        if domain:
+            for step_name, step in self.steps.items():
+                for where, text in _inject_strings(step.inject, f"steps.{step_name}.inject"):
+                    if _EMAIL.match(text) and not text.lower().endswith("@" + domain.lower()):
+                        raise _PathError(where, f"e-mail address must use the synthetic domain {domain}"
+                                                " (canary.synthetic.email_domain)")
         return self
+
+    def probe_duration(self, step_name: str) -> float:
+        """Longest a probe of this step can take: injection timeout plus the longest chain of
+        hop deadlines (a hop ``after`` another starts when that one is seen)."""
+        step = self.steps[step_name]
+        chain: dict[str, float] = {}
+        for hop in step.hops:
+            chain[hop.name] = self.deadline(hop) + (chain[hop.after] if hop.after else 0.0)
+        inject = step.inject.http.timeout if step.inject.http is not None else 5.0
+        return inject + max(chain.values())
+
+    def step_cap(self, step_name: str) -> int:
+        """Per-step cap on probes in flight: explicit, else twice the steady state."""
+        step = self.steps[step_name]
+        if step.max_in_flight is not None:
+            return step.max_in_flight
+        if self.canary.max_in_flight_per_step is not None:
+            return self.canary.max_in_flight_per_step
+        return max(2, math.ceil(2 * (self.probe_duration(step_name) + 5.0) / step.interval))
 
     def deadline(self, hop: HopSpec) -> float:
         return hop.deadline if hop.deadline is not None else hop.target * self.deadline_factor
+
+
+_EMAIL = re.compile(r"^[^@\s{}]+(\{[a-z_]+\}[^@\s{}]*)*@[^@\s]+$")
+
+
+def _inject_strings(inject: InjectSpec, base: str) -> list[tuple[str, str]]:
+    """Every string value of an HTTP injection's body, with its YAML path."""
+    out: list[tuple[str, str]] = []
+    http = inject.http
+    if http is None:
+        return out
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, str):
+            out.append((path, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(http.json_body, f"{base}.http.json")
+    walk(http.form, f"{base}.http.form")
+    return out
 
 
 class _PathError(ValueError):

@@ -48,7 +48,22 @@ class Watch:
     hop: HopSpec
     since: float  # monotonic: when the watch began (just before injection)
     observations: list[Observation] = field(default_factory=list)
-    _seen: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Sources the collector will report (e.g. {"push", "poll"} for PostHog with a realtime
+    # destination); empty means any one sighting settles the hop.
+    expect_sources: set[str] = field(default_factory=set)
+    _hit: bool = field(default=False, repr=False)  # seen at least once
+    _event: asyncio.Event | None = field(default=None, repr=False)  # see _seen
+    _waiter: asyncio.Future[bool] | None = field(default=None, repr=False)
+
+    @property
+    def _seen(self) -> asyncio.Event:
+        """Set on each sighting. Created on first use: ``wait_seen`` needs none, and a canary
+        may hold 10,000 watches in flight."""
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._hit:
+                self._event.set()
+        return self._event
 
     @property
     def trace_id(self) -> str:
@@ -72,16 +87,52 @@ class Watch:
         if any(o.source == obs.source for o in self.observations):
             return
         self.observations.append(obs)
+        self._hit = True
+        if self._event is not None:
+            self._event.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    def missing_sources(self) -> set[str]:
+        return self.expect_sources - {o.source for o in self.observations}
+
+    async def wait_other_sources(self, timeout: float) -> None:
+        """After a first sighting, give the other expected sources a short while to report, so
+        the report can compare them. The verdict never waits on this."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(0.0, timeout)
+        while self.missing_sources() and loop.time() < end:
+            self._seen.clear()
+            try:
+                await asyncio.wait_for(self._seen.wait(), timeout=end - loop.time())
+            except asyncio.TimeoutError:
+                break
         self._seen.set()
 
     async def wait_seen(self, timeout: float) -> bool:
-        if self._seen.is_set():
+        if self._hit:
             return True
+        if timeout > 0 and self._waiter is None:
+            # A future and a timer rather than wait_for: no extra task per probe in flight
+            # (a canary may hold 10,000 of these).
+            loop = asyncio.get_running_loop()
+            fut = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, fut)
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
         try:
             await asyncio.wait_for(self._seen.wait(), timeout=max(0.0, timeout))
         except asyncio.TimeoutError:
             return False
         return True
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 class Coverage:
@@ -102,23 +153,56 @@ class Coverage:
         self._blind: deque[list[float]] = deque(maxlen=keep)  # [start, end]; end=inf while blind
         self._changed = asyncio.Event()
         self.failures = 0
+        self._holds: dict[str, float] = {}  # external blindness (see hold), key -> since
 
     @property
     def blind_now(self) -> bool:
+        return self._open or bool(self._holds)
+
+    @property
+    def _open(self) -> bool:
         return bool(self._blind) and self._blind[-1][1] == math.inf
 
     def looked(self, through: float) -> None:
-        if self.blind_now:
+        if self._open:
             self._blind[-1][1] = through
         self.certified = max(self.certified, through)
         self._wake()
 
     def failed(self, at: float) -> None:
         self.failures += 1
-        if not self.blind_now:
+        if not self._open:
             start = self.certified if self.certified > -math.inf else at
             self._blind.append([min(start, at), math.inf])
         self._wake()
+
+    def mark_blind(self, start: float, end: float) -> None:
+        """Record a closed window ``[start, end]`` in which nobody looked, learnt after the fact
+        (e.g. the canary process was down between its last heartbeat and a restart). Verdicts
+        treat it like any other blind window; the current state (blind or not) is unchanged."""
+        if end < start:
+            return
+        entry = [start, end]
+        if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
+            self._blind.popleft()
+        if self._open:
+            self._blind.insert(len(self._blind) - 1, entry)  # the open interval stays last
+        else:
+            self._blind.append(entry)
+        self._wake()
+
+    def hold(self, key: str, at: float) -> None:
+        """Blind from ``at`` for a reason outside the collector's own looks (which keep
+        succeeding): e.g. the canary's shared ledger is down, so sightings made by *other*
+        instances' receivers cannot reach this one. Nothing after ``at`` is certified until
+        ``release``; the held window then stays blind."""
+        self._holds.setdefault(key, at)
+        self._wake()
+
+    def release(self, key: str, at: float) -> None:
+        start = self._holds.pop(key, None)
+        if start is not None:
+            self.mark_blind(start, at)
 
     def blind_start(self, start: float, end: float) -> float | None:
         """Earliest start of a blind interval overlapping ``[start, end]``, or None."""
@@ -126,13 +210,19 @@ class Coverage:
         for b0, b1 in self._blind:
             if b0 <= end and b1 >= start and (found is None or b0 < found):
                 found = b0
+        for h0 in self._holds.values():
+            if h0 <= end and (found is None or h0 < found):
+                found = h0
         return found
+
+    def _covers(self, moment: float) -> bool:
+        return self.certified >= moment and not any(h0 <= moment for h0 in self._holds.values())
 
     async def wait_certified(self, moment: float, timeout: float) -> bool:
         """Wait until a successful look has covered ``moment``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
-        while self.certified < moment:
+        while not self._covers(moment):
             left = deadline - loop.time()
             if left <= 0:
                 return False
@@ -140,7 +230,7 @@ class Coverage:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=left)
             except asyncio.TimeoutError:
-                return self.certified >= moment
+                return self._covers(moment)
         return True
 
     def _wake(self) -> None:
@@ -153,14 +243,17 @@ class WatchIndex:
 
     def __init__(self) -> None:
         self._by_trace: dict[str, list[Watch]] = {}
+        self._n = 0  # len() is O(1): collectors ask it on every cycle
 
     def add(self, w: Watch) -> None:
         self._by_trace.setdefault(w.trace_id, []).append(w)
+        self._n += 1
 
     def discard(self, w: Watch) -> None:
         group = self._by_trace.get(w.trace_id)
         if group and w in group:
             group.remove(w)
+            self._n -= 1
             if not group:
                 del self._by_trace[w.trace_id]
 
@@ -181,7 +274,7 @@ class WatchIndex:
             yield from group
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self._by_trace.values())
+        return self._n
 
     def trace_ids(self) -> list[str]:
         return list(self._by_trace)

@@ -8,10 +8,13 @@ the tracer could not vouch for freshness.
 from __future__ import annotations
 
 import math
+import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from tracer import clock
 from tracer.durations import fmt_duration
 from tracer.verdict import BREACH, FAILING, INJECT_FAILED, LATE, LOST, OK, UNKNOWN, HopResult
 
@@ -22,6 +25,19 @@ if TYPE_CHECKING:
     from tracer.spec import FunnelSpec
 
 COUNTED = (OK, LATE, LOST, UNKNOWN, INJECT_FAILED, BREACH)
+DEFAULT_JAEGER_UI_URL = "http://localhost:16686"
+DEFAULT_TRACE_URL_HELP = "$JAEGER_UI_URL/trace/{trace_id}; JAEGER_UI_URL unset: " + DEFAULT_JAEGER_UI_URL
+
+
+def default_trace_url() -> str:
+    """The per-probe trace link template when none is given: Jaeger's UI, ``JAEGER_UI_URL``."""
+    base = os.environ.get("JAEGER_UI_URL") or DEFAULT_JAEGER_UI_URL
+    return base.rstrip("/") + "/trace/{trace_id}"
+
+
+def trace_link(template: str | None, trace_id: str) -> str | None:
+    """``template`` with ``{trace_id}`` filled in (no other placeholders are interpreted)."""
+    return template.replace("{trace_id}", trace_id) if template and trace_id else None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -65,7 +81,8 @@ def summarize(spec: FunnelSpec, results: Iterable[ProbeResult], trace_url: str |
             })
         steps.append({"step": step_name, "hops": hops})
     code = exit_code_of(steps)
-    return {"ok": code == 0, "exit_code": code, "service": spec.service, "steps": steps}
+    return {"ok": code == 0, "exit_code": code, "service": spec.service, "steps": steps,
+            "generated_at": clock.iso(time.time())}
 
 
 def _with_trace(rows: list[HopResult], results: Iterable[ProbeResult]) -> list[tuple[HopResult, str]]:
@@ -85,9 +102,31 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
         row["reason"] = h.reason
     if len(h.sources) > 1:
         row["lag_s_by_source"] = {k: _r(v) for k, v in h.sources.items()}
-    if trace_url:
-        row["trace_url"] = trace_url.format(trace_id=trace_id)
+    link = trace_link(trace_url, trace_id)
+    if link:
+        row["trace_url"] = link
     return row
+
+
+VERDICT_HEADLINE = {0: ("PASS", "every hop within target"), 1: ("FAIL", "freshness breached"),
+                    3: ("UNKNOWN", "no breach seen, but some hops could not be measured")}
+
+
+def verdict_totals(summary: dict[str, Any]) -> dict[str, int]:
+    """Probe-hop verdict counts over the whole check."""
+    totals = {v: 0 for v in COUNTED}
+    for step in summary["steps"]:
+        for hop in step["hops"]:
+            for v, n in hop["verdicts"].items():
+                totals[v] = totals.get(v, 0) + n
+    return totals
+
+
+def flagged_probes(summary: dict[str, Any], verdicts: Iterable[str] = FAILING) -> list[tuple[str, str, dict[str, Any]]]:
+    """(step, hop, probe row) for every probe whose verdict is in ``verdicts``."""
+    wanted = set(verdicts)
+    return [(s["step"], h["hop"], p) for s in summary["steps"] for h in s["hops"] for p in h["probes"]
+            if p["verdict"] in wanted]
 
 
 def _hop_verdict(verdicts: dict[str, int]) -> str:
@@ -114,6 +153,7 @@ _STYLE = {OK: "green", LATE: "yellow", LOST: "red", BREACH: "bold red", UNKNOWN:
 
 
 def render_table(summary: dict[str, Any], console: Console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Funnel freshness: {summary['service']}", title_justify="left", header_style="bold")
@@ -132,9 +172,13 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
                           fmt_duration(hop["error_bar_s"]), counts or "-",
                           f"[{_STYLE[hop['verdict']]}]{hop['verdict'].upper()}[/]")
     console.print(table)
-    reasons = [(s["step"], h["hop"], p) for s in summary["steps"] for h in s["hops"] for p in h["probes"] if p.get("reason")]
+    reasons = [(s["step"], h["hop"], p) for s in summary["steps"] for h in s["hops"] for p in h["probes"]
+               if p.get("reason") or p["verdict"] in FAILING]
     for step, hop, p in reasons[:10]:
-        console.print(f"  [dim]{step}/{hop} {p['trace_id']}:[/] {p['verdict']}: {p['reason']}")
+        line = f"  [dim]{step}/{hop} {p['trace_id']}:[/] {p['verdict']}" + (f": {escape(p['reason'])}" if p.get("reason") else "")
+        if p["verdict"] in FAILING and p.get("trace_url"):
+            line += f"[dim]; trace:[/] [link={p['trace_url']}]{p['trace_url']}[/link]"
+        console.print(line, highlight=False, soft_wrap=True)
     if len(reasons) > 10:
         console.print(f"  [dim]... and {len(reasons) - 10} more (use --format json)[/]")
     verdict = {0: "[green]PASS[/]: every hop within target", 1: "[red]FAIL[/]: freshness breached",

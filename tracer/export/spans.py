@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 import tracer
 from tracer import clock
@@ -146,10 +147,34 @@ def _hop_span(tr: trace.Tracer, r: HopResult, ctx: Context, common: dict[str, ob
     attrs.update({k: v for k, v in optional.items() if v is not None})
     for source, lag in r.sources.items():
         attrs[f"funnel.lag_s.{source}"] = lag
-    span = tr.start_span(f"hop {r.hop}", context=ctx, start_time=clock.wall_ns(r.start), attributes=attrs)
+    link = sink_link(r.detail)
+    span = tr.start_span(f"hop {r.hop}", context=ctx, start_time=clock.wall_ns(r.start), attributes=attrs,
+                         links=[link] if link else None)
     if r.verdict in FAILING:
         span.set_status(Status(StatusCode.ERROR, r.reason or r.verdict))
     span.end(end_time=clock.wall_ns(max(r.end, r.start)))
+
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def sink_link(detail: dict[str, object]) -> Link | None:
+    """A link from a hop span to the trace context the matched item carried, e.g. a PostHog
+    event's ``traceparent`` property. Sinks like PostHog or email drop trace context, so this
+    link is how the observation points back at the span that emitted it (which, for a funnel
+    that started a trace of its own, lives in another trace)."""
+    m = _TRACEPARENT.match(str(detail.get("traceparent") or "").strip().lower())
+    if m is None or m.group(1) == "ff":
+        return None
+    trace_id, span_id = int(m.group(2), 16), int(m.group(3), 16)
+    if not trace_id or not span_id:
+        return None
+    ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(m.group(4), 16) & 1))
+    attrs: dict[str, str] = {"funnel.link": "matched_item_context"}
+    for key in ("uuid", "message_id"):  # the sink's own id of the item we matched
+        if detail.get(key):
+            attrs[f"funnel.matched.{key}"] = str(detail[key])
+    return Link(ctx, attrs)
 
 
 def _worst(hops: list[HopResult]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -24,6 +24,13 @@ class HttpInject(Model):
     form: dict[str, str] | None = None
     timeout: Duration = 10.0
     sign: Signing | None = None
+    accept_status: list[Annotated[str, Field(pattern=r"^([1-5]xx|[1-5][0-9][0-9])$")]] = Field(
+        default_factory=lambda: ["2xx"],
+        description="answers that mean the probe was delivered, e.g. [2xx] or, for a forged webhook, [2xx, 4xx]",
+    )
+
+    def accepts(self, status: int) -> bool:
+        return any(a == str(status) or (a.endswith("xx") and a[0] == str(status)[0]) for a in self.accept_status)
 
     @model_validator(mode="after")
     def _one_body(self) -> HttpInject:
@@ -75,8 +82,8 @@ async def send(client: httpx.AsyncClient, spec: HttpInject, probe: Probe, extra_
         return Injection(sent, clock.now(), ok=False, error=_short_error(exc), attributes=attrs)
     done = clock.now()
     attrs["http.response.status_code"] = resp.status_code
-    ok = 200 <= resp.status_code < 300
-    if not ok:
+    ok = spec.accepts(resp.status_code)
+    if resp.status_code >= 400:
         attrs["error.type"] = str(resp.status_code)
     return Injection(sent, done, ok=ok, status=resp.status_code, error=None if ok else f"HTTP {resp.status_code}", attributes=attrs)
 

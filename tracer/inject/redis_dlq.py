@@ -1,10 +1,113 @@
-"""Write a synthetic entry straight into a Redis DLQ. (Being built: issue 3.)"""
+"""Inject mode (b): write a synthetic entry straight into a Redis dead-letter queue.
+
+Why: the SLO "DLQ entry -> first retry < 60 s" is about the retry worker, and waiting for a real
+delivery to fail would mean breaking one. A synthetic entry in the funnel's own format lets the
+worker's freshness be measured in production. Its payload says ``"canary": true`` and carries
+the trace id, so the handler the worker retries into can recognize it and do nothing harmful.
+
+The entry is written the way the funnel parks one: LPUSH (or RPUSH) for ``list``, ZADD scored by
+the next retry time for ``zset``, XADD with flat fields (non-strings JSON-encoded) for ``stream``.
+"""
 
 from __future__ import annotations
 
-from tracer.schema import Model
+import json
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from collectors.redis_dlq import check_redis_url, redact_url, short_error
+from tracer import clock
+from tracer.inject import Injection
+from tracer.probe import Probe
+from tracer.schema import Duration, Model, Secret
+
+DEFAULT_ENTRY: dict[str, Any] = {
+    "id": "{uuid}",
+    "queue": "webhooks",
+    "payload": {"canary": True, "trace_id": "{trace_id}", "probe_id": "{probe_id}", "step": "{step}"},
+    "error": "synthetic entry (funnel-tracer canary)",
+    "attempt": 1,
+    "max_attempts": 5,
+    "created_at": "{now_iso}",
+    "last_attempt_at": "{now_iso}",
+}
 
 
 class DlqInject(Model):
-    url: str
-    key: str
+    url: Secret = Field(description="redis:// URL of the DLQ's Redis; may carry a password (never logged)")
+    key: str = Field(min_length=1)
+    shape: Literal["list", "zset", "stream"] = "list"
+    entry: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_ENTRY),
+        description="the entry in the funnel's own format; templates like {trace_id} are filled in",
+    )
+    push: Literal["lpush", "rpush"] = Field("lpush", description="list: which end the funnel parks at")
+    retry_in: Duration = Field(0.0, ge=0, description="zset: score = now + retry_in (the next retry time)")
+    score_unit: Literal["s", "ms"] = "s"
+    timeout: Duration = Field(5.0, gt=0)
+
+    _url = field_validator("url")(check_redis_url)
+
+
+def render_entry(spec: DlqInject, probe: Probe) -> dict[str, Any]:
+    """The entry for ``probe``. ``{now_iso}`` is filled once, so created_at == last_attempt_at."""
+    now_iso = clock.iso(clock.wall(clock.now()))
+    fixed = json.loads(json.dumps(spec.entry).replace("{now_iso}", now_iso))
+    return probe.render(fixed)
+
+
+def stream_fields(entry: dict[str, Any]) -> dict[str, str]:
+    return {
+        str(k): v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in entry.items()
+    }
+
+
+async def send(spec: DlqInject, probe: Probe, client: Redis | None = None) -> Injection:
+    """Write one synthetic entry. ``client`` may be shared across probes; otherwise one is opened
+    and closed here. Failure is ``ok=False`` with a short error that never holds the URL's secrets."""
+    url = spec.url.get_secret_value()
+    entry = render_entry(spec, probe)
+    op = {"list": spec.push.upper(), "zset": "ZADD", "stream": "XADD"}[spec.shape]
+    attrs: dict[str, Any] = {
+        "db.system.name": "redis",
+        "db.operation.name": op,
+        "db.collection.name": spec.key,
+        "server.address": urlsplit(url).hostname or redact_url(url),
+        "server.port": urlsplit(url).port or 6379,
+        "messaging.message.id": str(entry.get("id", "")),
+    }
+    own = client is None
+    r = client or Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=spec.timeout,
+        socket_connect_timeout=spec.timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    sent = clock.now()
+    try:
+        if spec.shape == "list":
+            data = json.dumps(entry, separators=(",", ":"))
+            await (r.lpush(spec.key, data) if spec.push == "lpush" else r.rpush(spec.key, data))
+        elif spec.shape == "zset":
+            score = clock.wall(clock.now()) + spec.retry_in
+            await r.zadd(
+                spec.key,
+                {json.dumps(entry, separators=(",", ":")): score * (1000 if spec.score_unit == "ms" else 1)},
+            )
+        else:
+            attrs["messaging.message.id"] = await r.xadd(spec.key, stream_fields(entry))
+    except (RedisError, OSError) as exc:
+        error = short_error(exc, url)
+        attrs["error.type"] = type(exc).__name__
+        return Injection(sent, clock.now(), ok=False, error=error, attributes=attrs)
+    finally:
+        if own:
+            await r.aclose()
+    return Injection(sent, clock.now(), ok=True, attributes=attrs)

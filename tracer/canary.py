@@ -1,0 +1,572 @@
+"""The continuous synthetic canary: ``funnel-tracer canary -c FILE``.
+
+Each step injects one probe per ``interval`` (from the spec). Slots are fixed-rate, so the long-run
+rate is exact; each probe lands at a random point within ``jitter`` x interval around its slot, and
+the first slot is at a random phase, so steps and instances spread across the interval instead
+of firing together.
+
+Concurrency caps: a step never has more than its cap of probes in flight (default: twice what
+its interval and deadlines need in steady state), and the canary never more than
+``canary.max_in_flight``. A slot that finds the cap reached is *skipped and counted*
+(``funnel_probes_skipped_total``), so a slow sink cannot pile up unbounded probes.
+
+SIGTERM/SIGINT: stop injecting, wait for probes in flight up to ``canary.grace``, flush spans and
+metrics, exit 0. Probes still unresolved then are left in a durable ledger (the next start
+resumes them) or, with the in-memory ledger, reported as ``unknown`` ("the canary stopped").
+
+Every resolved probe is one log line at INFO (``--log-format json`` for one JSON object per
+line), one trace (``tracer.export.spans``), metric updates (``tracer.export.metrics``) and an
+input to the k-of-n alert rule (``tracer.alerts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from tracer import clock
+from tracer.alerts import AlertManager
+from tracer.engine import Engine, InFlight, ProbeResult
+from tracer.export.metrics import CanaryMetrics
+from tracer.export.spans import make_provider
+from tracer.ledger import MemoryLedger, Sighting, restore
+from tracer.ledger import build as build_ledger
+from tracer.probe import TRACE_ID
+from tracer.spec import FunnelSpec
+from tracer.status import StatusServer
+from tracer.verdict import HopResult
+from tracer.watch import Observation
+
+log = logging.getLogger(__name__)
+
+MAX_IDS_PER_PUSH = 64  # trace ids taken from one pushed body for other instances (flood bound)
+_ORDER = ["breach", "lost", "late", "unknown", "inject_failed", "ok"]
+
+
+def worst(hops: list[HopResult]) -> str:
+    return min((h.verdict for h in hops), key=_ORDER.index) if hops else "ok"
+
+
+class Canary:
+    def __init__(
+        self,
+        spec: FunnelSpec,
+        *,
+        location: str | None = None,
+        instance: str | None = None,
+        http_host: str = "127.0.0.1",
+        http_port: int | None = 9464,
+        provider: TracerProvider | None = None,
+        metric_exporter: Any | None = None,
+        ledger: MemoryLedger | None = None,
+        on_result: Callable[[ProbeResult], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        extra = {"canary.location": location} if location else {}
+        self.provider = provider or make_provider(extra_resource=extra)
+        resource = self.provider.resource
+        # OTEL_RESOURCE_ATTRIBUTES may set the location too; the resource is the one truth.
+        self.location = str(resource.attributes.get("canary.location") or location or "") or None
+        self.instance = instance or spec.canary.ledger.instance or self.location or socket.gethostname()
+        self.engine = Engine(spec, self.provider)
+        self.metrics = CanaryMetrics(spec, resource, metric_exporter)
+        self.ledger = ledger or build_ledger(spec.canary.ledger, self.instance)
+        self.alerts = AlertManager(
+            spec.canary.alerts, spec.service, self.location, self.instance, on_sent=self.metrics.alert_sent
+        )
+        self.status = (
+            StatusServer(http_host, http_port, self.health, self.metrics.prometheus)
+            if http_port is not None
+            else None
+        )
+        self.on_result = on_result
+        self.local: dict[str, InFlight] = {}  # by trace id: probes this instance owns
+        self._running: dict[str, set[asyncio.Task[None]]] = {name: set() for name in spec.steps}
+        self._resumed_tasks: set[asyncio.Task[None]] = set()
+        self.counts = {
+            "started": 0,
+            "resolved": 0,
+            "skipped": 0,
+            "resumed": 0,
+            "abandoned": 0,
+            "left_for_resume": 0,
+        }
+        self._stopping = False
+        self._skip_log: dict[str, tuple[float, int]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down gracefully."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def start(self) -> None:
+        if self.status is not None:  # first: a port in use fails before anything is injected
+            await self.status.start()
+        await self.engine.start()
+        self.ledger.on_pending = self._resume_records
+        self.ledger.on_sighting = self._apply_sighting
+        self.ledger.on_state = self._ledger_state
+        self.ledger.on_blind = self._remote_blind
+        await self.ledger.start()
+        if self.ledger.durable:
+            # Resume the previous run's probes before injecting new ones (if Redis is down now,
+            # they are resumed when it comes back).
+            await self.ledger.wait_connected(3.0)  # type: ignore[attr-defined]
+        self._route_receivers()
+        await self.alerts.start()
+        self.metrics.zero_series()
+        self.metrics.refresh(self.engine.collectors, self.ledger)
+        if self.status is not None:
+            log.info(
+                "status endpoint on http://%s:%d (/healthz, /metrics)",
+                self.status.host,
+                self.status.port,
+                extra={"fields": {"event": "listening", "port": self.status.port}},
+            )
+        self._sampler = asyncio.create_task(self._sample(), name="canary-sampler")
+        self._schedulers = [
+            asyncio.create_task(self._schedule(name), name=f"canary-{name}") for name in self.spec.steps
+        ]
+        log.info(
+            "canary started: %d step(s), instance %s",
+            len(self.spec.steps),
+            self.instance,
+            extra={
+                "fields": {
+                    "event": "started",
+                    "instance": self.instance,
+                    "location": self.location,
+                    "ledger": self.ledger.kind,
+                }
+            },
+        )
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        for t in getattr(self, "_schedulers", []):
+            t.cancel()
+        await asyncio.gather(*getattr(self, "_schedulers", []), return_exceptions=True)
+        tasks = self._all_tasks()
+        grace = self.spec.canary.grace
+        if tasks:
+            log.info(
+                "stopping: %d probe(s) in flight, waiting up to %gs",
+                len(tasks),
+                grace,
+                extra={"fields": {"event": "stopping", "in_flight": len(tasks), "grace_s": grace}},
+            )
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if hasattr(self, "_sampler"):
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+        await self.alerts.close()
+        if self.status is not None:
+            await self.status.close()
+        self.metrics.refresh(self.engine.collectors, self.ledger)
+        await self.engine.close()  # collectors; spans flushed
+        await self.ledger.close()
+        self.metrics.shutdown()  # final OTLP export
+        self.provider.shutdown()
+        log.info("canary stopped", extra={"fields": {"event": "stopped", **self.counts}})
+
+    def _all_tasks(self) -> set[asyncio.Task[None]]:
+        out = set(self._resumed_tasks)
+        for s in self._running.values():
+            out |= s
+        return out
+
+    # -- scheduling ---------------------------------------------------------------------------
+    async def _schedule(self, step_name: str) -> None:
+        step = self.spec.steps[step_name]
+        interval, jitter = step.interval, self.spec.canary.jitter
+        cap, global_cap = self.spec.step_cap(step_name), self.spec.canary.max_in_flight
+        slot = clock.now() + random.uniform(0, interval)
+        while True:
+            at = slot + random.uniform(-0.5, 0.5) * jitter * interval
+            await asyncio.sleep(max(0.0, at - clock.now()))
+            slot += interval
+            if clock.now() > slot + interval:  # the loop stalled: do not burst to catch up
+                slot = clock.now() + interval
+            running = self._running[step_name]
+            if len(running) >= cap:
+                self._skip(step_name, "step_cap", cap)
+                continue
+            if global_cap is not None and self.in_flight >= global_cap:
+                self._skip(step_name, "global_cap", global_cap)
+                continue
+            task = asyncio.create_task(self._probe(step_name))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.local)
+
+    def _skip(self, step: str, reason: str, cap: int) -> None:
+        """Count a skipped slot; log the first of a streak, then at most once a minute per step."""
+        self.counts["skipped"] += 1
+        self.metrics.skipped(step, reason)
+        now = clock.now()
+        last, pending = self._skip_log.get(step, (-math.inf, 0))
+        if now - last < 60.0:
+            self._skip_log[step] = (last, pending + 1)
+            return
+        self._skip_log[step] = (now, 0)
+        log.warning(
+            "probe skipped: %s cap of %d in flight reached (%d more skipped since the last warning)",
+            reason.replace("_", " "),
+            cap,
+            pending,
+            extra={
+                "fields": {"event": "skipped", "step": step, "reason": reason, "cap": cap, "more": pending}
+            },
+        )
+
+    async def _probe(self, step_name: str) -> None:
+        inflight = self.engine.begin(step_name)
+        self.local[inflight.probe.trace_id] = inflight
+        self.counts["started"] += 1
+        self.metrics.started(step_name)
+        self.ledger.put(inflight)  # before injecting: a crash mid-injection is still resumed
+        try:
+            await self.engine.inject(inflight)
+        except asyncio.CancelledError:
+            self._report(self.engine.abandon(inflight, "the canary stopped while injecting"))
+            return
+        except Exception as exc:  # an injector bug: report, never crash the canary
+            log.exception("injection failed unexpectedly")
+            self._report(
+                self.engine.abandon(inflight, f"internal error while injecting: {type(exc).__name__}")
+            )
+            return
+        self.ledger.put(inflight)
+        # (finish awaited here, not through _finish: one coroutine frame less per probe in flight)
+        try:
+            result: ProbeResult | None = await self.engine.finish(inflight, on_hop=self._on_hop)
+        except BaseException as exc:  # noqa: BLE001 - cancellation at shutdown included
+            result = self._not_finished(inflight, exc)
+        if result is not None:
+            self._report(result)
+
+    async def _finish(self, inflight: InFlight) -> None:
+        try:
+            result: ProbeResult | None = await self.engine.finish(inflight, on_hop=self._on_hop)
+        except BaseException as exc:  # noqa: BLE001
+            result = self._not_finished(inflight, exc)
+        if result is not None:
+            self._report(result)
+
+    def _not_finished(self, inflight: InFlight, exc: BaseException) -> ProbeResult | None:
+        """A probe whose await was cut short: by the end of the grace period (cancelled) or an
+        internal error. Returns what to report, or None when the ledger keeps it for a restart."""
+        if isinstance(exc, asyncio.CancelledError):
+            if self.ledger.durable:
+                # Left in the ledger: the next start resumes and reports it.
+                self.engine.release(inflight)
+                self.local.pop(inflight.probe.trace_id, None)
+                self.metrics.in_flight(inflight.step, -1)
+                self.counts["left_for_resume"] += 1
+                return None
+            self.counts["abandoned"] += 1
+            return self.engine.abandon(inflight, "the canary stopped before the deadline")
+        if not isinstance(exc, Exception):
+            raise exc
+        log.error("awaiting a probe failed unexpectedly", exc_info=exc)
+        return self.engine.abandon(inflight, f"internal error: {type(exc).__name__}")
+
+    def _on_hop(self, inflight: InFlight, _result: HopResult) -> None:
+        if len(inflight.done) < len(self.spec.steps[inflight.step].hops):
+            self.ledger.put(inflight)  # a restart keeps the hops resolved so far
+
+    def _report(self, result: ProbeResult) -> None:
+        tid = result.probe.trace_id
+        self.local.pop(tid, None)
+        self.ledger.done(tid)
+        self.counts["resolved"] += 1
+        self.metrics.resolved(result)
+        self.alerts.observe(result)
+        verdict = worst(result.hops)
+        fields = {
+            "event": "probe",
+            "step": result.probe.step,
+            "verdict": verdict,
+            "trace_id": tid,
+            "probe_id": result.probe.probe_id,
+            "resumed": result.resumed,
+            "location": self.location,
+            "instance": self.instance,
+            "injected_at": clock.iso(clock.wall(result.injection.sent_at)),
+            "inject_status": result.injection.status,
+            "inject_error": result.injection.error,
+            "hops": [
+                {
+                    "hop": h.hop,
+                    "sink": h.sink,
+                    "verdict": h.verdict,
+                    "lag_s": _r(h.lag),
+                    "error_bar_s": _r(h.error_bar),
+                    "sink_lag_s": _r(h.sink_lag),
+                    "target_s": h.target,
+                    "reason": h.reason,
+                }
+                for h in result.hops
+            ],
+        }
+        hops_text = " ".join(
+            f"{h.hop}={h.verdict}" + (f"/{h.lag:.3f}s" if h.lag is not None else "") for h in result.hops
+        )
+        log.info("probe %s %s %s %s", result.probe.step, verdict, tid, hops_text, extra={"fields": fields})
+        if self.on_result is not None:
+            self.on_result(result)
+
+    # -- restart: resume the previous run's probes ------------------------------------------
+    def _resume_records(self, records: list[dict[str, Any]], last_alive: float | None) -> None:
+        now = clock.now()
+        usable = []
+        for rec in records:
+            if rec.get("step") not in self.spec.steps:
+                log.warning("ledger record for unknown step %r dropped (spec changed?)", rec.get("step"))
+                self.ledger.done(str(rec.get("trace_id")))
+                continue
+            try:
+                usable.append(restore(rec))
+            except (KeyError, TypeError, ValueError):
+                log.warning("unreadable ledger record dropped: trace %s", rec.get("trace_id"))
+                self.ledger.done(str(rec.get("trace_id")))
+        if not usable:
+            return
+        # Nobody looked between the previous process's last heartbeat and now.
+        since = last_alive if last_alive is not None else min(p.created_at for p, _, _ in usable)
+        self.engine.mark_blind(min(since, now), now)
+        log.info(
+            "resuming %d probe(s) of the previous run (blind for %.1fs)",
+            len(usable),
+            max(0.0, now - since),
+            extra={
+                "fields": {"event": "resuming", "probes": len(usable), "blind_s": _r(max(0.0, now - since))}
+            },
+        )
+        for probe, injection, done in usable:
+            inflight = self.engine.resume(probe, injection, done)
+            self.local[probe.trace_id] = inflight
+            self.ledger.put(inflight)
+            self.counts["resumed"] += 1
+            self.metrics.in_flight(probe.step, +1)
+            task = asyncio.create_task(self._finish(inflight))
+            self._resumed_tasks.add(task)
+            task.add_done_callback(self._resumed_tasks.discard)
+
+    # -- several instances sharing receivers ---------------------------------------------------
+    def _route_receivers(self) -> None:
+        """Push receivers hand every body to us too: trace ids we do not own go to the ledger,
+        which queues them for the instance that does."""
+        self.routed: set[str] = set()
+        if not (self.ledger.shared and self.spec.canary.ledger.shared_receivers):
+            return
+        for sink, collector in self.engine.collectors.items():
+            route = getattr(collector, "route", None)
+            if route is None:
+                continue
+            json_paths: dict[str, set[str]] = {}
+            for step in self.spec.steps.values():
+                for hop in step.hops:
+                    path = getattr(hop.sink_spec, "path", None)
+                    if hop.sink == sink and path is not None:
+                        jp = json_paths.setdefault(path, set())
+                        if getattr(hop.sink_spec, "json_path", None):
+                            jp.add(hop.sink_spec.json_path)
+            for path, jps in json_paths.items():
+                route(path, functools.partial(self._on_push, sink, path, sorted(jps)))
+                self.routed.add(sink)
+        if not self.ledger.up:  # not connected yet: sightings of other instances cannot reach us
+            self._ledger_state(False, clock.now())
+
+    def _ledger_state(self, up: bool, at: float) -> None:
+        """While the shared ledger is down, sightings other instances make of our probes cannot
+        reach us: routed push collectors are blind (held) until it is back."""
+        for sink in getattr(self, "routed", ()):
+            cov = self.engine.collectors[sink].coverage
+            if up:
+                cov.release("shared-ledger", at)
+            else:
+                cov.hold("shared-ledger", at)
+
+    def _remote_blind(self, sink: str, start: float, end: float) -> None:
+        collector = self.engine.collectors.get(sink)
+        if collector is not None and sink in getattr(self, "routed", ()):
+            collector.coverage.mark_blind(start, end)
+
+    def _on_push(self, sink: str, path: str, json_paths: list[str], body: Any, received: float) -> None:
+        ids: list[str] = []
+        for tid in TRACE_ID.findall("\n".join(_strings(body)).lower()):
+            if tid not in self.local and tid not in ids:
+                ids.append(tid)
+                if len(ids) >= MAX_IDS_PER_PUSH:
+                    break
+        for tid in ids:
+            found = [jp for jp in json_paths if tid in "\n".join(_strings(_at(body, jp))).lower()]
+            self.ledger.offer(Sighting(tid, sink, path, clock.stamp(received), self.instance, found))
+
+    def _apply_sighting(self, s: Sighting) -> bool:
+        inflight = self.local.get(s.trace_id)
+        if inflight is None:
+            return False
+        matched = False
+        for w in inflight.watches.values():
+            hop = w.sink_spec
+            if w.sink != s.sink or getattr(hop, "path", None) != s.path:
+                continue
+            if getattr(hop, "json_path", None) and hop.json_path not in s.json_paths:
+                continue
+            at = clock.from_stamp(s.at)
+            w.observe(Observation(at=at, not_before=at, source="push", detail={"path": s.path, "via": s.via}))
+            self.engine.collectors[w.sink].unwatch(w)
+            matched = True
+        return matched
+
+    # -- health and metrics ---------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        if not hasattr(self, "_schedulers"):
+            return False, {"status": "starting" if not self._stopping else "stopped"}
+        cols: dict[str, Any] = {}
+        for sink, c in self.engine.collectors.items():
+            try:
+                cols[sink] = c.health()
+            except Exception as exc:
+                cols[sink] = {"up": False, "error": type(exc).__name__}
+        ok = all(bool(h.get("up")) for h in cols.values())
+        return ok, {
+            "status": "ok" if ok else "unhealthy",
+            "collectors": cols,
+            "ledger": self.ledger.health(),
+            "in_flight": self.in_flight,
+            "instance": self.instance,
+            "location": self.location,
+            "open_incidents": [f"{k[0]}/{k[1]}:{k[2]}" for k in self.alerts.open],
+            "counts": self.counts,
+        }
+
+    async def _sample(self) -> None:
+        while True:
+            self.metrics.refresh(self.engine.collectors, self.ledger)
+            await asyncio.sleep(1.0)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def _strings(node: Any) -> Iterator[str]:
+    """Every string (keys included) in a parsed body, iteratively."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                stack.append(k)
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _at(body: Any, path: str) -> Any:
+    node = body
+    for name, index in _STEP.findall(path):
+        if name:
+            node = node.get(name) if isinstance(node, dict) else None
+        else:
+            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+        if node is None:
+            return None
+    return node
+
+
+# -- logging ------------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (from the canary's monotonic-anchored clock), level, logger,
+    msg, and the record's structured ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": clock.iso(clock.wall(clock.now())),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def setup_logging(fmt: str, verbose: int = 0) -> None:
+    """Canary logging: INFO for funnel-tracer's own loggers (one line per resolved probe),
+    WARNING for libraries; ``json`` or ``text`` on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    level = logging.DEBUG if verbose >= 1 else logging.INFO
+    for name in ("tracer", "collectors"):
+        logging.getLogger(name).setLevel(level)
+    for noisy in ("httpx", "httpcore", "posthog", "uvicorn.error", "mail.log", "opentelemetry"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_canary(spec: FunnelSpec, **kwargs: Any) -> int:
+    """Run until SIGTERM/SIGINT; exit code 0 after a graceful stop."""
+    import signal
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        canary = Canary(spec, **kwargs)
+        try:
+            await canary.start()
+        except OSError as exc:  # a port in use, an unreachable bind address
+            log.error("cannot start the canary: %s", exc, extra={"fields": {"event": "start_failed"}})
+            await canary.shutdown()
+            return 2
+        try:
+            await stop.wait()
+        finally:
+            await canary.shutdown()
+        return 0
+
+    return asyncio.run(main())
