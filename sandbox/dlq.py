@@ -42,6 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from sandbox import telemetry
 from tracer import clock
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,9 @@ class DlqWorker:
     async def park(self, queue: str, payload: Any, error: str) -> dict[str, Any]:
         """Write a new entry, as the funnel does when a delivery fails."""
         entry = new_entry(queue, payload, error, max_attempts=self.max_attempts)
+        trace = telemetry.carrier()  # the failed delivery's trace, so its retry joins it
+        if trace:
+            entry["trace"] = trace
         await self.put(entry)
         return entry
 
@@ -305,7 +309,8 @@ class DlqWorker:
             if random.random() < self.retry_fail_rate:
                 raise RetryFailed("retry failed (injected)")
             if self.handler is not None:
-                await self.handler(entry)
+                with telemetry.continued("dlq retry", entry.get("trace"), **{"dlq.attempt": int(entry.get("attempt") or 1)}):
+                    await self.handler(entry)
         except Exception as exc:  # the handler's failure is the retry's failure
             error = f"{type(exc).__name__}: {exc}"[:200]
         attempt = int(entry.get("attempt") or 1)

@@ -356,3 +356,48 @@ def test_hop_link_from_the_matched_items_traceparent(detail: dict[str, Any], exp
         assert link is not None
         got = (f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}", dict(link.attributes or {}))
         assert got == expected and link.context.is_remote
+
+
+DLQ_SPEC = """
+service: sandbox-funnel
+collectors:
+  redis_dlq: {{url: "{redis}"}}
+steps:
+  dlq:
+    inject:
+      redis_dlq:
+        url: "{redis}"
+        key: dlq:webhooks
+        entry: {{id: "{{uuid}}", queue: payments, attempt: 1, max_attempts: 3, created_at: "{{now_iso}}",
+                 last_attempt_at: "{{now_iso}}", error: synthetic, trace: {{traceparent: "{{traceparent}}"}},
+                 payload: {{id: "evt_{{probe_id}}", type: payment_paid,
+                           data: {{id: "pay_{{probe_id}}", status: paid, amount: 1, currency: SAR,
+                                   metadata: {{canary_trace_id: "{{trace_id}}"}}}}}}}}
+    hops:
+      - {{name: parked, target: 1s, redis_dlq: {{key: dlq:webhooks, processing_key: "dlq:webhooks:processing"}}}}
+      - {{name: first_retry, after: parked, target: 5s, deadline: 10s,
+          redis_dlq: {{key: dlq:webhooks, event: retry, processing_key: "dlq:webhooks:processing"}}}}
+"""
+
+
+def test_dlq_retry_joins_the_probe_trace(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A synthetic DLQ entry carries the probe's traceparent; the worker's retry continues it."""
+    with OtlpReceiver() as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        exporter = OTLPSpanExporter(endpoint=f"{rx.endpoint}/v1/traces")
+        with Sandbox(exporter=exporter, redis_url=redis_url, dlq_retry_interval=0.3):
+            spec = parse_spec(yaml.safe_load(DLQ_SPEC.format(redis=redis_url)))
+
+            async def go() -> list[Any]:
+                async with Engine(spec) as engine:
+                    return await engine.check(1)
+
+            (result,) = asyncio.run(go())
+        spans = list(rx.spans)
+    assert [h.verdict for h in result.hops] == ["ok", "ok"]
+    trace = by_trace(spans)[result.probe.trace_id]
+    inject = one(trace, name="dlq inject", kind=PRODUCER)
+    retry = one(trace, service="sandbox-funnel", name="dlq retry")
+    assert retry["parent_span_id"] == inject["span_id"] and retry["attributes"]["dlq.attempt"] == 1
+    capture = one(trace, service="sandbox-funnel", name="posthog.capture payment_succeeded")
+    assert capture["parent_span_id"] == retry["span_id"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from tracer import clock
 
-_PLACEHOLDER = re.compile(r"\{(trace_id|probe_id|now_iso|now_epoch_ms|uuid|step|env:[A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER = re.compile(r"\{(trace_id|traceparent|probe_id|now_iso|now_epoch_ms|uuid|step|env:[A-Za-z_][A-Za-z0-9_]*)\}")
 TRACE_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 
 
@@ -51,7 +51,7 @@ class Probe:
         return f"00-{self.trace_id}-{self.inject_span_id}-01"
 
     def render(self, value: Any) -> Any:
-        """Fill ``{trace_id}``, ``{probe_id}``, ``{now_iso}``, ``{now_epoch_ms}``, ``{uuid}``,
+        """Fill ``{trace_id}``, ``{traceparent}``, ``{probe_id}``, ``{now_iso}``, ``{now_epoch_ms}``, ``{uuid}``,
         ``{step}`` and ``{env:NAME}`` in every string of a (nested) value.
 
         Unknown ``{...}`` text is left alone, so literal braces in bodies survive.
@@ -68,6 +68,8 @@ class Probe:
         name = m.group(1)
         if name == "trace_id":
             return self.trace_id
+        if name == "traceparent":
+            return self.traceparent
         if name == "probe_id":
             return self.probe_id
         if name == "step":
