@@ -91,6 +91,9 @@ def test_shipped_examples_validate(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", "phx_x")
         monkeypatch.setenv("POSTHOG_PROJECT_ID", "1")
         monkeypatch.setenv("FUNNEL_API_URL", "https://api.example.com")
+        monkeypatch.setenv("MOYASAR_WEBHOOK_SECRET", "sk_test")
+        monkeypatch.setenv("DLQ_REDIS_URL", "redis://redis.internal:6379/0")
+        monkeypatch.setenv("RECEIVER_PATH_SECRET", "0123456789abcdef0123")
         spec = load_spec(name)
         assert spec.steps, name
 
