@@ -15,6 +15,7 @@ Honesty rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -255,7 +256,7 @@ class PostHogCollector:
         alias_of = lookup["props"]
         groups = lookup["groups"]
         for row in data.get("results") or []:
-            rec = dict(zip(columns, row))
+            rec = dict(zip(columns, row, strict=False))
             event = rec.get("event")
             for (g_event, prop, match), values in groups.items():
                 if g_event != event:
@@ -323,10 +324,8 @@ class PostHogCollector:
         self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
         delay = self._backoff * (0.8 + 0.4 * random.random())
         if retry_after:
-            try:
+            with contextlib.suppress(ValueError):  # an HTTP-date Retry-After: keep our own backoff
                 delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
-            except ValueError:
-                pass
         log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
         return delay
 

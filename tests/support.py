@@ -12,7 +12,6 @@ __all__ = ["RedisProcess", "free_port", "wait_port", "tmp_yaml"]
 
 
 def tmp_yaml(text: str) -> Path:
-    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    f.write(text)
-    f.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
     return Path(f.name)
