@@ -106,8 +106,13 @@ class Proc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["PYTHONPATH"] = str(ROOT)
         self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
-        self.p = subprocess.Popen([sys.executable, "-m", "tracer.cli", *args], cwd=str(ROOT), env=env,
-                                  stdout=subprocess.DEVNULL, stderr=self.log)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "tracer.cli", *args],
+            cwd=str(ROOT),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
 
     def stop(self) -> None:
         if self.p.poll() is None:
@@ -122,8 +127,19 @@ class Proc:
 
 def sandbox(drop_rate: float, lead_delay: float) -> tuple[Proc, int, int]:
     fn, ph = free_port(), free_port()
-    proc = Proc(["sandbox", "--port", str(fn), "--posthog-port", str(ph), "--drop-rate", str(drop_rate),
-                 "--lead-delay", str(lead_delay)])
+    proc = Proc(
+        [
+            "sandbox",
+            "--port",
+            str(fn),
+            "--posthog-port",
+            str(ph),
+            "--drop-rate",
+            str(drop_rate),
+            "--lead-delay",
+            str(lead_delay),
+        ]
+    )
     wait_port(fn, 20)
     wait_port(ph, 20)
     return proc, fn, ph
@@ -133,7 +149,9 @@ def canary(steps: str, ph: int, poll: str, tmp: Path, name: str, cap: int = 20_0
     spec = tmp / f"{name}.yaml"
     spec.write_text(SPEC.format(ph=ph, poll=poll, steps=steps, cap=cap))
     port = free_port()
-    proc = Proc(["canary", "-c", str(spec), "--http-port", str(port), "--log-format", "json"], log=tmp / f"{name}.log")
+    proc = Proc(
+        ["canary", "-c", str(spec), "--http-port", str(port), "--log-format", "json"], log=tmp / f"{name}.log"
+    )
     wait_port(port, 20)
     return proc, port
 
@@ -158,11 +176,19 @@ def sustained(tmp: Path, duration: float) -> dict[str, object]:
         m1 = scrape(port)
         proc.stop()
         resolved = sum(v for k, v in m1.items() if k.startswith("verdict.")) - sum(
-            v for k, v in m0.items() if k.startswith("verdict."))
-        return {"scenario": f"10 probes/s sustained, {elapsed:.0f} s", "cpu_pct": cpu, "rss_mb": rss1,
-                "rss_start_mb": rss0, "peak_mb": peak, "rate": resolved / elapsed,
-                "verdicts": {k[8:]: int(v) for k, v in m1.items() if k.startswith("verdict.") and v},
-                "skipped": int(m1.get("funnel_probes_skipped_total", 0)), "exit": proc.p.returncode}
+            v for k, v in m0.items() if k.startswith("verdict.")
+        )
+        return {
+            "scenario": f"10 probes/s sustained, {elapsed:.0f} s",
+            "cpu_pct": cpu,
+            "rss_mb": rss1,
+            "rss_start_mb": rss0,
+            "peak_mb": peak,
+            "rate": resolved / elapsed,
+            "verdicts": {k[8:]: int(v) for k, v in m1.items() if k.startswith("verdict.") and v},
+            "skipped": int(m1.get("funnel_probes_skipped_total", 0)),
+            "exit": proc.p.returncode,
+        }
     finally:
         sb.stop()
 
@@ -188,9 +214,13 @@ def in_flight(tmp: Path, target_n: int) -> dict[str, object]:
         m = scrape(port)
         proc.p.send_signal(signal.SIGKILL)  # N unresolved probes with 10 min deadlines: no point waiting
         proc.p.wait(10)
-        return {"scenario": f"{int(m.get('funnel_probes_in_flight', 0)):,} probes in flight, held 20 s",
-                "cpu_pct": cpu, "rss_mb": rss, "peak_mb": peak,
-                "fill": f"filled at {n / reached:.0f} probes/s using {fill_cpu:.0f} % CPU"}
+        return {
+            "scenario": f"{int(m.get('funnel_probes_in_flight', 0)):,} probes in flight, held 20 s",
+            "cpu_pct": cpu,
+            "rss_mb": rss,
+            "peak_mb": peak,
+            "fill": f"filled at {n / reached:.0f} probes/s using {fill_cpu:.0f} % CPU",
+        }
     finally:
         sb.stop()
 
@@ -198,7 +228,10 @@ def in_flight(tmp: Path, target_n: int) -> dict[str, object]:
 def idle(tmp: Path, duration: float) -> dict[str, object]:
     sb, fn, ph = sandbox(0.0, 0.2)
     try:
-        steps = "".join(STEP.format(name=n, interval="10s", fn=fn, target="5s", deadline="30s") for n in ("lead", "signup"))
+        steps = "".join(
+            STEP.format(name=n, interval="10s", fn=fn, target="5s", deadline="30s")
+            for n in ("lead", "signup")
+        )
         proc, port = canary(steps, ph, "1s", tmp, "idle")
         pid = proc.p.pid
         time.sleep(5)
@@ -206,9 +239,13 @@ def idle(tmp: Path, duration: float) -> dict[str, object]:
         rss, peak = rss_mb(pid)
         m = scrape(port)
         proc.stop()
-        return {"scenario": f"idle: 1 probe / 10 s on each of 2 steps, {elapsed:.0f} s", "cpu_pct": cpu,
-                "rss_mb": rss, "peak_mb": peak,
-                "verdicts": {k[8:]: int(v) for k, v in m.items() if k.startswith("verdict.") and v}}
+        return {
+            "scenario": f"idle: 1 probe / 10 s on each of 2 steps, {elapsed:.0f} s",
+            "cpu_pct": cpu,
+            "rss_mb": rss,
+            "peak_mb": peak,
+            "verdicts": {k[8:]: int(v) for k, v in m.items() if k.startswith("verdict.") and v},
+        }
     finally:
         sb.stop()
 
@@ -260,22 +297,28 @@ def main() -> None:
             rows.append(in_flight(tmp, args.in_flight))
         if args.only in (None, "idle"):
             rows.append(idle(tmp, args.idle_duration))
-    print(f"\nfunnel-tracer canary benchmark, Python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nfunnel-tracer canary benchmark, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs\n"
+    )
     if rows:
         print("| scenario | CPU (% of one core) | RSS (MB) | peak RSS (MB) | notes |")
         print("|---|---:|---:|---:|---|")
         for r in rows:
             notes = []
             if "rate" in r:
-                notes.append(f"{r['rate']:.2f} probes/s resolved, RSS {r['rss_start_mb']:.0f} MB after warm-up")
+                notes.append(
+                    f"{r['rate']:.2f} probes/s resolved, RSS {r['rss_start_mb']:.0f} MB after warm-up"
+                )
             if "verdicts" in r:
                 notes.append("verdicts " + json.dumps(r["verdicts"]))
             if r.get("skipped"):
                 notes.append(f"{r['skipped']} skipped")
             if "fill" in r:
                 notes.append(str(r["fill"]) + "; PostHog: one query per second naming every probe")
-            print(f"| {r['scenario']} | {r['cpu_pct']:.1f} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} | {'; '.join(notes)} |")
+            print(
+                f"| {r['scenario']} | {r['cpu_pct']:.1f} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} | {'; '.join(notes)} |"
+            )
     if args.only in (None, "match"):
         print("\n| watches in flight | match a pushed body (µs) | match a shared-ledger sighting (µs) |")
         print("|---:|---:|---:|")

@@ -311,3 +311,21 @@ def test_synthetic_marker_on_every_injection(sb: Sandbox) -> None:
     for r in results:
         props = stored[r.probe.trace_id]["properties"]
         assert props["$process_person_profile"] is False and props["synthetic"] is True
+
+
+def test_status_port_in_use_exits_2_before_injecting(sb: Sandbox) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = tmp_yaml(lead_spec_text(sb.posthog_url, sb.url))
+        before = len(sb.posthog.events())
+        with CanaryProcess(spec, "--http-port", str(port)) as canary:
+            rc = canary.proc.wait(30)
+            canary._reader.join(5)
+    assert rc == 2
+    (failed,) = canary.events("start_failed")
+    assert "address already in use" in failed["msg"]
+    assert not canary.probes() and len(sb.posthog.events()) == before

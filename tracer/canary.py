@@ -51,6 +51,7 @@ from tracer.watch import Observation
 
 log = logging.getLogger(__name__)
 
+PUBLISH_MARGIN = 0.5  # seconds another instance may take to publish a sighting it received
 MAX_IDS_PER_PUSH = 64  # trace ids taken from one pushed body for other instances (flood bound)
 _ORDER = ["breach", "lost", "late", "unknown", "inject_failed", "ok"]
 
@@ -123,6 +124,7 @@ class Canary:
         self.ledger.on_sighting = self._apply_sighting
         self.ledger.on_state = self._ledger_state
         self.ledger.on_blind = self._remote_blind
+        self.ledger.on_alive = self._ledger_alive
         await self.ledger.start()
         if self.ledger.durable:
             # Resume the previous run's probes before injecting new ones (if Redis is down now,
@@ -398,8 +400,17 @@ class Canary:
             for path, jps in json_paths.items():
                 route(path, functools.partial(self._on_push, sink, path, sorted(jps)))
                 self.routed.add(sink)
+        now = clock.now()
+        for sink in self.routed:  # nothing is in flight yet: nothing to have missed before now
+            self.engine.collectors[sink].coverage.cap("shared-ledger", now)
         if not self.ledger.up:  # not connected yet: sightings of other instances cannot reach us
-            self._ledger_state(False, clock.now())
+            self._ledger_state(False, now)
+
+    def _ledger_alive(self, at: float) -> None:
+        """Sightings other instances made before ``at - PUBLISH_MARGIN`` have reached us: our
+        routed push sinks may certify "not seen" that far, no further."""
+        for sink in getattr(self, "routed", ()):
+            self.engine.collectors[sink].coverage.cap("shared-ledger", at - PUBLISH_MARGIN)
 
     def _ledger_state(self, up: bool, at: float) -> None:
         """While the shared ledger is down, sightings other instances make of our probes cannot

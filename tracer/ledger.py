@@ -148,6 +148,7 @@ OnPending = Callable[[list[dict[str, Any]], "float | None"], None]
 OnSighting = Callable[[Sighting], bool]
 OnState = Callable[[bool, float], None]  # (up, at): the ledger went down / came back
 OnBlind = Callable[[str, float, float], None]  # (sink, start, end): another instance's blind notice
+OnAlive = Callable[[float], None]  # (at): a Redis round trip succeeded at ``at``
 
 
 class MemoryLedger:
@@ -164,6 +165,8 @@ class MemoryLedger:
         self.on_sighting: OnSighting | None = None
         self.on_state: OnState | None = None
         self.on_blind: OnBlind | None = None
+        self.on_alive: OnAlive | None = None
+        self.last_ok: float | None = None  # monotonic: start of the last successful Redis round trip
         self.counters: dict[str, int] = {}
 
     async def start(self) -> None:
@@ -339,7 +342,7 @@ return unowned
             except Exception as exc:  # redis errors, OSError: keep running from memory
                 self._mark_down(exc)
                 await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
-                backoff = min(2.0, backoff * 2)
+                backoff = min(1.0, backoff * 2)
 
     async def _connect_once(self) -> None:
         """After (re)connecting: on the first connection hand the previous process's records to
@@ -427,7 +430,8 @@ return unowned
             self.counters["reconnects"] += 1
             log.warning("ledger: Redis unavailable (%s); probes continue from memory, records pending", err)
             if self.on_state is not None:
-                self.on_state(False, clock.now())
+                # Blind since the last moment we know every sighting for us had been applied.
+                self.on_state(False, self.last_ok if self.last_ok is not None else clock.now())
         self._up = False
         self.last_error = err
 
@@ -541,13 +545,21 @@ return unowned
         backoff = 0.1
         while not self._closing:
             try:
-                raw = await self._rb.blmove(self.k_sight, self.k_proc, 1, "LEFT", "RIGHT")
+                asked = clock.now()
+                raw = await self._r.lmove(self.k_sight, self.k_proc, "LEFT", "RIGHT")
+                if raw is None:
+                    # The queue was empty when asked: every sighting published for us before
+                    # then has been applied. That is how far our push sinks are certified.
+                    self.last_ok = asked
+                    if self.on_alive is not None:
+                        self.on_alive(asked)
+                    raw = await self._rb.blmove(self.k_sight, self.k_proc, 0.5, "LEFT", "RIGHT")
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except Exception:
                 await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+                backoff = min(1.0, backoff * 2)
                 continue
             if raw is None:
                 continue

@@ -154,6 +154,7 @@ class Coverage:
         self._changed = asyncio.Event()
         self.failures = 0
         self._holds: dict[str, float] = {}  # external blindness (see hold), key -> since
+        self._caps: dict[str, float] = {}  # external limits on certification (see cap)
 
     @property
     def blind_now(self) -> bool:
@@ -215,8 +216,17 @@ class Coverage:
                 found = h0
         return found
 
+    def cap(self, key: str, through: float) -> None:
+        """Certify nothing past ``through`` on ``key``'s account, whatever the collector's own
+        looks say: e.g. sightings made by other canary instances are only known to have reached
+        this one up to the last moment its shared ledger answered."""
+        self._caps[key] = through
+        self._wake()
+
     def _covers(self, moment: float) -> bool:
-        return self.certified >= moment and not any(h0 <= moment for h0 in self._holds.values())
+        if self.certified < moment or any(c < moment for c in self._caps.values()):
+            return False
+        return not any(h0 <= moment for h0 in self._holds.values())
 
     async def wait_certified(self, moment: float, timeout: float) -> bool:
         """Wait until a successful look has covered ``moment``."""
