@@ -30,10 +30,25 @@ from tracer.watch import Watch
 
 
 async def queries_per_cycle(sb: Sandbox, in_flight: int, cycles: int = 10) -> tuple[int, int, float, int]:
-    cfg = PostHogConfig(host=sb.posthog_url, project_id="1", personal_api_key="phx_sandbox",
-                        queries_per_minute=6000, queries_per_hour=360000, budget_share=1.0, min_interval=0.2)
-    hop = HopSpec(name="h", target=5, posthog={"event": "lead_captured", "property": "email", "match": "contains",
-                                                 "value": "canary+{trace_id}@"})
+    cfg = PostHogConfig(
+        host=sb.posthog_url,
+        project_id="1",
+        personal_api_key="phx_sandbox",
+        queries_per_minute=6000,
+        queries_per_hour=360000,
+        budget_share=1.0,
+        min_interval=0.2,
+    )
+    hop = HopSpec(
+        name="h",
+        target=5,
+        posthog={
+            "event": "lead_captured",
+            "property": "email",
+            "match": "contains",
+            "value": "canary+{trace_id}@",
+        },
+    )
     collector = PostHogCollector(cfg)
     await collector.start()
     for _ in range(in_flight):
@@ -62,9 +77,17 @@ def lag_error(sb: Sandbox, probes: int) -> dict[str, float]:
             return await engine.check(probes), engine.collectors["posthog"].interval
 
     results, interval = asyncio.run(go())
-    errors = [h.lag - h.sink_lag for r in results for h in r.hops if h.lag is not None and h.sink_lag is not None]
-    return {"n": len(errors), "p50": percentile(errors, 50), "p99": percentile(errors, 99), "max": max(errors),
-            "min": min(errors), "interval": interval}
+    errors = [
+        h.lag - h.sink_lag for r in results for h in r.hops if h.lag is not None and h.sink_lag is not None
+    ]
+    return {
+        "n": len(errors),
+        "p50": percentile(errors, 50),
+        "p99": percentile(errors, 99),
+        "max": max(errors),
+        "min": min(errors),
+        "interval": interval,
+    }
 
 
 def main() -> None:
@@ -74,16 +97,22 @@ def main() -> None:
     print(f"machine: {platform.machine()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     with Sandbox(knobs=Knobs(lead_delay=0.5), posthog=PostHogState(ingest_delay=0.5)) as sb:
         print("\n(a) queries per poll cycle (server-side count / collector cycles)\n")
-        print("| probes in flight | poll cycles | queries received | queries per cycle | mean gap | query size |")
+        print(
+            "| probes in flight | poll cycles | queries received | queries per cycle | mean gap | query size |"
+        )
         print("|---:|---:|---:|---:|---:|---:|")
         for n in (1, 100, 1000):
             run, received, gap, size = asyncio.run(queries_per_cycle(sb, n))
-            print(f"| {n} | {run} | {received} | {received / max(run, 1):.2f} | {gap * 1000:.0f} ms | {size / 1024:.1f} KiB |")
+            print(
+                f"| {n} | {run} | {received} | {received / max(run, 1):.2f} | {gap * 1000:.0f} ms | {size / 1024:.1f} KiB |"
+            )
         r = lag_error(sb, args.probes)
         print(f"\n(b) measured minus true lag, {r['n']} probes, lead delay 0.5 s + ingest delay 0.5 s\n")
         print("| poll interval | p50 error | p99 error | min | max |\n|---:|---:|---:|---:|---:|")
-        print(f"| {r['interval'] * 1000:.0f} ms | {r['p50'] * 1000:.0f} ms | {r['p99'] * 1000:.0f} ms | "
-              f"{r['min'] * 1000:.0f} ms | {r['max'] * 1000:.0f} ms |")
+        print(
+            f"| {r['interval'] * 1000:.0f} ms | {r['p50'] * 1000:.0f} ms | {r['p99'] * 1000:.0f} ms | "
+            f"{r['min'] * 1000:.0f} ms | {r['max'] * 1000:.0f} ms |"
+        )
 
 
 if __name__ == "__main__":

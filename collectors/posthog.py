@@ -23,9 +23,10 @@ import random
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tracer import clock
+from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
@@ -35,12 +36,16 @@ _PROPERTY_PATH = r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$"
 
 
 class PostHogConfig(Model):
-    host: str = Field(pattern=r"^https?://", description="app host for the query API, e.g. https://us.posthog.com")
+    host: str = Field(
+        pattern=r"^https?://", description="app host for the query API, e.g. https://us.posthog.com"
+    )
     project_id: str = Field(min_length=1)
     personal_api_key: Secret = Field(description="personal API key with query:read")
     queries_per_minute: int = Field(240, gt=0)
     queries_per_hour: int = Field(2400, gt=0)
-    budget_share: float = Field(0.5, gt=0, le=1, description="fraction of the rate limit funnel-tracer may use")
+    budget_share: float = Field(
+        0.5, gt=0, le=1, description="fraction of the rate limit funnel-tracer may use"
+    )
     min_interval: Duration = Field(1.0, gt=0)
     max_backoff: Duration = 60.0
     timeout: Duration = 10.0
@@ -57,6 +62,12 @@ class PostHogHop(Model):
     property: str = Field("canary_trace_id", pattern=_PROPERTY_PATH, description="event property path")
     match: Literal["equals", "contains"] = "equals"
     value: str = Field("{trace_id}", description="template of the expected property value")
+
+    @model_validator(mode="after")
+    def _contains_needs_trace_id(self) -> PostHogHop:
+        if self.match == "contains" and "{trace_id}" not in self.value:
+            raise ValueError("match: contains needs {trace_id} in value (matches are looked up by trace id)")
+        return self
 
 
 def poll_interval(cfg: PostHogConfig) -> float:
@@ -265,9 +276,18 @@ class PostHogCollector:
                 if got is None:
                     continue
                 got = str(got)
-                hits = values.get(got, []) if match == "equals" else [
-                    w for v, ws in values.items() if v in got for w in ws
-                ]
+                if match == "equals":
+                    hits = values.get(got, [])
+                else:  # contains: the value template holds {trace_id}; look the ids up, never scan
+                    hits = [
+                        w
+                        for tid in set(TRACE_ID.findall(got.lower()))
+                        for w in self._index.get(tid)
+                        if w.sink_spec.event == g_event
+                        and w.sink_spec.property == prop
+                        and w.sink_spec.match == "contains"
+                        and str(w.probe.render(w.sink_spec.value)) in got
+                    ]
                 for w in hits:
                     self._observe(w, rec, received)
 
@@ -302,13 +322,28 @@ class PostHogCollector:
         for w in self._index.in_text(json.dumps(event)):
             hop: PostHogHop = w.sink_spec
             got, want = _prop(props, hop.property), str(w.probe.render(hop.value))
-            if hop.event != event.get("event") or got is None or (got != want if hop.match == "equals" else want not in got):
+            if (
+                hop.event != event.get("event")
+                or got is None
+                or (got != want if hop.match == "equals" else want not in got)
+            ):
                 continue
-            detail = {"uuid": event.get("uuid"), "event": event.get("event"), "timestamp": event.get("timestamp")}
+            detail = {
+                "uuid": event.get("uuid"),
+                "event": event.get("event"),
+                "timestamp": event.get("timestamp"),
+            }
             if props.get("traceparent"):
                 detail["traceparent"] = str(props["traceparent"])
-            w.observe(Observation(at=received, not_before=received, source="push",
-                                  sink_time=clock.parse_iso(str(event.get("timestamp") or "")), detail=detail))
+            w.observe(
+                Observation(
+                    at=received,
+                    not_before=received,
+                    source="push",
+                    sink_time=clock.parse_iso(str(event.get("timestamp") or "")),
+                    detail=detail,
+                )
+            )
             self._forget_if_done(w)
 
     def _forget_if_done(self, w: Watch) -> None:

@@ -309,7 +309,9 @@ class DlqWorker:
             if random.random() < self.retry_fail_rate:
                 raise RetryFailed("retry failed (injected)")
             if self.handler is not None:
-                with telemetry.continued("dlq retry", entry.get("trace"), **{"dlq.attempt": int(entry.get("attempt") or 1)}):
+                with telemetry.continued(
+                    "dlq retry", entry.get("trace"), **{"dlq.attempt": int(entry.get("attempt") or 1)}
+                ):
                     await self.handler(entry)
         except Exception as exc:  # the handler's failure is the retry's failure
             error = f"{type(exc).__name__}: {exc}"[:200]

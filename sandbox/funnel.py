@@ -50,7 +50,9 @@ class FunnelContext:
         if self._client is None:
             # sync_mode: one HTTP request per capture, so the funnel's delay knob is the only delay.
             # TracedPosthog: the official client with a span around each capture (sandbox/telemetry.py).
-            self._client = TracedPosthog(self.posthog_api_key, host=self.posthog_host, sync_mode=True, disable_geoip=True)
+            self._client = TracedPosthog(
+                self.posthog_api_key, host=self.posthog_host, sync_mode=True, disable_geoip=True
+            )
         return self._client
 
     def emit_later(self, delay: float, event: str, distinct_id: str, properties: dict[str, Any]) -> None:
@@ -59,7 +61,9 @@ class FunnelContext:
         async def run() -> None:
             with tracer.start_as_current_span(f"emit {event}", attributes={"funnel.emit_delay_s": delay}):
                 await asyncio.sleep(delay)
-                await asyncio.to_thread(self.posthog.capture, event, distinct_id=distinct_id, properties=properties)
+                await asyncio.to_thread(
+                    self.posthog.capture, event, distinct_id=distinct_id, properties=properties
+                )
 
         # The task runs after the response is sent, in a copy of the request's context: its spans
         # stay in the caller's trace, children of the request's server span.

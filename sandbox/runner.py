@@ -50,8 +50,12 @@ class Sandbox:
         self._posthog_sock = bind(self.host, self.posthog_port)
         self.port = self._funnel_sock.getsockname()[1]
         self.posthog_port = self._posthog_sock.getsockname()[1]
-        self.ctx = FunnelContext(posthog_host=self.posthog_url, posthog_api_key=self.posthog.project_api_key,
-                                 knobs=self.knobs, redis_url=self.redis_url)
+        self.ctx = FunnelContext(
+            posthog_host=self.posthog_url,
+            posthog_api_key=self.posthog.project_api_key,
+            knobs=self.knobs,
+            redis_url=self.redis_url,
+        )
         self.ctx.extra["approvals"] = self.approvals
         self.dlq: DlqWorker | None = None
         self.tracer_provider = telemetry.make_provider(self.exporter)
@@ -107,7 +111,9 @@ class Sandbox:
             funnel = telemetry.wrap_asgi(funnel, self.tracer_provider)
         if self.redis_url:
             handler = functools.partial(payments.reprocess, self.ctx)
-            worker = DlqWorker(self.redis_url, key="dlq:webhooks", retry_interval=self.dlq_retry_interval, handler=handler)
+            worker = DlqWorker(
+                self.redis_url, key="dlq:webhooks", retry_interval=self.dlq_retry_interval, handler=handler
+            )
             self.dlq = self.ctx.extra["dlq"] = await worker.start()
         apps = [(funnel, self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
         tasks = []

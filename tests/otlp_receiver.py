@@ -59,20 +59,24 @@ class OtlpReceiver:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    out.append({
-                        "name": s.name,
-                        "trace_id": s.trace_id.hex(),
-                        "span_id": s.span_id.hex(),
-                        "parent_span_id": s.parent_span_id.hex(),
-                        "kind": s.kind,
-                        "start": s.start_time_unix_nano,
-                        "end": s.end_time_unix_nano,
-                        "status_code": s.status.code,
-                        "attributes": {a.key: _value(a.value) for a in s.attributes},
-                        "links": [(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
-                        "link_attributes": [{a.key: _value(a.value) for a in lk.attributes} for lk in s.links],
-                        "resource": resource,
-                    })
+                    out.append(
+                        {
+                            "name": s.name,
+                            "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(),
+                            "parent_span_id": s.parent_span_id.hex(),
+                            "kind": s.kind,
+                            "start": s.start_time_unix_nano,
+                            "end": s.end_time_unix_nano,
+                            "status_code": s.status.code,
+                            "attributes": {a.key: _value(a.value) for a in s.attributes},
+                            "links": [(lk.trace_id.hex(), lk.span_id.hex()) for lk in s.links],
+                            "link_attributes": [
+                                {a.key: _value(a.value) for a in lk.attributes} for lk in s.links
+                            ],
+                            "resource": resource,
+                        }
+                    )
         with self._lock:
             self.spans.extend(out)
 

@@ -92,7 +92,9 @@ def cli_check(text: str, *args: str, env: dict[str, str] | None = None) -> subpr
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=120)
 
 
-def test_lag_matches_ground_truth_and_spans_form_one_trace_per_probe(sb: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lag_matches_ground_truth_and_spans_form_one_trace_per_probe(
+    sb: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
     delay, ingest = 0.4, 0.3
     sb.knobs.lead_delay, sb.posthog.ingest_delay = delay, ingest
     with OtlpReceiver() as rx:
@@ -143,7 +145,9 @@ def test_lag_matches_ground_truth_and_spans_form_one_trace_per_probe(sb: Sandbox
         assert root["start"] <= inject["start"] and hop_span["end"] <= root["end"]
 
 
-def test_drop_rate_one_is_lost_with_error_span_and_exit_1(sb: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_drop_rate_one_is_lost_with_error_span_and_exit_1(
+    sb: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sb.knobs.drop_rate = 1.0
     with OtlpReceiver() as rx:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
@@ -193,7 +197,17 @@ def test_healthy_sandbox_exit_0_json_contract_and_junit(sb: Sandbox, tmp_path: P
     (step,) = report["steps"]
     (hop,) = step["hops"]
     assert step["step"] == "lead"
-    assert {"hop", "sink", "target_s", "deadline_s", "error_bar_s", "samples", "verdicts", "lag_s", "probes"} <= set(hop)
+    assert {
+        "hop",
+        "sink",
+        "target_s",
+        "deadline_s",
+        "error_bar_s",
+        "samples",
+        "verdicts",
+        "lag_s",
+        "probes",
+    } <= set(hop)
     assert hop["verdicts"] == {"ok": 3, "late": 0, "lost": 0, "unknown": 0, "inject_failed": 0, "breach": 0}
     assert hop["lag_s"]["p50"] <= hop["lag_s"]["p95"] <= hop["lag_s"]["max"] < 5
     assert len(hop["probes"]) == 3 and all(len(p["trace_id"]) == 32 for p in hop["probes"])
@@ -212,7 +226,9 @@ def test_injection_failure_is_inject_failed_not_a_breach(sb: Sandbox) -> None:
     assert probe["verdict"] == "inject_failed" and "connection" in probe["reason"]
 
     # A funnel answering non-2xx: the status is in the report.
-    proc = cli_check(spec_text(sb).replace("/api/v1/leads", "/api/v1/nope"), "--samples", "1", "--format", "json")
+    proc = cli_check(
+        spec_text(sb).replace("/api/v1/leads", "/api/v1/nope"), "--samples", "1", "--format", "json"
+    )
     probe = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"][0]
     assert probe["verdict"] == "inject_failed" and probe["reason"] == "HTTP 404"
 

@@ -11,8 +11,13 @@ import sys
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "REDIS_URL"}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tracer.cli", "demo", *args], capture_output=True, text=True,
-                          env=full, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "demo", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+    )
 
 
 def test_demo_runs_every_slo_step_and_passes() -> None:
@@ -21,9 +26,14 @@ def test_demo_runs_every_slo_step_and_passes() -> None:
     report = json.loads(proc.stdout)
     hops = {(s["step"], h["hop"]): h for s in report["steps"] for h in s["hops"]}
     assert set(hops) == {
-        ("lead", "posthog_event"), ("payment", "posthog_event"), ("forged_payment", "not_in_posthog"),
-        ("dlq", "parked"), ("dlq", "first_retry"), ("dlq", "posthog_after_retry"),
-        ("approval", "slack"), ("approval", "email"),
+        ("lead", "posthog_event"),
+        ("payment", "posthog_event"),
+        ("forged_payment", "not_in_posthog"),
+        ("dlq", "parked"),
+        ("dlq", "first_retry"),
+        ("dlq", "posthog_after_retry"),
+        ("approval", "slack"),
+        ("approval", "email"),
     }
     for key, hop in hops.items():
         assert hop["verdicts"]["ok"] == 2, (key, hop)

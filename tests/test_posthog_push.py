@@ -58,4 +58,6 @@ def test_push_and_poll_both_report_and_push_is_first() -> None:
         # The destination fires at ingestion: within the ground truth plus loopback overhead.
         assert delay + ingest <= hop.sources["push"] <= delay + ingest + 0.25
         assert hop.sources["push"] <= hop.sources["poll"]
-        assert abs(hop.lag - min(hop.sources.values())) < 1e-5 and hop.error_bar < 0.05  # push: no poll cadence
+        assert (
+            abs(hop.lag - min(hop.sources.values())) < 1e-5 and hop.error_bar < 0.05
+        )  # push: no poll cadence

@@ -26,18 +26,40 @@ steps:
 
 BAD = [
     # (yaml, expected path, expected message fragment)
-    (GOOD.replace("posthog: {event: lead_captured, ", "posthog: {"), "steps.lead.hops[0].posthog.event", "field required"),
+    (
+        GOOD.replace("posthog: {event: lead_captured, ", "posthog: {"),
+        "steps.lead.hops[0].posthog.event",
+        "field required",
+    ),
     (GOOD.replace("target: 5s", "target: soon"), "steps.lead.hops[0].target", "not a duration"),
     (GOOD.replace('url: "https://api', 'uri: "https://api'), "steps.lead.inject.http.uri", "unknown field"),
-    (GOOD.replace("https://api.example.com", "${MISSING_FUNNEL_URL}"), "steps.lead.inject.http.url",
-     "MISSING_FUNNEL_URL is not set"),
+    (
+        GOOD.replace("https://api.example.com", "${MISSING_FUNNEL_URL}"),
+        "steps.lead.inject.http.url",
+        "MISSING_FUNNEL_URL is not set",
+    ),
     (GOOD.replace("  posthog: {host:", "  posthogg: {host:"), "collectors.posthogg", "unknown field"),
-    (GOOD.replace("        posthog: {event", "        redis_dlq: {key: dlq}\n        posthog: {event"), "steps.lead.hops[0]",
-     "exactly one sink"),
-    (GOOD.replace("target: 5s", "target: 5s\n        deadline: 2s"), "steps.lead.hops[0]", "deadline must be at least"),
-    (GOOD.replace("match: contains", "match: fuzzy"), "steps.lead.hops[0].posthog.match", "'equals' or 'contains'"),
+    (
+        GOOD.replace("        posthog: {event", "        redis_dlq: {key: dlq}\n        posthog: {event"),
+        "steps.lead.hops[0]",
+        "exactly one sink",
+    ),
+    (
+        GOOD.replace("target: 5s", "target: 5s\n        deadline: 2s"),
+        "steps.lead.hops[0]",
+        "deadline must be at least",
+    ),
+    (
+        GOOD.replace("match: contains", "match: fuzzy"),
+        "steps.lead.hops[0].posthog.match",
+        "'equals' or 'contains'",
+    ),
     (GOOD.replace("service: shop\n", ""), "service", "field required"),
-    (GOOD.replace("target: 5s", "target: 5s\n        after: nowhere"), "steps.lead", "must name an earlier hop"),
+    (
+        GOOD.replace("target: 5s", "target: 5s\n        after: nowhere"),
+        "steps.lead",
+        "must name an earlier hop",
+    ),
 ]
 
 
@@ -63,7 +85,7 @@ def test_secret_values_never_in_errors_or_repr(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PH_KEY", "phx_super_secret_value")
     spec = load_spec(tmp_yaml(GOOD))
     assert "phx_super_secret_value" not in repr(spec)
-    bad = GOOD.replace("project_id: \"42\"", "project_id: \"\"")
+    bad = GOOD.replace('project_id: "42"', 'project_id: ""')
     with pytest.raises(SpecError) as info:
         load_spec(tmp_yaml(bad))
     assert "phx_super_secret_value" not in str(info.value)
@@ -72,17 +94,25 @@ def test_secret_values_never_in_errors_or_repr(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize("text", [BAD[0][0], "service: x\nsteps: [1\n", "- just\n- a list\n", ""])
 def test_cli_validate_exits_2_with_path(text: str) -> None:
     path = tmp_yaml(text)
-    proc = subprocess.run([sys.executable, "-m", "tracer.cli", "validate", "-c", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "validate", "-c", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2, proc.stderr
     assert "invalid funnel spec" in proc.stderr
 
 
 def test_cli_validate_ok_and_missing_file() -> None:
-    ok = subprocess.run([sys.executable, "-m", "tracer.cli", "validate", "-c", str(tmp_yaml(GOOD))],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "validate", "-c", str(tmp_yaml(GOOD))],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "ok (1 steps" in ok.stdout
-    missing = subprocess.run([sys.executable, "-m", "tracer.cli", "validate", "-c", "/nonexistent/funnel.yaml"],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "validate", "-c", "/nonexistent/funnel.yaml"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "cannot read file" in missing.stderr
 
 
@@ -103,8 +133,17 @@ def test_templates_render_every_placeholder(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setenv("CANARY_DOMAIN", "example.org")
     p = Probe(step="lead")
-    out = p.render({"a": "{trace_id}", "b": ["{probe_id}", "{now_iso}"], "c": "{now_epoch_ms}", "d": "{uuid}",
-                    "e": "x@{env:CANARY_DOMAIN}", "f": "{not_a_placeholder}", "g": 3})
+    out = p.render(
+        {
+            "a": "{trace_id}",
+            "b": ["{probe_id}", "{now_iso}"],
+            "c": "{now_epoch_ms}",
+            "d": "{uuid}",
+            "e": "x@{env:CANARY_DOMAIN}",
+            "f": "{not_a_placeholder}",
+            "g": 3,
+        }
+    )
     assert out["a"] == p.trace_id and len(p.trace_id) == 32 and int(p.trace_id, 16)
     assert out["b"][0] == p.probe_id and out["b"][1].endswith("Z")
     assert out["c"].isdigit() and len(out["d"]) == 36

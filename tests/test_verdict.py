@@ -56,7 +56,9 @@ def test_push_receiver_blind_mid_window_cannot_say_lost() -> None:
     cov.looked(20.0)
     assert judge_present(None, 0.0, 5.0, 15.0, cov, certified=True)[0] == "unknown"
     # A retroactive poller blind mid-window still finds what arrived, so absence is proof.
-    assert judge_present(None, 0.0, 5.0, 15.0, poller(0.0, 3.0, fail_at=4.0, recover_at=20.0), True)[0] == "lost"
+    assert (
+        judge_present(None, 0.0, 5.0, 15.0, poller(0.0, 3.0, fail_at=4.0, recover_at=20.0), True)[0] == "lost"
+    )
 
 
 def test_observed_after_deadline_is_lost_only_when_certainly_after() -> None:

@@ -39,7 +39,9 @@ err = Console(stderr=True)
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("httpx", "httpcore", "posthog", "uvicorn.error", "mail.log"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -48,13 +50,17 @@ def _load(path: str) -> FunnelSpec:
     try:
         return load_spec(path)
     except SpecError as exc:
-        err.print(f"[red]error:[/] {exc.source or path}: invalid funnel spec", highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]error:[/] {exc.source or path}: invalid funnel spec", highlight=False, soft_wrap=True
+        )
         for where, message in exc.problems:
             err.print(f"  [bold]{where or '(top)'}[/]: {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
-@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(tracer.__version__, prog_name="funnel-tracer")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def main(verbose: int) -> None:
@@ -68,7 +74,9 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML).")
+@click.option(
+    "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
+)
 def validate(config: str) -> None:
     """Check a funnel spec and exit: 0 valid, 2 invalid (each problem names its YAML path)."""
     spec = _load(config)
@@ -83,24 +91,53 @@ def _sinks(spec: FunnelSpec) -> list[str]:
 def _output_options(f: Any) -> Any:
     from tracer.export.report import DEFAULT_TRACE_URL_HELP
 
-    f = click.option("--junit", type=click.Path(dir_okay=False, writable=True), help="Also write JUnit XML (one testcase per hop).")(f)
-    f = click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True),
-                     help="Also write a self-contained HTML launch-review report with a lag plot per hop.")(f)
-    f = click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
-                     show_default=True,
-                     help="table for people, json for machines (contract in the README), markdown for a launch review.")(f)
-    f = click.option("--trace-url", envvar="FUNNEL_TRACE_URL", default=None, show_default=DEFAULT_TRACE_URL_HELP,
-                     help="Per-probe trace link template ({trace_id} is filled in; '' for no links). Env: FUNNEL_TRACE_URL.")(f)
+    f = click.option(
+        "--junit",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Also write JUnit XML (one testcase per hop).",
+    )(f)
+    f = click.option(
+        "--html",
+        "html_path",
+        type=click.Path(dir_okay=False, writable=True),
+        help="Also write a self-contained HTML launch-review report with a lag plot per hop.",
+    )(f)
+    f = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "json", "markdown"]),
+        default="table",
+        show_default=True,
+        help="table for people, json for machines (contract in the README), markdown for a launch review.",
+    )(f)
+    f = click.option(
+        "--trace-url",
+        envvar="FUNNEL_TRACE_URL",
+        default=None,
+        show_default=DEFAULT_TRACE_URL_HELP,
+        help="Per-probe trace link template ({trace_id} is filled in; '' for no links). Env: FUNNEL_TRACE_URL.",
+    )(f)
     return f
 
 
 @main.command(epilog=EXAMPLES)
-@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML).")
-@click.option("-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Probes per step.")
+@click.option(
+    "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
+)
+@click.option(
+    "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Probes per step."
+)
 @click.option("--step", "steps", multiple=True, help="Only these steps (repeatable).")
 @_output_options
-def check(config: str, samples: int, steps: tuple[str, ...], fmt: str, junit: str | None, trace_url: str | None,
-          html_path: str | None) -> None:
+def check(
+    config: str,
+    samples: int,
+    steps: tuple[str, ...],
+    fmt: str,
+    junit: str | None,
+    trace_url: str | None,
+    html_path: str | None,
+) -> None:
     """Run N probes per step, wait for every hop to resolve, report, and exit 0/1/2/3.
 
     Made for launch gates in CI: the exit code says whether the funnel was fresh.
@@ -114,8 +151,14 @@ def check(config: str, samples: int, steps: tuple[str, ...], fmt: str, junit: st
     sys.exit(run_check(spec, samples, fmt, junit, trace_url, html_path))
 
 
-def run_check(spec: FunnelSpec, samples: int, fmt: str, junit: str | None, trace_url: str | None,
-              html_path: str | None = None) -> int:
+def run_check(
+    spec: FunnelSpec,
+    samples: int,
+    fmt: str,
+    junit: str | None,
+    trace_url: str | None,
+    html_path: str | None = None,
+) -> int:
     from tracer.export.report import default_trace_url, render_table, summarize, write_junit
 
     results = asyncio.run(_check(spec, samples))
@@ -146,20 +189,45 @@ async def _check(spec: FunnelSpec, samples: int) -> list[Any]:
     async with Engine(spec) as engine:
         if not err.is_terminal:
             return await engine.check(samples)
-        with Progress(TextColumn("[bold]probes"), BarColumn(), TextColumn("{task.completed}/{task.total} resolved"),
-                      TimeElapsedColumn(), TextColumn("[dim]up to ~{task.fields[eta]:.0f}s"), console=err,
-                      transient=True) as progress:
+        with Progress(
+            TextColumn("[bold]probes"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} resolved"),
+            TimeElapsedColumn(),
+            TextColumn("[dim]up to ~{task.fields[eta]:.0f}s"),
+            console=err,
+            transient=True,
+        ) as progress:
             task = progress.add_task("probes", total=total, eta=engine.expected_duration(samples))
             return await engine.check(samples, on_result=lambda _r: progress.advance(task))
 
 
 @main.command(epilog=EXAMPLES)
-@click.option("-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 1000), help="Probes per step.")
+@click.option(
+    "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 1000), help="Probes per step."
+)
 @_output_options
-@click.option("--lead-delay", default=0.2, show_default=True, help="Sandbox: seconds before the funnel emits each event.")
-@click.option("--ingest-delay", default=0.3, show_default=True, help="Sandbox: seconds before PostHog makes an event queryable.")
-def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, html_path: str | None, lead_delay: float,
-         ingest_delay: float) -> None:
+@click.option(
+    "--lead-delay",
+    default=0.2,
+    show_default=True,
+    help="Sandbox: seconds before the funnel emits each event.",
+)
+@click.option(
+    "--ingest-delay",
+    default=0.3,
+    show_default=True,
+    help="Sandbox: seconds before PostHog makes an event queryable.",
+)
+def demo(
+    samples: int,
+    fmt: str,
+    junit: str | None,
+    trace_url: str | None,
+    html_path: str | None,
+    lead_delay: float,
+    ingest_delay: float,
+) -> None:
     """Start the sandbox funnel + a local PostHog on free ports, run `check` against them, clean up.
 
     Needs nothing beyond the install. The spec used is examples/sandbox.yaml.
@@ -176,13 +244,33 @@ def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, html_
             try:
                 redis_url = stack.enter_context(PrivateRedis()).url
             except RuntimeError:
-                err.print(f"[yellow]DLQ step skipped:[/] {escape(HOW_TO_GET_REDIS)}", highlight=False, soft_wrap=True)
+                err.print(
+                    f"[yellow]DLQ step skipped:[/] {escape(HOW_TO_GET_REDIS)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         receiver, mailbox = free_port(), free_port()
-        approvals = ApprovalSettings(slack_url=f"http://127.0.0.1:{receiver}/slack", smtp_host="127.0.0.1", smtp_port=mailbox)
-        sb = stack.enter_context(Sandbox(knobs=Knobs(lead_delay=lead_delay), posthog=PostHogState(ingest_delay=ingest_delay),
-                                         redis_url=redis_url, dlq_retry_interval=1.0, approvals=approvals))
-        os.environ.update({"FUNNEL_URL": sb.url, "POSTHOG_HOST": sb.posthog_url, "RECEIVER_PORT": str(receiver),
-                           "SMTP_PORT": str(mailbox), "REDIS_URL": redis_url or "redis://127.0.0.1:1/0"})
+        approvals = ApprovalSettings(
+            slack_url=f"http://127.0.0.1:{receiver}/slack", smtp_host="127.0.0.1", smtp_port=mailbox
+        )
+        sb = stack.enter_context(
+            Sandbox(
+                knobs=Knobs(lead_delay=lead_delay),
+                posthog=PostHogState(ingest_delay=ingest_delay),
+                redis_url=redis_url,
+                dlq_retry_interval=1.0,
+                approvals=approvals,
+            )
+        )
+        os.environ.update(
+            {
+                "FUNNEL_URL": sb.url,
+                "POSTHOG_HOST": sb.posthog_url,
+                "RECEIVER_PORT": str(receiver),
+                "SMTP_PORT": str(mailbox),
+                "REDIS_URL": redis_url or "redis://127.0.0.1:1/0",
+            }
+        )
         import yaml
 
         from tracer.spec import parse_spec
@@ -190,30 +278,79 @@ def demo(samples: int, fmt: str, junit: str | None, trace_url: str | None, html_
         text = resources.files("tracer").joinpath("data/sandbox.yaml").read_text(encoding="utf-8")
         spec = parse_spec(yaml.safe_load(text), "examples/sandbox.yaml")
         if not redis_url:  # the other steps still run
-            spec = spec.model_copy(update={"steps": {
-                name: step for name, step in spec.steps.items()
-                if step.inject.kind != "redis_dlq" and all(h.sink != "redis_dlq" for h in step.hops)}})
+            spec = spec.model_copy(
+                update={
+                    "steps": {
+                        name: step
+                        for name, step in spec.steps.items()
+                        if step.inject.kind != "redis_dlq" and all(h.sink != "redis_dlq" for h in step.hops)
+                    }
+                }
+            )
         if fmt == "table":
-            err.print(f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}, Redis "
-                      f"{'yes' if redis_url else 'no'}; {samples} probe(s) per step[/]", highlight=False, soft_wrap=True)
+            err.print(
+                f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}, Redis "
+                f"{'yes' if redis_url else 'no'}; {samples} probe(s) per step[/]",
+                highlight=False,
+                soft_wrap=True,
+            )
         code = run_check(spec, samples, fmt, junit, trace_url, html_path)
     sys.exit(code)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 only inside a container).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 only inside a container)."
+)
 @click.option("--port", default=8000, show_default=True, help="Funnel API port.")
 @click.option("--posthog-port", default=8010, show_default=True, help="Local PostHog port.")
-@click.option("--lead-delay", default=0.0, show_default=True, help="Seconds before the funnel emits lead_captured.")
-@click.option("--drop-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of events never emitted.")
-@click.option("--ingest-delay", default=0.0, show_default=True, help="Seconds before PostHog makes an event queryable.")
-@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis for the payment DLQ and its retry worker.")
-@click.option("--dlq-retry-interval", default=2.0, show_default=True, help="Seconds before the DLQ worker's first retry.")
-@click.option("--slack-url", default="http://127.0.0.1:8787/slack", show_default=True,
-              help="Where approval notifications are posted (Slack incoming-webhook style).")
-@click.option("--smtp", "smtp_addr", default="127.0.0.1:2525", show_default=True, help="host:port approval emails go to.")
-def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rate: float, ingest_delay: float,
-            redis_url: str | None, dlq_retry_interval: float, slack_url: str, smtp_addr: str) -> None:
+@click.option(
+    "--lead-delay", default=0.0, show_default=True, help="Seconds before the funnel emits lead_captured."
+)
+@click.option(
+    "--drop-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of events never emitted.",
+)
+@click.option(
+    "--ingest-delay", default=0.0, show_default=True, help="Seconds before PostHog makes an event queryable."
+)
+@click.option(
+    "--redis-url", envvar="REDIS_URL", default=None, help="Redis for the payment DLQ and its retry worker."
+)
+@click.option(
+    "--dlq-retry-interval",
+    default=2.0,
+    show_default=True,
+    help="Seconds before the DLQ worker's first retry.",
+)
+@click.option(
+    "--slack-url",
+    default="http://127.0.0.1:8787/slack",
+    show_default=True,
+    help="Where approval notifications are posted (Slack incoming-webhook style).",
+)
+@click.option(
+    "--smtp",
+    "smtp_addr",
+    default="127.0.0.1:2525",
+    show_default=True,
+    help="host:port approval emails go to.",
+)
+def sandbox(
+    host: str,
+    port: int,
+    posthog_port: int,
+    lead_delay: float,
+    drop_rate: float,
+    ingest_delay: float,
+    redis_url: str | None,
+    dlq_retry_interval: float,
+    slack_url: str,
+    smtp_addr: str,
+) -> None:
     """Run the reference funnel and a PostHog-compatible server until Ctrl-C."""
     import signal
     import threading
@@ -229,13 +366,22 @@ def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rat
     knobs = Knobs(lead_delay=lead_delay, drop_rate=drop_rate)
     smtp_host, _, smtp_port = smtp_addr.rpartition(":")
     approvals = ApprovalSettings(slack_url=slack_url, smtp_host=smtp_host, smtp_port=int(smtp_port))
-    with Sandbox(host=host, port=port, posthog_port=posthog_port, knobs=knobs, approvals=approvals,
-                 posthog=PostHogState(ingest_delay=ingest_delay), redis_url=redis_url,
-                 dlq_retry_interval=dlq_retry_interval) as sb:
+    with Sandbox(
+        host=host,
+        port=port,
+        posthog_port=posthog_port,
+        knobs=knobs,
+        approvals=approvals,
+        posthog=PostHogState(ingest_delay=ingest_delay),
+        redis_url=redis_url,
+        dlq_retry_interval=dlq_retry_interval,
+    ) as sb:
         click.echo(f"funnel   {sb.url}  (POST /api/v1/leads, /api/v1/webhooks/payments, /api/v1/approvals)")
         click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
         click.echo(f"notify   {slack_url} and smtp://{smtp_addr}")
-        click.echo(f"posthog  {sb.posthog_url}  (capture: /batch/, query: /api/projects/1/query/, key phx_sandbox)")
+        click.echo(
+            f"posthog  {sb.posthog_url}  (capture: /batch/, query: /api/projects/1/query/, key phx_sandbox)"
+        )
         click.echo("Ctrl-C to stop.")
         try:
             while not stop.wait(0.5):
@@ -245,20 +391,55 @@ def sandbox(host: str, port: int, posthog_port: int, lead_delay: float, drop_rat
 
 
 @main.command()
-@click.option("-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML).")
-@click.option("--http-host", envvar="FUNNEL_CANARY_HTTP_HOST", default="127.0.0.1", show_default=True,
-              help="Bind address of /healthz and /metrics (0.0.0.0 inside a container).")
-@click.option("--http-port", envvar="FUNNEL_CANARY_HTTP_PORT", default=9464, show_default=True,
-              type=click.IntRange(0, 65535), help="Port of /healthz and /metrics (0: any free port).")
-@click.option("--location", envvar="FUNNEL_CANARY_LOCATION", default=None,
-              help="Where this canary runs (e.g. eu-west-1): resource attribute canary.location.")
-@click.option("--instance", envvar="FUNNEL_CANARY_INSTANCE", default=None,
-              help="Instance id in the shared ledger (default: canary.ledger.instance, else --location, else host name).")
-@click.option("--log-format", "log_format", envvar="FUNNEL_LOG_FORMAT", type=click.Choice(["text", "json"]),
-              default="text", show_default=True, help="json: one JSON object per line.")
+@click.option(
+    "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
+)
+@click.option(
+    "--http-host",
+    envvar="FUNNEL_CANARY_HTTP_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address of /healthz and /metrics (0.0.0.0 inside a container).",
+)
+@click.option(
+    "--http-port",
+    envvar="FUNNEL_CANARY_HTTP_PORT",
+    default=9464,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of /healthz and /metrics (0: any free port).",
+)
+@click.option(
+    "--location",
+    envvar="FUNNEL_CANARY_LOCATION",
+    default=None,
+    help="Where this canary runs (e.g. eu-west-1): resource attribute canary.location.",
+)
+@click.option(
+    "--instance",
+    envvar="FUNNEL_CANARY_INSTANCE",
+    default=None,
+    help="Instance id in the shared ledger (default: canary.ledger.instance, else --location, else host name).",
+)
+@click.option(
+    "--log-format",
+    "log_format",
+    envvar="FUNNEL_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line.",
+)
 @click.pass_context
-def canary(ctx: click.Context, config: str, http_host: str, http_port: int, location: str | None,
-           instance: str | None, log_format: str) -> None:
+def canary(
+    ctx: click.Context,
+    config: str,
+    http_host: str,
+    http_port: int,
+    location: str | None,
+    instance: str | None,
+    log_format: str,
+) -> None:
     """Run probes continuously, each step on its own interval, until SIGTERM/SIGINT (then exit 0).
 
     One log line per resolved probe; spans and metrics over OTLP (OTEL_* variables); /healthz and

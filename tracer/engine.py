@@ -107,7 +107,9 @@ class Engine:
         await self.close()
 
     # -- one probe ----------------------------------------------------------
-    async def run_probe(self, step_name: str, on_injected: Callable[[InFlight], None] | None = None) -> ProbeResult:
+    async def run_probe(
+        self, step_name: str, on_injected: Callable[[InFlight], None] | None = None
+    ) -> ProbeResult:
         """Inject one probe, await every hop, judge, and export its trace."""
         inflight = self.begin(step_name)
         try:
@@ -140,7 +142,9 @@ class Engine:
         assert injection is not None, "inject() first"
         try:
             if injection.ok:
-                hops = await self._await_hops(inflight.step, step.hops, inflight.watches, injection, inflight, on_hop)
+                hops = await self._await_hops(
+                    inflight.step, step.hops, inflight.watches, injection, inflight, on_hop
+                )
             else:
                 hops = [self._inject_failed(inflight.step, hop, injection) for hop in step.hops]
         finally:
@@ -166,24 +170,38 @@ class Engine:
         step = self.spec.steps[probe.step]
         done = dict(done or {})
         watches = {
-            hop.name: Watch(probe=probe, hop=hop, since=probe.created_at) for hop in step.hops if hop.name not in done
+            hop.name: Watch(probe=probe, hop=hop, since=probe.created_at)
+            for hop in step.hops
+            if hop.name not in done
         }
         for w in watches.values():
             self.collectors[w.sink].watch(w)
         unknown = injection is None
         if injection is None:
-            injection = Injection(sent_at=probe.created_at, done_at=probe.created_at, ok=True,
-                                  attributes={"funnel.injection.outcome": "unknown"})
-        return InFlight(probe, watches, registered_at=clock.now(), injection=injection, done=done, resumed=True,
-                        injection_unknown=unknown)
+            injection = Injection(
+                sent_at=probe.created_at,
+                done_at=probe.created_at,
+                ok=True,
+                attributes={"funnel.injection.outcome": "unknown"},
+            )
+        return InFlight(
+            probe,
+            watches,
+            registered_at=clock.now(),
+            injection=injection,
+            done=done,
+            resumed=True,
+            injection_unknown=unknown,
+        )
 
     def abandon(self, inflight: InFlight, reason: str) -> ProbeResult:
         """Report a probe that could not be awaited to its end (the canary is stopping): hops
         not resolved yet are ``unknown`` with ``reason``. Exports its trace."""
         self.release(inflight)
         step = self.spec.steps[inflight.step]
-        injection = inflight.injection or Injection(inflight.probe.created_at, clock.now(), ok=False,
-                                                    error="canary stopped before injecting")
+        injection = inflight.injection or Injection(
+            inflight.probe.created_at, clock.now(), ok=False, error="canary stopped before injecting"
+        )
         now = clock.now()
         hops = []
         for hop in step.hops:
@@ -192,9 +210,18 @@ class Engine:
                 if not injection.ok:
                     r = self._inject_failed(inflight.step, hop, injection)
                 else:
-                    r = HopResult(step=inflight.step, hop=hop.name, sink=hop.sink, target=hop.target,
-                                  deadline=self.spec.deadline(hop), verdict=UNKNOWN, start=injection.sent_at,
-                                  end=max(now, injection.sent_at), reason=reason, after=hop.after)
+                    r = HopResult(
+                        step=inflight.step,
+                        hop=hop.name,
+                        sink=hop.sink,
+                        target=hop.target,
+                        deadline=self.spec.deadline(hop),
+                        verdict=UNKNOWN,
+                        start=injection.sent_at,
+                        end=max(now, injection.sent_at),
+                        reason=reason,
+                        after=hop.after,
+                    )
             hops.append(r)
         emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
         return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
@@ -208,7 +235,10 @@ class Engine:
         if spec.http is not None:
             assert self.http is not None
             http_spec = self._marked(spec.http)
-            extra = {**synthetic.headers(self.spec.canary.synthetic, spec.http), "traceparent": probe.traceparent}
+            extra = {
+                **synthetic.headers(self.spec.canary.synthetic, spec.http),
+                "traceparent": probe.traceparent,
+            }
             return await http_injector.send(self.http, http_spec, probe, extra)
         from tracer.inject import redis_dlq
 
@@ -217,8 +247,16 @@ class Engine:
 
     def _inject_failed(self, step_name: str, hop: HopSpec, injection: Injection) -> HopResult:
         return HopResult(
-            step=step_name, hop=hop.name, sink=hop.sink, target=hop.target, deadline=self.spec.deadline(hop),
-            verdict=INJECT_FAILED, start=injection.sent_at, end=injection.done_at, reason=injection.error, after=hop.after,
+            step=step_name,
+            hop=hop.name,
+            sink=hop.sink,
+            target=hop.target,
+            deadline=self.spec.deadline(hop),
+            verdict=INJECT_FAILED,
+            start=injection.sent_at,
+            end=injection.done_at,
+            reason=injection.error,
+            after=hop.after,
         )
 
     def _marked(self, spec: HttpInject) -> HttpInject:
@@ -229,13 +267,20 @@ class Engine:
         return hit[1]
 
     async def _await_hops(
-        self, step_name: str, hops: list[HopSpec], watches: dict[str, Watch], injection: Injection,
-        inflight: InFlight | None = None, on_hop: OnHop | None = None,
+        self,
+        step_name: str,
+        hops: list[HopSpec],
+        watches: dict[str, Watch],
+        injection: Injection,
+        inflight: InFlight | None = None,
+        on_hop: OnHop | None = None,
     ) -> list[HopResult]:
         prior = inflight.done if inflight is not None else {}
         registered = inflight.registered_at if inflight is not None else -math.inf
         if len(hops) == 1 and not prior:  # the common case: no futures, no gather, no closure
-            result = await self._await_hop(step_name, hops[0], watches[hops[0].name], injection, {}, registered)
+            result = await self._await_hop(
+                step_name, hops[0], watches[hops[0].name], injection, {}, registered
+            )
             if inflight is not None:
                 inflight.done[hops[0].name] = result
                 if on_hop is not None:
@@ -243,7 +288,9 @@ class Engine:
             return [result]
         loop = asyncio.get_running_loop()
         needed = {h.after for h in hops if h.after}  # futures only for hops another one starts from
-        done: dict[str, asyncio.Future[HopResult]] = {h.name: loop.create_future() for h in hops if h.name in needed}
+        done: dict[str, asyncio.Future[HopResult]] = {
+            h.name: loop.create_future() for h in hops if h.name in needed
+        }
         for name, result in prior.items():
             if name in done:
                 done[name].set_result(result)
@@ -263,14 +310,28 @@ class Engine:
         return list(await asyncio.gather(*(one(h) for h in hops)))
 
     async def _await_hop(
-        self, step_name: str, hop: HopSpec, watch: Watch, injection: Injection,
-        done: dict[str, asyncio.Future[HopResult]], registered_at: float = -math.inf,
+        self,
+        step_name: str,
+        hop: HopSpec,
+        watch: Watch,
+        injection: Injection,
+        done: dict[str, asyncio.Future[HopResult]],
+        registered_at: float = -math.inf,
     ) -> HopResult:
         collector = self.collectors[hop.sink]
         deadline = self.spec.deadline(hop)
         start, inherited_error = injection.sent_at, 0.0
-        result = HopResult(step=step_name, hop=hop.name, sink=hop.sink, target=hop.target, deadline=deadline,
-                           verdict=UNKNOWN, start=start, end=start, after=hop.after)
+        result = HopResult(
+            step=step_name,
+            hop=hop.name,
+            sink=hop.sink,
+            target=hop.target,
+            deadline=deadline,
+            verdict=UNKNOWN,
+            start=start,
+            end=start,
+            after=hop.after,
+        )
         if hop.after:
             ref = await done[hop.after]
             if ref.lag is None:
@@ -296,7 +357,9 @@ class Engine:
         if hop.expect == "absent":
             result.verdict, result.reason = judge_absent(obs, start, deadline, collector.coverage, certified)
         else:
-            result.verdict, result.reason = judge_present(obs, start, hop.target, deadline, collector.coverage, certified)
+            result.verdict, result.reason = judge_present(
+                obs, start, hop.target, deadline, collector.coverage, certified
+            )
         if obs is not None:
             result.end = max(obs.at, start)
             result.lag = result.end - start
@@ -310,7 +373,9 @@ class Engine:
         return result
 
     # -- the launch gate ------------------------------------------------------
-    async def check(self, samples: int, on_result: Callable[[ProbeResult], None] | None = None) -> list[ProbeResult]:
+    async def check(
+        self, samples: int, on_result: Callable[[ProbeResult], None] | None = None
+    ) -> list[ProbeResult]:
         """``samples`` probes per step, spaced by each step's ``spacing``; steps run side by side."""
 
         async def step_run(name: str) -> list[ProbeResult]:
@@ -320,7 +385,9 @@ class Engine:
                     await asyncio.sleep(self.spec.steps[name].spacing)
                 tasks.append(asyncio.create_task(self.run_probe(name)))
                 if on_result:
-                    tasks[-1].add_done_callback(lambda t: t.cancelled() or t.exception() or on_result(t.result()))
+                    tasks[-1].add_done_callback(
+                        lambda t: t.cancelled() or t.exception() or on_result(t.result())
+                    )
             return list(await asyncio.gather(*tasks))
 
         per_step = await asyncio.gather(*(step_run(n) for n in self.spec.steps))
@@ -329,6 +396,6 @@ class Engine:
     def expected_duration(self, samples: int) -> float:
         """Rough upper bound of a check's wall time, for progress displays."""
         return max(
-            (samples - 1) * s.spacing + sum(self.spec.deadline(h) for h in s.hops) for s in self.spec.steps.values()
+            (samples - 1) * s.spacing + sum(self.spec.deadline(h) for h in s.hops)
+            for s in self.spec.steps.values()
         )
-

@@ -15,7 +15,9 @@ from typing import Any
 
 from tracer import clock
 
-_PLACEHOLDER = re.compile(r"\{(trace_id|traceparent|probe_id|now_iso|now_epoch_ms|uuid|step|env:[A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER = re.compile(
+    r"\{(trace_id|traceparent|probe_id|now_iso|now_epoch_ms|uuid|step|env:[A-Za-z_][A-Za-z0-9_]*)\}"
+)
 TRACE_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 
 

@@ -33,8 +33,12 @@ class HopSpec(Model):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     target: Duration = Field(description="freshness target: lag at or under this is ok")
-    deadline: Duration | None = Field(None, description="give up after this; default deadline_factor x target")
-    after: str | None = Field(None, description="measure from this earlier hop's observation, not from injection")
+    deadline: Duration | None = Field(
+        None, description="give up after this; default deadline_factor x target"
+    )
+    after: str | None = Field(
+        None, description="measure from this earlier hop's observation, not from injection"
+    )
     expect: Literal["present", "absent"] = "present"
     posthog: PostHogHop | None = None
     redis_dlq: RedisDlqHop | None = None
@@ -45,7 +49,9 @@ class HopSpec(Model):
     def _one_sink(self) -> HopSpec:
         chosen = [s for s in SINKS if getattr(self, s) is not None]
         if len(chosen) != 1:
-            raise ValueError(f"a hop needs exactly one sink ({', '.join(SINKS)}); found {len(chosen) or 'none'}")
+            raise ValueError(
+                f"a hop needs exactly one sink ({', '.join(SINKS)}); found {len(chosen) or 'none'}"
+            )
         if self.deadline is not None and self.deadline < self.target:
             raise ValueError("deadline must be at least the target")
         return self
@@ -83,7 +89,9 @@ class StepSpec(Model):
     hops: list[HopSpec] = Field(min_length=1)
     interval: Duration = Field(60.0, gt=0, description="canary: one probe every interval")
     spacing: Duration = Field(1.0, description="check: pause between a step's samples")
-    max_in_flight: int | None = Field(None, gt=0, description="canary: cap for this step (default canary.max_in_flight_per_step)")
+    max_in_flight: int | None = Field(
+        None, gt=0, description="canary: cap for this step (default canary.max_in_flight_per_step)"
+    )
 
     @model_validator(mode="after")
     def _hop_refs(self) -> StepSpec:
@@ -104,16 +112,19 @@ class SyntheticSpec(Model):
     header: str | None = Field("X-Synthetic", description="header added to every HTTP injection (null: none)")
     header_value: str = "true"
     property: str | None = Field(
-        None, pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$",
+        None,
+        pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$",
         description="dotted path set in every JSON body (form: last segment), e.g. metadata.synthetic",
     )
     property_value: bool | int | str = True
     email_domain: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}$",
+        None,
+        pattern=r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}$",
         description="every e-mail address in an inject body must use this domain (checked at load)",
     )
     posthog_personless: bool = Field(
-        True, description="set $process_person_profile: false on events the tracer captures into PostHog itself"
+        True,
+        description="set $process_person_profile: false on events the tracer captures into PostHog itself",
     )
 
 
@@ -124,15 +135,19 @@ class LedgerSpec(Model):
     redis_url: Secret | None = Field(None, description="redis://... ; unset: in memory")
     namespace: str = Field("funnel-tracer", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     instance: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.@-]+$",
+        None,
+        pattern=r"^[A-Za-z0-9_.@-]+$",
         description="this instance's id (default: --instance, else --location, else the host name); "
         "keep it across restarts to resume, and distinct between instances running at once",
     )
     shared_receivers: bool = Field(
-        True, description="instances share push receivers: sightings of other instances' probes go through Redis "
+        True,
+        description="instances share push receivers: sightings of other instances' probes go through Redis "
         "(while Redis is down, push hops are blind rather than possibly lost)",
     )
-    max_sightings: int = Field(10_000, gt=0, description="bound of each instance's queue of sightings made by others")
+    max_sightings: int = Field(
+        10_000, gt=0, description="bound of each instance's queue of sightings made by others"
+    )
     heartbeat: Duration = Field(1.0, gt=0)
 
     @field_validator("redis_url")
@@ -174,10 +189,16 @@ class AlertsSpec(Model):
 
 
 class CanarySpec(Model):
-    jitter: float = Field(0.2, ge=0, le=1, description="each probe lands within +-jitter/2 x interval of its slot")
-    max_in_flight: int | None = Field(None, gt=0, description="global cap on probes in flight (default: none)")
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="each probe lands within +-jitter/2 x interval of its slot"
+    )
+    max_in_flight: int | None = Field(
+        None, gt=0, description="global cap on probes in flight (default: none)"
+    )
     max_in_flight_per_step: int | None = Field(
-        None, gt=0, description="default per-step cap (default: twice what the step's interval and deadlines need)"
+        None,
+        gt=0,
+        description="default per-step cap (default: twice what the step's interval and deadlines need)",
     )
     grace: Duration = Field(30.0, ge=0, description="on SIGTERM: wait this long for probes in flight")
     ledger: LedgerSpec = LedgerSpec()
@@ -202,7 +223,9 @@ class FunnelSpec(Model):
     @model_validator(mode="after")
     def _collectors_configured(self) -> FunnelSpec:
         if self.collectors.posthog and self.collectors.posthog.push_path and self.collectors.webhook is None:
-            raise _PathError("collectors.posthog.push_path", "push needs a 'collectors.webhook' receiver to post to")
+            raise _PathError(
+                "collectors.posthog.push_path", "push needs a 'collectors.webhook' receiver to post to"
+            )
         for step_name, step in self.steps.items():
             for i, hop in enumerate(step.hops):
                 if getattr(self.collectors, hop.sink) is None:
@@ -215,8 +238,11 @@ class FunnelSpec(Model):
             for step_name, step in self.steps.items():
                 for where, text in _inject_strings(step.inject, f"steps.{step_name}.inject"):
                     if _EMAIL.match(text) and not text.lower().endswith("@" + domain.lower()):
-                        raise _PathError(where, f"e-mail address must use the synthetic domain {domain}"
-                                                " (canary.synthetic.email_domain)")
+                        raise _PathError(
+                            where,
+                            f"e-mail address must use the synthetic domain {domain}"
+                            " (canary.synthetic.email_domain)",
+                        )
         return self
 
     def probe_duration(self, step_name: str) -> float:

@@ -68,11 +68,15 @@ def judge_present(
     return LOST, f"not seen within the {deadline:g}s deadline"
 
 
-def judge_absent(obs: Observation | None, start: float, deadline: float, coverage: Coverage, certified: bool) -> tuple[str, str | None]:
+def judge_absent(
+    obs: Observation | None, start: float, deadline: float, coverage: Coverage, certified: bool
+) -> tuple[str, str | None]:
     """Verdict for a negative probe: it must NOT appear (e.g. a mis-signed webhook)."""
     if obs is not None:
         return BREACH, f"appeared {obs.at - start:.2f}s after start but should have been rejected"
-    if not certified or (not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None):
+    if not certified or (
+        not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None
+    ):
         return UNKNOWN, "the collector could not watch the whole window, so absence is not proven"
     return OK, None
 

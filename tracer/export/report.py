@@ -52,7 +52,9 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def summarize(spec: FunnelSpec, results: Iterable[ProbeResult], trace_url: str | None = None) -> dict[str, Any]:
+def summarize(
+    spec: FunnelSpec, results: Iterable[ProbeResult], trace_url: str | None = None
+) -> dict[str, Any]:
     by_hop: dict[tuple[str, str], list[HopResult]] = {}
     for res in results:
         for h in res.hops:
@@ -65,24 +67,37 @@ def summarize(spec: FunnelSpec, results: Iterable[ProbeResult], trace_url: str |
             lags = [h.lag for h in rows if h.lag is not None and h.verdict in (OK, LATE)]
             bars = [h.error_bar for h in rows if h.error_bar is not None]
             verdicts = {v: sum(1 for h in rows if h.verdict == v) for v in COUNTED}
-            hops.append({
-                "hop": hop.name,
-                "sink": hop.sink,
-                "expect": hop.expect,
-                "after": hop.after,
-                "target_s": hop.target,
-                "deadline_s": spec.deadline(hop),
-                "error_bar_s": _r(max(bars)) if bars else None,
-                "samples": len(rows),
-                "verdicts": verdicts,
-                "verdict": _hop_verdict(verdicts),
-                "lag_s": {"p50": _r(percentile(lags, 50)), "p95": _r(percentile(lags, 95)), "max": _r(max(lags) if lags else None)},
-                "probes": [_probe_row(h, res_trace, trace_url) for h, res_trace in _with_trace(rows, results)],
-            })
+            hops.append(
+                {
+                    "hop": hop.name,
+                    "sink": hop.sink,
+                    "expect": hop.expect,
+                    "after": hop.after,
+                    "target_s": hop.target,
+                    "deadline_s": spec.deadline(hop),
+                    "error_bar_s": _r(max(bars)) if bars else None,
+                    "samples": len(rows),
+                    "verdicts": verdicts,
+                    "verdict": _hop_verdict(verdicts),
+                    "lag_s": {
+                        "p50": _r(percentile(lags, 50)),
+                        "p95": _r(percentile(lags, 95)),
+                        "max": _r(max(lags) if lags else None),
+                    },
+                    "probes": [
+                        _probe_row(h, res_trace, trace_url) for h, res_trace in _with_trace(rows, results)
+                    ],
+                }
+            )
         steps.append({"step": step_name, "hops": hops})
     code = exit_code_of(steps)
-    return {"ok": code == 0, "exit_code": code, "service": spec.service, "steps": steps,
-            "generated_at": clock.iso(time.time())}
+    return {
+        "ok": code == 0,
+        "exit_code": code,
+        "service": spec.service,
+        "steps": steps,
+        "generated_at": clock.iso(time.time()),
+    }
 
 
 def _with_trace(rows: list[HopResult], results: Iterable[ProbeResult]) -> list[tuple[HopResult, str]]:
@@ -108,8 +123,11 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
     return row
 
 
-VERDICT_HEADLINE = {0: ("PASS", "every hop within target"), 1: ("FAIL", "freshness breached"),
-                    3: ("UNKNOWN", "no breach seen, but some hops could not be measured")}
+VERDICT_HEADLINE = {
+    0: ("PASS", "every hop within target"),
+    1: ("FAIL", "freshness breached"),
+    3: ("UNKNOWN", "no breach seen, but some hops could not be measured"),
+}
 
 
 def verdict_totals(summary: dict[str, Any]) -> dict[str, int]:
@@ -122,11 +140,18 @@ def verdict_totals(summary: dict[str, Any]) -> dict[str, int]:
     return totals
 
 
-def flagged_probes(summary: dict[str, Any], verdicts: Iterable[str] = FAILING) -> list[tuple[str, str, dict[str, Any]]]:
+def flagged_probes(
+    summary: dict[str, Any], verdicts: Iterable[str] = FAILING
+) -> list[tuple[str, str, dict[str, Any]]]:
     """(step, hop, probe row) for every probe whose verdict is in ``verdicts``."""
     wanted = set(verdicts)
-    return [(s["step"], h["hop"], p) for s in summary["steps"] for h in s["hops"] for p in h["probes"]
-            if p["verdict"] in wanted]
+    return [
+        (s["step"], h["hop"], p)
+        for s in summary["steps"]
+        for h in s["hops"]
+        for p in h["probes"]
+        if p["verdict"] in wanted
+    ]
 
 
 def _hop_verdict(verdicts: dict[str, int]) -> str:
@@ -149,7 +174,14 @@ def exit_code_of(steps: list[dict[str, Any]]) -> int:
     return 0
 
 
-_STYLE = {OK: "green", LATE: "yellow", LOST: "red", BREACH: "bold red", UNKNOWN: "magenta", INJECT_FAILED: "magenta"}
+_STYLE = {
+    OK: "green",
+    LATE: "yellow",
+    LOST: "red",
+    BREACH: "bold red",
+    UNKNOWN: "magenta",
+    INJECT_FAILED: "magenta",
+}
 
 
 def render_table(summary: dict[str, Any], console: Console) -> None:
@@ -157,9 +189,19 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
     from rich.table import Table
 
     table = Table(title=f"Funnel freshness: {summary['service']}", title_justify="left", header_style="bold")
-    for col, justify in [("step", "left"), ("hop", "left"), ("sink", "left"), ("n", "right"), ("p50", "right"),
-                         ("p95", "right"), ("max", "right"), ("target", "right"), ("± error", "right"),
-                         ("verdicts", "left"), ("", "left")]:
+    for col, justify in [
+        ("step", "left"),
+        ("hop", "left"),
+        ("sink", "left"),
+        ("n", "right"),
+        ("p50", "right"),
+        ("p95", "right"),
+        ("max", "right"),
+        ("target", "right"),
+        ("± error", "right"),
+        ("verdicts", "left"),
+        ("", "left"),
+    ]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for step in summary["steps"]:
         for hop in step["hops"]:
@@ -167,23 +209,44 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
             counts = ", ".join(f"[{_STYLE[v]}]{n} {v}[/]" for v, n in hop["verdicts"].items() if n)
             name = hop["hop"] + (f" (after {hop['after']})" if hop["after"] else "")
             name += " (must not appear)" if hop["expect"] == "absent" else ""
-            table.add_row(step["step"], name, hop["sink"], str(hop["samples"]), fmt_duration(lag["p50"]),
-                          fmt_duration(lag["p95"]), fmt_duration(lag["max"]), fmt_duration(hop["target_s"]),
-                          fmt_duration(hop["error_bar_s"]), counts or "-",
-                          f"[{_STYLE[hop['verdict']]}]{hop['verdict'].upper()}[/]")
+            table.add_row(
+                step["step"],
+                name,
+                hop["sink"],
+                str(hop["samples"]),
+                fmt_duration(lag["p50"]),
+                fmt_duration(lag["p95"]),
+                fmt_duration(lag["max"]),
+                fmt_duration(hop["target_s"]),
+                fmt_duration(hop["error_bar_s"]),
+                counts or "-",
+                f"[{_STYLE[hop['verdict']]}]{hop['verdict'].upper()}[/]",
+            )
     console.print(table)
-    reasons = [(s["step"], h["hop"], p) for s in summary["steps"] for h in s["hops"] for p in h["probes"]
-               if p.get("reason") or p["verdict"] in FAILING]
+    reasons = [
+        (s["step"], h["hop"], p)
+        for s in summary["steps"]
+        for h in s["hops"]
+        for p in h["probes"]
+        if p.get("reason") or p["verdict"] in FAILING
+    ]
     for step, hop, p in reasons[:10]:
-        line = f"  [dim]{step}/{hop} {p['trace_id']}:[/] {p['verdict']}" + (f": {escape(p['reason'])}" if p.get("reason") else "")
+        line = f"  [dim]{step}/{hop} {p['trace_id']}:[/] {p['verdict']}" + (
+            f": {escape(p['reason'])}" if p.get("reason") else ""
+        )
         if p["verdict"] in FAILING and p.get("trace_url"):
             line += f"[dim]; trace:[/] [link={p['trace_url']}]{p['trace_url']}[/link]"
         console.print(line, highlight=False, soft_wrap=True)
     if len(reasons) > 10:
         console.print(f"  [dim]... and {len(reasons) - 10} more (use --format json)[/]")
-    verdict = {0: "[green]PASS[/]: every hop within target", 1: "[red]FAIL[/]: freshness breached",
-               3: "[magenta]UNKNOWN[/]: no breach seen, but some hops could not be measured"}[summary["exit_code"]]
-    console.print(f"{verdict} (exit {summary['exit_code']}). Lags are upper bounds; '± error' is the widest error bar.")
+    verdict = {
+        0: "[green]PASS[/]: every hop within target",
+        1: "[red]FAIL[/]: freshness breached",
+        3: "[magenta]UNKNOWN[/]: no breach seen, but some hops could not be measured",
+    }[summary["exit_code"]]
+    console.print(
+        f"{verdict} (exit {summary['exit_code']}). Lags are upper bounds; '± error' is the widest error bar."
+    )
 
 
 def write_junit(summary: dict[str, Any], path: str) -> None:
@@ -193,14 +256,23 @@ def write_junit(summary: dict[str, Any], path: str) -> None:
         suite = ET.SubElement(suites, "testsuite", name=step["step"], tests=str(len(step["hops"])))
         failures = skipped = 0
         for hop in step["hops"]:
-            case = ET.SubElement(suite, "testcase", classname=f"funnel.{step['step']}", name=hop["hop"],
-                                 time=f"{hop['lag_s']['max'] or 0:.3f}")
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"funnel.{step['step']}",
+                name=hop["hop"],
+                time=f"{hop['lag_s']['max'] or 0:.3f}",
+            )
             counts = ", ".join(f"{n} {v}" for v, n in hop["verdicts"].items() if n)
-            text = (f"target {hop['target_s']}s, p50 {hop['lag_s']['p50']}, p95 {hop['lag_s']['p95']}, "
-                    f"max {hop['lag_s']['max']}, error bar {hop['error_bar_s']}s; {counts}")
+            text = (
+                f"target {hop['target_s']}s, p50 {hop['lag_s']['p50']}, p95 {hop['lag_s']['p95']}, "
+                f"max {hop['lag_s']['max']}, error bar {hop['error_bar_s']}s; {counts}"
+            )
             if hop["verdict"] in FAILING:
                 failures += 1
-                ET.SubElement(case, "failure", message=f"{hop['verdict']}: {counts}", type=hop["verdict"]).text = text
+                ET.SubElement(
+                    case, "failure", message=f"{hop['verdict']}: {counts}", type=hop["verdict"]
+                ).text = text
             elif hop["verdict"] != OK:
                 skipped += 1
                 ET.SubElement(case, "skipped", message=f"could not measure: {counts}")

@@ -49,7 +49,9 @@ class ProbeIdGenerator(RandomIdGenerator):
 
 @contextmanager
 def forced_ids(trace_id_hex: str | None, span_id_hex: str | None) -> Iterator[None]:
-    token = _forced.set((int(trace_id_hex, 16) if trace_id_hex else None, int(span_id_hex, 16) if span_id_hex else None))
+    token = _forced.set(
+        (int(trace_id_hex, 16) if trace_id_hex else None, int(span_id_hex, 16) if span_id_hex else None)
+    )
     try:
         yield
     finally:
@@ -61,14 +63,18 @@ def otlp_configured() -> bool:
         return False
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
         return False
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
 
 
 def otlp_span_exporter() -> SpanExporter:
     """The OTLP exporter for ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``: ``http/protobuf`` (the
     spec's default) or ``grpc``. Endpoint, headers and TLS come from the exporter's own env vars."""
     protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
     ).lower()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -81,12 +87,15 @@ def otlp_span_exporter() -> SpanExporter:
 
 def resource(extra: dict[str, str] | None = None) -> Resource:
     """``service.name`` defaults to funnel-tracer; ``OTEL_SERVICE_NAME`` and
-    ``OTEL_RESOURCE_ATTRIBUTES`` override, as in every OTel SDK."""
-    ours = Resource({"service.name": "funnel-tracer", "service.version": tracer.__version__, **(extra or {})})
-    return Resource.create({}).merge(ours).merge(OTELResourceDetector().detect())
+    ``OTEL_RESOURCE_ATTRIBUTES`` override it, as in every OTel SDK; ``extra`` (explicit command-line
+    options such as ``--location``) overrides both."""
+    ours = Resource({"service.name": "funnel-tracer", "service.version": tracer.__version__})
+    return Resource.create({}).merge(ours).merge(OTELResourceDetector().detect()).merge(Resource(extra or {}))
 
 
-def make_provider(exporter: SpanExporter | None = None, extra_resource: dict[str, str] | None = None) -> TracerProvider:
+def make_provider(
+    exporter: SpanExporter | None = None, extra_resource: dict[str, str] | None = None
+) -> TracerProvider:
     provider = TracerProvider(resource=resource(extra_resource), id_generator=ProbeIdGenerator())
     if exporter is None and otlp_configured():
         exporter = otlp_span_exporter()
@@ -104,16 +113,24 @@ if TYPE_CHECKING:
     from tracer.probe import Probe
 
 
-def emit_probe(tr: trace.Tracer, probe: Probe, injection: Injection, hops: list[HopResult], service: str) -> None:
+def emit_probe(
+    tr: trace.Tracer, probe: Probe, injection: Injection, hops: list[HopResult], service: str
+) -> None:
     """One trace per probe: a root span for the step, a CLIENT (or PRODUCER) child for the
     injection with the very span id sent in ``traceparent``, and a child per hop from its start
     to its observation (or deadline). Built after the probe resolved, from its record alone."""
-    common = {"funnel.step": probe.step, "funnel.probe_id": probe.probe_id, "funnel.synthetic": True,
-              "funnel.service": service}
+    common = {
+        "funnel.step": probe.step,
+        "funnel.probe_id": probe.probe_id,
+        "funnel.synthetic": True,
+        "funnel.service": service,
+    }
     failing = [h for h in hops if h.verdict in FAILING]
     end = max([injection.done_at, *(h.end for h in hops)])
     with forced_ids(probe.trace_id, probe.root_span_id):
-        root = tr.start_span(f"probe {probe.step}", start_time=clock.wall_ns(probe.created_at), attributes=common)
+        root = tr.start_span(
+            f"probe {probe.step}", start_time=clock.wall_ns(probe.created_at), attributes=common
+        )
     root.set_attribute("funnel.verdict", failing[0].verdict if failing else _worst(hops))
     if failing:
         root.set_status(Status(StatusCode.ERROR, f"{len(failing)} hop(s) {failing[0].verdict}"))
@@ -122,8 +139,13 @@ def emit_probe(tr: trace.Tracer, probe: Probe, injection: Injection, hops: list[
     kind = SpanKind.CLIENT if "http.request.method" in injection.attributes else SpanKind.PRODUCER
     name = str(injection.attributes.get("http.request.method") or "dlq inject")
     with forced_ids(None, probe.inject_span_id):
-        span = tr.start_span(name, context=ctx, kind=kind, start_time=clock.wall_ns(injection.sent_at),
-                             attributes={**injection.attributes, **common})
+        span = tr.start_span(
+            name,
+            context=ctx,
+            kind=kind,
+            start_time=clock.wall_ns(injection.sent_at),
+            attributes={**injection.attributes, **common},
+        )
     if not injection.ok:
         span.set_status(Status(StatusCode.ERROR, injection.error))
     span.end(end_time=clock.wall_ns(injection.done_at))
@@ -142,14 +164,24 @@ def _hop_span(tr: trace.Tracer, r: HopResult, ctx: Context, common: dict[str, ob
         "funnel.deadline_s": r.deadline,
         "funnel.verdict": r.verdict,
     }
-    optional = {"funnel.lag_s": r.lag, "funnel.error_bar_s": r.error_bar, "funnel.sink_lag_s": r.sink_lag,
-                "funnel.after": r.after, "funnel.reason": r.reason}
+    optional = {
+        "funnel.lag_s": r.lag,
+        "funnel.error_bar_s": r.error_bar,
+        "funnel.sink_lag_s": r.sink_lag,
+        "funnel.after": r.after,
+        "funnel.reason": r.reason,
+    }
     attrs.update({k: v for k, v in optional.items() if v is not None})
     for source, lag in r.sources.items():
         attrs[f"funnel.lag_s.{source}"] = lag
     link = sink_link(r.detail)
-    span = tr.start_span(f"hop {r.hop}", context=ctx, start_time=clock.wall_ns(r.start), attributes=attrs,
-                         links=[link] if link else None)
+    span = tr.start_span(
+        f"hop {r.hop}",
+        context=ctx,
+        start_time=clock.wall_ns(r.start),
+        attributes=attrs,
+        links=[link] if link else None,
+    )
     if r.verdict in FAILING:
         span.set_status(Status(StatusCode.ERROR, r.reason or r.verdict))
     span.end(end_time=clock.wall_ns(max(r.end, r.start)))

@@ -30,7 +30,9 @@ class HttpInject(Model):
     )
 
     def accepts(self, status: int) -> bool:
-        return any(a == str(status) or (a.endswith("xx") and a[0] == str(status)[0]) for a in self.accept_status)
+        return any(
+            a == str(status) or (a.endswith("xx") and a[0] == str(status)[0]) for a in self.accept_status
+        )
 
     @model_validator(mode="after")
     def _one_body(self) -> HttpInject:
@@ -41,7 +43,9 @@ class HttpInject(Model):
         return self
 
 
-def build_request(spec: HttpInject, probe: Probe, extra_headers: dict[str, str]) -> tuple[str, str, dict[str, str], bytes]:
+def build_request(
+    spec: HttpInject, probe: Probe, extra_headers: dict[str, str]
+) -> tuple[str, str, dict[str, str], bytes]:
     """Render templates and serialize the body; the bytes returned are the bytes signed and sent."""
     headers = {k: str(v) for k, v in probe.render(spec.headers).items()}
     body = b""
@@ -60,7 +64,9 @@ def build_request(spec: HttpInject, probe: Probe, extra_headers: dict[str, str])
     return spec.method, probe.render(spec.url), headers, body
 
 
-async def send(client: httpx.AsyncClient, spec: HttpInject, probe: Probe, extra_headers: dict[str, str]) -> Injection:
+async def send(
+    client: httpx.AsyncClient, spec: HttpInject, probe: Probe, extra_headers: dict[str, str]
+) -> Injection:
     method, url, headers, body = build_request(spec, probe, extra_headers)
     parts = urlsplit(url)
     attrs: dict[str, Any] = {
@@ -85,7 +91,14 @@ async def send(client: httpx.AsyncClient, spec: HttpInject, probe: Probe, extra_
     ok = spec.accepts(resp.status_code)
     if resp.status_code >= 400:
         attrs["error.type"] = str(resp.status_code)
-    return Injection(sent, done, ok=ok, status=resp.status_code, error=None if ok else f"HTTP {resp.status_code}", attributes=attrs)
+    return Injection(
+        sent,
+        done,
+        ok=ok,
+        status=resp.status_code,
+        error=None if ok else f"HTTP {resp.status_code}",
+        attributes=attrs,
+    )
 
 
 def _short_error(exc: Exception) -> str:
