@@ -26,6 +26,7 @@ import httpx
 from pydantic import Field, model_validator
 
 from tracer import clock
+from tracer.payload import value_at
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -321,7 +322,8 @@ class PostHogCollector:
         props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
         for w in self._index.in_text(json.dumps(event)):
             hop: PostHogHop = w.sink_spec
-            got, want = _prop(props, hop.property), str(w.probe.render(hop.value))
+            value, want = value_at(props, hop.property), str(w.probe.render(hop.value))
+            got = None if value is None else str(value)
             if (
                 hop.event != event.get("event")
                 or got is None
@@ -363,15 +365,6 @@ class PostHogCollector:
                 delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
         log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
         return delay
-
-
-def _prop(props: dict[str, Any], path: str) -> str | None:
-    node: Any = props
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return None if node is None else str(node)
 
 
 def _error_detail(resp: httpx.Response) -> str:

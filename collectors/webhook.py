@@ -39,6 +39,7 @@ import uvicorn
 from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
+from tracer.payload import strings_in, value_at
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -350,14 +351,14 @@ class WebhookCollector:
             raise _Rejected(401, "unauthenticated", "bad signature\n")
 
     def _match(self, path: str, body: Body, received: float) -> None:
-        for tid in set(TRACE_ID.findall("\n".join(_strings(body)).lower())):
+        for tid in set(TRACE_ID.findall("\n".join(strings_in(body)).lower())):
             for w in list(self._index.get(tid)):
                 hop: WebhookHop = w.sink_spec
                 if hop.path != path:
                     continue
                 if (
                     hop.json_path is not None
-                    and tid not in "\n".join(_strings(_at(body, hop.json_path))).lower()
+                    and tid not in "\n".join(strings_in(value_at(body, hop.json_path))).lower()
                 ):
                     continue
                 w.observe(Observation(at=received, not_before=received, source="push", detail={"path": path}))
@@ -391,33 +392,3 @@ def _parse(raw: bytes, content_type: str) -> Body:
     if not isinstance(body, (dict, list, str)):
         raise _Rejected(400, "malformed", "expected a JSON object, array or string\n")
     return body
-
-
-def _strings(node: Any) -> Iterator[str]:
-    """Every string (keys included) in a parsed body, iteratively: no recursion limit to trip."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                yield str(k)
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool):
-            yield str(item)
-
-
-def _at(body: Any, json_path: str) -> Any:
-    """The value at ``a.b[0].c`` (``a.b.0.c`` works too); None when absent."""
-    node = body
-    for part in re.findall(r"[^.\[\]]+", json_path):
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node

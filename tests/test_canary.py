@@ -9,7 +9,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,22 +32,6 @@ from tracer.canary import Canary
 from tracer.engine import Engine, ProbeResult
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox() as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: Sandbox) -> Iterator[Sandbox]:
-    yield sandbox
-    sandbox.knobs.lead_delay = 0.0
-    sandbox.knobs.drop_rate = 0.0
-    sandbox.posthog.ingest_delay = 0.0
-    sandbox.posthog.query_fault = None
-    sandbox.posthog.retry_after = None
 
 
 def test_canary_run_counts_verdicts_metrics_alerts_and_graceful_stop(sb: Sandbox) -> None:

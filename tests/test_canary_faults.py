@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,22 +22,6 @@ from tracer.canary import Canary
 from tracer.engine import ProbeResult
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox() as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: Sandbox) -> Iterator[Sandbox]:
-    yield sandbox
-    sandbox.knobs.lead_delay = 0.0
-    sandbox.knobs.drop_rate = 0.0
-    sandbox.posthog.ingest_delay = 0.0
-    sandbox.posthog.query_fault = None
-    sandbox.posthog.retry_after = None
 
 
 class BlackholeProxy:

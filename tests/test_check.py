@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,23 +47,6 @@ steps:
         deadline: {deadline}
         posthog: {{event: lead_captured, property: email, match: contains, value: "canary+{{trace_id}}@"}}
 """
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox() as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: Sandbox) -> Iterator[Sandbox]:
-    yield sandbox
-    sandbox.knobs.lead_delay = 0.0
-    sandbox.knobs.drop_rate = 0.0
-    sandbox.posthog.ingest_delay = 0.0
-    sandbox.posthog.query_fault = None
-    sandbox.posthog.retry_after = None
-    sandbox.posthog.force_cached = False
 
 
 def spec_text(sb: Sandbox, target: str = "5s", deadline: str = "10s", funnel: str | None = None) -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 import yaml
 
 from sandbox.payments import PaymentSettings
@@ -36,12 +34,6 @@ steps:
         target: 2s
         posthog: {{event: payment_succeeded, property: canary_trace_id}}
 """
-
-
-@pytest.fixture(scope="module")
-def sb() -> Iterator[Sandbox]:
-    with Sandbox() as sandbox:
-        yield sandbox
 
 
 def run(sb: Sandbox, samples: int = 2) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -81,19 +80,6 @@ class RecordingDlq:
         }
         self.parked.append(entry)
         return entry
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox() as sb:
-        yield sb
-
-
-@pytest.fixture()
-def sb(sandbox: Sandbox) -> Iterator[Sandbox]:
-    yield sandbox
-    sandbox.ctx.extra.pop("payments", None)
-    sandbox.ctx.extra.pop("dlq", None)
 
 
 def configure(sb: Sandbox, **settings: Any) -> PaymentSettings:
@@ -214,7 +200,7 @@ def test_accept_unsigned_lets_unsigned_and_mis_signed_through(sb: Sandbox) -> No
     assert wait_event(sb, forged.trace_id)["event"] == "payment_succeeded"
 
 
-@pytest.mark.parametrize(("skew", "status"), [(-301, 401), (301, 401), (-250, 200), (250, 200)])
+@pytest.mark.parametrize(("skew", "status"), [(-305, 401), (305, 401), (-250, 200), (250, 200)])
 def test_timestamp_tolerance(sb: Sandbox, monkeypatch: pytest.MonkeyPatch, skew: int, status: int) -> None:
     configure(sb, scheme="timestamped")
     monkeypatch.setattr(signing_module, "_unix_now", lambda: int(time.time()) + skew)

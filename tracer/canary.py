@@ -28,10 +28,9 @@ import json
 import logging
 import math
 import random
-import re
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -43,6 +42,7 @@ from tracer.export.metrics import CanaryMetrics
 from tracer.export.spans import make_provider
 from tracer.ledger import MemoryLedger, Sighting, restore
 from tracer.ledger import build as build_ledger
+from tracer.payload import strings_in, value_at
 from tracer.probe import TRACE_ID
 from tracer.spec import FunnelSpec
 from tracer.status import StatusServer
@@ -429,13 +429,13 @@ class Canary:
 
     def _on_push(self, sink: str, path: str, json_paths: list[str], body: Any, received: float) -> None:
         ids: list[str] = []
-        for tid in TRACE_ID.findall("\n".join(_strings(body)).lower()):
+        for tid in TRACE_ID.findall("\n".join(strings_in(body)).lower()):
             if tid not in self.local and tid not in ids:
                 ids.append(tid)
                 if len(ids) >= MAX_IDS_PER_PUSH:
                     break
         for tid in ids:
-            found = [jp for jp in json_paths if tid in "\n".join(_strings(_at(body, jp))).lower()]
+            found = [jp for jp in json_paths if tid in "\n".join(strings_in(value_at(body, jp))).lower()]
             self.ledger.offer(Sighting(tid, sink, path, clock.stamp(received), self.instance, found))
 
     def _apply_sighting(self, s: Sighting) -> bool:
@@ -485,36 +485,6 @@ class Canary:
 
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
-
-
-def _strings(node: Any) -> Iterator[str]:
-    """Every string (keys included) in a parsed body, iteratively."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                stack.append(k)
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _at(body: Any, path: str) -> Any:
-    node = body
-    for name, index in _STEP.findall(path):
-        if name:
-            node = node.get(name) if isinstance(node, dict) else None
-        else:
-            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
-        if node is None:
-            return None
-    return node
 
 
 # -- logging ------------------------------------------------------------------------------------

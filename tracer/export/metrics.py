@@ -29,7 +29,6 @@ own event loop (``refresh``), so the OTLP reader's thread never touches collecto
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -49,6 +48,7 @@ from opentelemetry.sdk.resources import Resource
 
 import tracer
 from tracer import clock
+from tracer.export import otlp
 from tracer.verdict import LATE, OK
 
 if TYPE_CHECKING:
@@ -65,22 +65,11 @@ def lag_buckets(target: float, deadline: float) -> list[float]:
 
 
 def otlp_metrics_configured() -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "none":
-        return False
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
+    return otlp.configured("metrics")
 
 
 def otlp_metric_exporter() -> MetricExporter:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).lower()
-    if protocol == "grpc":
+    if otlp.protocol("metrics") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
         return GrpcExporter()

@@ -13,7 +13,6 @@ Export happens only when an endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOIN
 from __future__ import annotations
 
 import contextvars
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 
 import tracer
 from tracer import clock
+from tracer.export import otlp
 from tracer.verdict import FAILING, HopResult
 
 _forced: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
@@ -59,24 +59,13 @@ def forced_ids(trace_id_hex: str | None, span_id_hex: str | None) -> Iterator[No
 
 
 def otlp_configured() -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
-        return False
-    return bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
+    return otlp.configured("traces")
 
 
 def otlp_span_exporter() -> SpanExporter:
     """The OTLP exporter for ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``: ``http/protobuf`` (the
     spec's default) or ``grpc``. Endpoint, headers and TLS come from the exporter's own env vars."""
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).lower()
-    if protocol == "grpc":
+    if otlp.protocol("traces") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
         return GrpcExporter()
