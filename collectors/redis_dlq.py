@@ -67,6 +67,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from tracer import clock
+from tracer.payload import value_at
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -1146,18 +1147,8 @@ def _maybe_json(text: str) -> Any:
 
 
 def _dig(obj: Any, path: str | None) -> Any:
-    if path is None:
-        return None
-    for part in path.split("."):
-        if isinstance(obj, str):
-            obj = _maybe_json(obj)  # payloads are often JSON inside a string field
-        if isinstance(obj, dict):
-            obj = obj.get(part)
-        elif isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
-            obj = obj[int(part)]
-        else:
-            return None
-    return obj
+    # payloads are often JSON inside a string field
+    return None if path is None else value_at(obj, path, json_strings=True)
 
 
 def _extract(spec: RedisDlqHop, text: str, obj: Any) -> _Info:

@@ -39,6 +39,7 @@ from tracer import clock
 from tracer.alerts import AlertManager
 from tracer.engine import Engine, InFlight, ProbeResult
 from tracer.export.metrics import CanaryMetrics
+from tracer.export.report import rounded
 from tracer.export.spans import make_provider
 from tracer.ledger import MemoryLedger, Sighting, restore
 from tracer.ledger import build as build_ledger
@@ -325,9 +326,9 @@ class Canary:
                     "hop": h.hop,
                     "sink": h.sink,
                     "verdict": h.verdict,
-                    "lag_s": _r(h.lag),
-                    "error_bar_s": _r(h.error_bar),
-                    "sink_lag_s": _r(h.sink_lag),
+                    "lag_s": rounded(h.lag),
+                    "error_bar_s": rounded(h.error_bar),
+                    "sink_lag_s": rounded(h.sink_lag),
                     "target_s": h.target,
                     "reason": h.reason,
                 }
@@ -365,7 +366,11 @@ class Canary:
             len(usable),
             max(0.0, now - since),
             extra={
-                "fields": {"event": "resuming", "probes": len(usable), "blind_s": _r(max(0.0, now - since))}
+                "fields": {
+                    "event": "resuming",
+                    "probes": len(usable),
+                    "blind_s": rounded(max(0.0, now - since)),
+                }
             },
         )
         for probe, injection, done in usable:
@@ -481,10 +486,6 @@ class Canary:
         while True:
             self.metrics.refresh(self.engine.collectors, self.ledger)
             await asyncio.sleep(1.0)
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 4)
 
 
 # -- logging ------------------------------------------------------------------------------------

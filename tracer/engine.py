@@ -71,7 +71,12 @@ class Engine:
         self.tracer = get_tracer(self.provider)
         self.collectors: dict[str, collectors.Collector] = {}
         self.http: httpx.AsyncClient | None = None
-        self._marked_cache: dict[int, tuple[HttpInject, HttpInject]] = {}
+        # Each step's HTTP template with the synthetic marker applied, computed once.
+        self._marked: dict[str, HttpInject] = {
+            name: synthetic.mark(spec.canary.synthetic, step.inject.http)
+            for name, step in spec.steps.items()
+            if step.inject.http is not None
+        }
 
     def sinks(self) -> list[str]:
         used = {hop.sink for step in self.spec.steps.values() for hop in step.hops}
@@ -234,7 +239,7 @@ class Engine:
     async def _inject(self, spec: InjectSpec, probe: Probe) -> Injection:
         if spec.http is not None:
             assert self.http is not None
-            http_spec = self._marked(spec.http)
+            http_spec = self._marked[probe.step]
             extra = {
                 **synthetic.headers(self.spec.canary.synthetic, spec.http),
                 "traceparent": probe.traceparent,
@@ -258,13 +263,6 @@ class Engine:
             reason=injection.error,
             after=hop.after,
         )
-
-    def _marked(self, spec: HttpInject) -> HttpInject:
-        """The injection template with the synthetic marker applied (computed once per step)."""
-        hit = self._marked_cache.get(id(spec))
-        if hit is None or hit[0] is not spec:
-            hit = self._marked_cache[id(spec)] = (spec, synthetic.mark(self.spec.canary.synthetic, spec))
-        return hit[1]
 
     async def _await_hops(
         self,

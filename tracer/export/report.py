@@ -48,7 +48,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def _r(x: float | None) -> float | None:
+def rounded(x: float | None) -> float | None:
+    """Seconds as reports print them: four decimals, None kept."""
     return None if x is None else round(x, 4)
 
 
@@ -75,14 +76,14 @@ def summarize(
                     "after": hop.after,
                     "target_s": hop.target,
                     "deadline_s": spec.deadline(hop),
-                    "error_bar_s": _r(max(bars)) if bars else None,
+                    "error_bar_s": rounded(max(bars)) if bars else None,
                     "samples": len(rows),
                     "verdicts": verdicts,
                     "verdict": _hop_verdict(verdicts),
                     "lag_s": {
-                        "p50": _r(percentile(lags, 50)),
-                        "p95": _r(percentile(lags, 95)),
-                        "max": _r(max(lags) if lags else None),
+                        "p50": rounded(percentile(lags, 50)),
+                        "p95": rounded(percentile(lags, 95)),
+                        "max": rounded(max(lags) if lags else None),
                     },
                     "probes": [
                         _probe_row(h, res_trace, trace_url) for h, res_trace in _with_trace(rows, results)
@@ -109,14 +110,14 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
     row: dict[str, Any] = {
         "trace_id": trace_id,
         "verdict": h.verdict,
-        "lag_s": _r(h.lag),
-        "sink_lag_s": _r(h.sink_lag),
-        "error_bar_s": _r(h.error_bar),
+        "lag_s": rounded(h.lag),
+        "sink_lag_s": rounded(h.sink_lag),
+        "error_bar_s": rounded(h.error_bar),
     }
     if h.reason:
         row["reason"] = h.reason
     if len(h.sources) > 1:
-        row["lag_s_by_source"] = {k: _r(v) for k, v in h.sources.items()}
+        row["lag_s_by_source"] = {k: rounded(v) for k, v in h.sources.items()}
     link = trace_link(trace_url, trace_id)
     if link:
         row["trace_url"] = link
