@@ -18,9 +18,9 @@ import time
 import yaml
 
 from collectors.posthog import PostHogCollector, PostHogConfig
-from sandbox.funnel import Knobs
-from sandbox.posthog_server import PostHogState
-from sandbox.runner import Sandbox
+from tracer.sandbox.funnel import Knobs
+from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.engine import Engine
 from tracer.export.report import percentile

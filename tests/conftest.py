@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sandbox.funnel import Knobs
-from sandbox.runner import Sandbox
+from tracer.sandbox.funnel import Knobs
+from tracer.sandbox.runner import Sandbox
 from tests.support import RedisProcess
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sandbox.redis_process import PrivateRedis as RedisProcess
-from sandbox.redis_process import free_port, wait_port
+from tracer.sandbox.redis_process import PrivateRedis as RedisProcess
+from tracer.sandbox.redis_process import free_port, wait_port
 
 __all__ = ["RedisProcess", "free_port", "wait_port", "tmp_yaml"]
 

@@ -22,8 +22,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from collectors.webhook import WebhookCollector, WebhookConfig
-from sandbox.approvals import ApprovalSettings, ApprovalStats
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings, ApprovalStats
+from tracer.sandbox.runner import Sandbox
 from tracer.probe import new_trace_id
 
 pytestmark = pytest.mark.timeout(30)

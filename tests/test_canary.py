@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.runner import Sandbox
+from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import (
     AlertSink,
     CanaryProcess,

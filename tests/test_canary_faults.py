@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from sandbox.runner import Sandbox
+from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import CanaryProcess, http_get, lead_spec_text, load, parse_prometheus, prom_value
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import RedisProcess, free_port, tmp_yaml

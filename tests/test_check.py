@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.runner import Sandbox
+from tracer.sandbox.runner import Sandbox
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port, tmp_yaml
 from tracer.engine import Engine, ProbeResult

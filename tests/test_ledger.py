@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis
 
-from sandbox.approvals import ApprovalSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import load
 from tests.support import RedisProcess, free_port
 from tracer import clock

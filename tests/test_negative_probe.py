@@ -6,8 +6,8 @@ import asyncio
 
 import yaml
 
-from sandbox.payments import PaymentSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.payments import PaymentSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.engine import Engine
 from tracer.export.report import summarize
 from tracer.spec import parse_spec

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from sandbox.payments import PaymentSettings, reprocess
-from sandbox.runner import Sandbox
+from tracer.sandbox.payments import PaymentSettings, reprocess
+from tracer.sandbox.runner import Sandbox
 from tracer.inject import signing as signing_module
 from tracer.inject.http import HttpInject, build_request, send
 from tracer.probe import Probe
@@ -271,7 +271,7 @@ async def drive_worker(
 
     The funnel parks through its own ``DlqWorker`` on the same key, created here but first used in the
     sandbox's loop (a redis.asyncio client belongs to the loop that uses it)."""
-    from sandbox.dlq import DlqWorker
+    from tracer.sandbox.dlq import DlqWorker
 
     async with DlqWorker(redis_url, handler=functools.partial(reprocess, sb.ctx), **worker_kw) as worker:
         end = time.monotonic() + timeout
@@ -284,7 +284,7 @@ async def drive_worker(
 
 
 def test_parked_in_redis_then_retried_by_the_real_worker(sb: Sandbox, redis_url: str) -> None:
-    from sandbox.dlq import DlqWorker
+    from tracer.sandbox.dlq import DlqWorker
 
     settings = configure(sb, scheme="body_token", fail_rate=1.0)
     sb.ctx.extra["dlq"] = DlqWorker(redis_url)
@@ -305,7 +305,7 @@ def test_parked_in_redis_then_retried_by_the_real_worker(sb: Sandbox, redis_url:
 
 
 def test_persistent_fault_ends_dead_lettered_and_never_emitted(sb: Sandbox, redis_url: str) -> None:
-    from sandbox.dlq import DlqWorker
+    from tracer.sandbox.dlq import DlqWorker
 
     configure(sb, fail_rate=1.0)
     sb.ctx.extra["dlq"] = DlqWorker(redis_url, max_attempts=2)

@@ -7,9 +7,9 @@ import asyncio
 
 import yaml
 
-from sandbox.funnel import Knobs
-from sandbox.posthog_server import PostHogState
-from sandbox.runner import Sandbox
+from tracer.sandbox.funnel import Knobs
+from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.runner import Sandbox
 from tracer.engine import Engine
 from tracer.spec import parse_spec
 

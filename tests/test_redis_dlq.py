@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from collectors.redis_dlq import RedisDlqCollector, RedisDlqConfig, redact_url
-from sandbox.dlq import DlqWorker, new_entry, to_fields
+from tracer.sandbox.dlq import DlqWorker, new_entry, to_fields
 from tests.support import RedisProcess, free_port
 from tracer import clock
 from tracer.inject.redis_dlq import DlqInject, send

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from sandbox.approvals import ApprovalSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tests.support import tmp_yaml
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sandbox.runner import Sandbox
+from tracer.sandbox.runner import Sandbox
 from tests.test_report_html import run_check, sandbox  # noqa: F401  (module-scoped sandbox fixture)
 
 STEPS = ("lead", "approval")

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from sandbox.dlq import DlqWorker, new_entry
+from tracer.sandbox.dlq import DlqWorker, new_entry
 
 SHAPES = ["list", "zset", "stream"]
 

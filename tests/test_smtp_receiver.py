@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from collectors.smtp import SmtpCollector, SmtpConfig
-from sandbox.approvals import ApprovalSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.probe import Probe
 from tracer.spec import HopSpec

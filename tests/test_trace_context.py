@@ -24,8 +24,8 @@ import pytest
 import yaml
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-from sandbox.approvals import ApprovalSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port, tmp_yaml, wait_port
 from tracer.engine import Engine
@@ -258,8 +258,8 @@ def test_in_one_process_each_reports_as_itself_and_no_secret_reaches_a_span(
 
 
 def test_dlq_push_is_in_the_callers_trace_without_the_payload(redis_url: str) -> None:
-    from sandbox.dlq import DlqWorker
-    from sandbox.payments import PATH, PaymentSettings
+    from tracer.sandbox.dlq import DlqWorker
+    from tracer.sandbox.payments import PATH, PaymentSettings
 
     caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     body = {
@@ -299,7 +299,7 @@ def test_library_spans_only_in_the_sandboxs_context_and_under_a_parent(redis_url
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from sandbox import telemetry
+    from tracer.sandbox import telemetry
 
     telemetry.instrument_libraries()
     exported = InMemorySpanExporter()

@@ -15,8 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from collectors.webhook import WebhookCollector, WebhookConfig, WebhookHop
-from sandbox.approvals import ApprovalSettings
-from sandbox.runner import Sandbox
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.probe import Probe, new_trace_id
 from tracer.spec import HopSpec

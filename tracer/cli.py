@@ -232,11 +232,11 @@ def demo(
 
     Needs nothing beyond the install. The spec used is examples/sandbox.yaml.
     """
-    from sandbox.approvals import ApprovalSettings
-    from sandbox.funnel import Knobs
-    from sandbox.posthog_server import PostHogState
-    from sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
-    from sandbox.runner import Sandbox
+    from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.funnel import Knobs
+    from tracer.sandbox.posthog_server import PostHogState
+    from tracer.sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
+    from tracer.sandbox.runner import Sandbox
 
     with contextlib.ExitStack() as stack:
         redis_url = os.environ.get("REDIS_URL")
@@ -356,10 +356,10 @@ def sandbox(
     import threading
 
     from collectors.redis_dlq import redact_url as redact
-    from sandbox.approvals import ApprovalSettings
-    from sandbox.funnel import Knobs
-    from sandbox.posthog_server import PostHogState
-    from sandbox.runner import Sandbox
+    from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.funnel import Knobs
+    from tracer.sandbox.posthog_server import PostHogState
+    from tracer.sandbox.runner import Sandbox
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

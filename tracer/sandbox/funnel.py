@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sandbox.approvals import approval_routes
-from sandbox.payments import payment_routes
-from sandbox.telemetry import TracedPosthog, tracer
+from tracer.sandbox.approvals import approval_routes
+from tracer.sandbox.payments import payment_routes
+from tracer.sandbox.telemetry import TracedPosthog, tracer
 
 log = logging.getLogger(__name__)
 

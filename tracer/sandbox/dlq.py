@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from sandbox import telemetry
+from tracer.sandbox import telemetry
 from tracer import clock
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sandbox import signatures
+from tracer.sandbox import signatures
 
 if TYPE_CHECKING:  # funnel.py imports this module to build its app; avoid the import cycle at run time
-    from sandbox.funnel import FunnelContext
+    from tracer.sandbox.funnel import FunnelContext
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from starlette.routing import Route
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-    from sandbox.funnel import FunnelContext
+    from tracer.sandbox.funnel import FunnelContext
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import uvicorn
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from sandbox import payments, telemetry
-from sandbox.approvals import ApprovalSettings
-from sandbox.dlq import DlqWorker
-from sandbox.funnel import FunnelContext, Knobs, create_app
-from sandbox.posthog_server import PostHogState
-from sandbox.posthog_server import create_app as create_posthog_app
+from tracer.sandbox import payments, telemetry
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.dlq import DlqWorker
+from tracer.sandbox.funnel import FunnelContext, Knobs, create_app
+from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.posthog_server import create_app as create_posthog_app
 
 
 def bind(host: str, port: int) -> socket.socket:
