@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from redis.asyncio import Redis  # noqa: E402
 
 from collectors.redis_dlq import RedisDlqCollector, RedisDlqConfig  # noqa: E402
-from tracer.sandbox.dlq import new_entry, to_fields  # noqa: E402
-from tracer.sandbox.redis_process import PrivateRedis  # noqa: E402
 from tracer import clock  # noqa: E402
 from tracer.probe import Probe  # noqa: E402
+from tracer.sandbox.dlq import new_entry, to_fields  # noqa: E402
+from tracer.sandbox.redis_process import PrivateRedis  # noqa: E402
 from tracer.spec import HopSpec  # noqa: E402
 from tracer.watch import Observation, Watch  # noqa: E402
 

@@ -18,13 +18,13 @@ import time
 import yaml
 
 from collectors.posthog import PostHogCollector, PostHogConfig
-from tracer.sandbox.funnel import Knobs
-from tracer.sandbox.posthog_server import PostHogState
-from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.engine import Engine
 from tracer.export.report import percentile
 from tracer.probe import Probe
+from tracer.sandbox.funnel import Knobs
+from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import HopSpec, parse_spec
 from tracer.watch import Watch
 

@@ -57,7 +57,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from redis.asyncio import Redis
@@ -67,6 +66,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from tracer import clock
+from tracer.net import check_redis_url, redact_url
+from tracer.net import short_redis_error as short_error
 from tracer.payload import value_at
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
@@ -87,42 +88,6 @@ _ADDS = {"lpush", "rpush", "linsert", "zadd", "zincr", "xadd"}
 _NEUTRAL = {"expire", "persist", "new", "hset", "hdel", "hincrby", "hincrbyfloat"}
 # Subscribed first, so the listener's connection exists before any hop is known. Nobody publishes.
 _CONTROL = "funnel-tracer:redis_dlq"
-
-
-def redact_url(url: str) -> str:
-    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return f"{p.scheme}://{host}{p.path}"
-
-
-def scrub(text: str, url: str) -> str:
-    """Remove the URL's password and username from an error message, should a library echo them."""
-    p = urlsplit(url)
-    for secret in (p.password, p.username):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def short_error(exc: BaseException, url: str) -> str:
-    """A short, secret-free description of a Redis failure."""
-    name = type(exc).__name__
-    if isinstance(exc, TimeoutError) or name == "TimeoutError":
-        return "timeout"
-    if isinstance(exc, OSError) or name == "ConnectionError":
-        return "connection refused or lost"
-    if name == "AuthenticationError":
-        return "authentication failed"
-    return scrub(f"{name}: {exc}", url)[:160]
-
-
-def check_redis_url(v: Secret) -> Secret:
-    if not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    return v
 
 
 class RedisDlqConfig(Model):

@@ -28,8 +28,8 @@ from typing import Any, ClassVar, Literal
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import Field, model_validator
 
-from collectors.webhook import is_loopback
 from tracer import clock
+from tracer.net import is_loopback
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model
 from tracer.watch import Coverage, Observation, Watch, WatchIndex

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -39,6 +38,7 @@ import uvicorn
 from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
+from tracer.net import is_loopback
 from tracer.payload import strings_in, value_at
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
@@ -103,15 +103,6 @@ class WebhookHop(Model):
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.strip("/")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Rejected(Exception):

@@ -4,9 +4,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import RedisProcess
 from tracer.sandbox.funnel import Knobs
 from tracer.sandbox.runner import Sandbox
-from tests.support import RedisProcess
 
 
 @pytest.fixture(scope="session")

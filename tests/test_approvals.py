@@ -22,9 +22,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from collectors.webhook import WebhookCollector, WebhookConfig
+from tracer.probe import new_trace_id
 from tracer.sandbox.approvals import ApprovalSettings, ApprovalStats
 from tracer.sandbox.runner import Sandbox
-from tracer.probe import new_trace_id
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import (
     AlertSink,
     CanaryProcess,
@@ -30,6 +29,7 @@ from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port, tmp_yaml
 from tracer.canary import Canary
 from tracer.engine import Engine, ProbeResult
+from tracer.sandbox.runner import Sandbox
 
 pytestmark = pytest.mark.timeout(90)
 

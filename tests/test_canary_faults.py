@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import redis
 
-from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import CanaryProcess, http_get, lead_spec_text, load, parse_prometheus, prom_value
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import RedisProcess, free_port, tmp_yaml
 from tracer import clock
 from tracer.canary import Canary
 from tracer.engine import ProbeResult
+from tracer.sandbox.runner import Sandbox
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tracer.sandbox.runner import Sandbox
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port, tmp_yaml
 from tracer.engine import Engine, ProbeResult
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import FunnelSpec, parse_spec
 
 SPEC = """

@@ -14,8 +14,6 @@ import httpx
 import pytest
 import redis
 
-from tracer.sandbox.approvals import ApprovalSettings
-from tracer.sandbox.runner import Sandbox
 from tests.canary_helpers import load
 from tests.support import RedisProcess, free_port
 from tracer import clock
@@ -24,6 +22,8 @@ from tracer.engine import InFlight, ProbeResult
 from tracer.inject import Injection
 from tracer.ledger import RedisLedger, Sighting, record_of, restore
 from tracer.probe import Probe, new_trace_id
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import LedgerSpec
 from tracer.verdict import HopResult
 

@@ -6,10 +6,10 @@ import asyncio
 
 import yaml
 
-from tracer.sandbox.payments import PaymentSettings
-from tracer.sandbox.runner import Sandbox
 from tracer.engine import Engine
 from tracer.export.report import summarize
+from tracer.sandbox.payments import PaymentSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import parse_spec
 
 SPEC = """

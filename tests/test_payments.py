@@ -12,11 +12,11 @@ import httpx
 import pytest
 import redis
 
-from tracer.sandbox.payments import PaymentSettings, reprocess
-from tracer.sandbox.runner import Sandbox
 from tracer.inject import signing as signing_module
 from tracer.inject.http import HttpInject, build_request, send
 from tracer.probe import Probe
+from tracer.sandbox.payments import PaymentSettings, reprocess
+from tracer.sandbox.runner import Sandbox
 
 SECRET = "whsec_funnel-S3CRET"
 PATH = "/api/v1/webhooks/payments"

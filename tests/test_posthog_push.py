@@ -7,10 +7,10 @@ import asyncio
 
 import yaml
 
+from tracer.engine import Engine
 from tracer.sandbox.funnel import Knobs
 from tracer.sandbox.posthog_server import PostHogState
 from tracer.sandbox.runner import Sandbox
-from tracer.engine import Engine
 from tracer.spec import parse_spec
 
 SPEC = """

@@ -25,11 +25,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from collectors.posthog import PostHogCollector, PostHogConfig, build_query
-from tracer.sandbox.posthog_server import PostHogState, create_app
-from tracer.sandbox.runner import bind
 from tests.support import free_port
 from tracer import clock
 from tracer.probe import Probe
+from tracer.sandbox.posthog_server import PostHogState, create_app
+from tracer.sandbox.runner import bind
 from tracer.spec import HopSpec
 from tracer.watch import Watch
 

@@ -16,12 +16,13 @@ import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from collectors.redis_dlq import RedisDlqCollector, RedisDlqConfig, redact_url
-from tracer.sandbox.dlq import DlqWorker, new_entry, to_fields
+from collectors.redis_dlq import RedisDlqCollector, RedisDlqConfig
 from tests.support import RedisProcess, free_port
 from tracer import clock
 from tracer.inject.redis_dlq import DlqInject, send
+from tracer.net import redact_url
 from tracer.probe import Probe
+from tracer.sandbox.dlq import DlqWorker, new_entry, to_fields
 from tracer.spec import HopSpec, parse_spec
 from tracer.watch import Watch
 

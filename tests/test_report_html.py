@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import tmp_yaml
 from tracer.sandbox.approvals import ApprovalSettings
 from tracer.sandbox.runner import Sandbox
-from tests.support import tmp_yaml
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 EVENT_DELAY = 0.3  # the funnel emits approval_requested this long after the request: > 100ms target

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from tracer.sandbox.runner import Sandbox
 from tests.test_report_html import run_check, sandbox  # noqa: F401  (module-scoped sandbox fixture)
+from tracer.sandbox.runner import Sandbox
 
 STEPS = ("lead", "approval")
 

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from collectors.smtp import SmtpCollector, SmtpConfig
-from tracer.sandbox.approvals import ApprovalSettings
-from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.probe import Probe
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import HopSpec
 from tracer.watch import Watch
 

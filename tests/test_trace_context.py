@@ -24,12 +24,12 @@ import pytest
 import yaml
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-from tracer.sandbox.approvals import ApprovalSettings
-from tracer.sandbox.runner import Sandbox
 from tests.otlp_receiver import OtlpReceiver
 from tests.support import free_port, tmp_yaml, wait_port
 from tracer.engine import Engine
 from tracer.export.spans import sink_link
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import parse_spec
 
 SERVER, CLIENT, PRODUCER = 2, 3, 4  # OTLP SpanKind values

@@ -15,10 +15,10 @@ import pytest
 from pydantic import ValidationError
 
 from collectors.webhook import WebhookCollector, WebhookConfig, WebhookHop
-from tracer.sandbox.approvals import ApprovalSettings
-from tracer.sandbox.runner import Sandbox
 from tracer import clock
 from tracer.probe import Probe, new_trace_id
+from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.runner import Sandbox
 from tracer.spec import HopSpec
 from tracer.watch import Watch
 

@@ -355,7 +355,7 @@ def sandbox(
     import signal
     import threading
 
-    from collectors.redis_dlq import redact_url as redact
+    from tracer.net import redact_url as redact
     from tracer.sandbox.approvals import ApprovalSettings
     from tracer.sandbox.funnel import Knobs
     from tracer.sandbox.posthog_server import PostHogState

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from tracer import clock
 from tracer.inject import Injection
 from tracer.inject.signing import Signing
+from tracer.net import redact_url
 from tracer.probe import Probe
 from tracer.schema import Duration, Model
 
@@ -71,7 +72,7 @@ async def send(
     parts = urlsplit(url)
     attrs: dict[str, Any] = {
         "http.request.method": method,
-        "url.full": _redact_url(url),
+        "url.full": redact_url(url),
         "server.address": parts.hostname or "",
         "server.port": parts.port or (443 if parts.scheme == "https" else 80),
         "user_agent.synthetic.type": "test",
@@ -105,12 +106,3 @@ def _short_error(exc: Exception) -> str:
     if isinstance(exc, httpx.ConnectError):
         return "connection refused or unreachable"
     return type(exc).__name__
-
-
-def _redact_url(url: str) -> str:
-    """Drop userinfo and query string: either may carry a token."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return f"{p.scheme}://{host}{p.path}"

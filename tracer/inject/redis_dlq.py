@@ -21,9 +21,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from collectors.redis_dlq import check_redis_url, redact_url, short_error
 from tracer import clock
 from tracer.inject import Injection
+from tracer.net import check_redis_url, redact_url
+from tracer.net import short_redis_error as short_error
 from tracer.probe import Probe
 from tracer.schema import Duration, Model, Secret
 

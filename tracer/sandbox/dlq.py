@@ -42,8 +42,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from tracer.sandbox import telemetry
 from tracer import clock
+from tracer.sandbox import telemetry
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,57 @@
+"""Network helpers every layer may use: secret-free URLs and errors, loopback checks.
+
+Kept here, below the collectors and injectors, so a sink never borrows from another sink.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+from tracer.schema import Secret
+
+
+def redact_url(url: str) -> str:
+    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+def scrub(text: str, url: str) -> str:
+    """Remove the URL's password and username from an error message, should a library echo them."""
+    p = urlsplit(url)
+    for secret in (p.password, p.username):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def short_redis_error(exc: BaseException, url: str) -> str:
+    """A short, secret-free description of a Redis failure."""
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError) or name == "TimeoutError":
+        return "timeout"
+    if isinstance(exc, OSError) or name == "ConnectionError":
+        return "connection refused or lost"
+    if name == "AuthenticationError":
+        return "authentication failed"
+    return scrub(f"{name}: {exc}", url)[:160]
+
+
+def check_redis_url(v: Secret) -> Secret:
+    """Pydantic field validator for Redis URLs (the value itself is never echoed)."""
+    if not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return v
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
