@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -27,6 +28,7 @@ from pydantic import Field, model_validator
 
 from tracer import clock
 from tracer.payload import value_at
+from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -183,6 +185,12 @@ class PostHogCollector:
 
     def unwatch(self, w: Watch) -> None:
         self._index.discard(w)
+
+    def connect(self, others: Mapping[str, Collector]) -> None:
+        """With ``push_path``: the webhook receiver hands us what the realtime destination posts."""
+        receiver = others.get("webhook")
+        if self.config.push_path and isinstance(receiver, PushReceiver):
+            receiver.route(self.config.push_path, self.on_push)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -373,3 +381,19 @@ def _error_detail(resp: httpx.Response) -> str:
     except ValueError:
         return ""
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
+
+
+def _needs(config: PostHogConfig) -> list[Need]:
+    if config.push_path:
+        return [Need("push_path", "webhook", "push needs a 'collectors.webhook' receiver to post to")]
+    return []
+
+
+plugin = SinkPlugin(
+    name="posthog",
+    config=PostHogConfig,
+    hop=PostHogHop,
+    factory=PostHogCollector,
+    summary="PostHog events, by HogQL query (poll) and optionally a realtime destination (push)",
+    needs=_needs,
+)

@@ -69,6 +69,7 @@ from tracer import clock
 from tracer.net import check_redis_url, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.payload import value_at
+from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -1145,3 +1146,12 @@ def _epoch(value: Any) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return value / 1000.0 if value > 1e11 else float(value)
     return None
+
+
+plugin = SinkPlugin(
+    name="redis_dlq",
+    config=RedisDlqConfig,
+    hop=RedisDlqHop,
+    factory=RedisDlqCollector,
+    summary="a Redis dead-letter queue (list, sorted set or stream): entries, retries, resolution",
+)

@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from tracer import clock
 from tracer.net import is_loopback
+from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -219,3 +220,12 @@ def _recipients(msg: EmailMessage, envelope: Envelope) -> set[str]:
     headers = [str(v) for v in msg.get_all("to", []) + msg.get_all("cc", [])]
     found.update(addr.lower() for _, addr in getaddresses(headers) if addr)
     return found
+
+
+plugin = SinkPlugin(
+    name="smtp",
+    config=SmtpConfig,
+    hop=SmtpHop,
+    factory=SmtpCollector,
+    summary="an SMTP server that receives e-mail notifications",
+)

@@ -40,6 +40,7 @@ from pydantic import Field, field_validator, model_validator
 from tracer import clock
 from tracer.net import is_loopback
 from tracer.payload import strings_in, value_at
+from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
@@ -383,3 +384,12 @@ def _parse(raw: bytes, content_type: str) -> Body:
     if not isinstance(body, (dict, list, str)):
         raise _Rejected(400, "malformed", "expected a JSON object, array or string\n")
     return body
+
+
+plugin = SinkPlugin(
+    name="webhook",
+    config=WebhookConfig,
+    hop=WebhookHop,
+    factory=WebhookCollector,
+    summary="an HTTP receiver for Slack-style or generic JSON webhook notifications",
+)

@@ -58,8 +58,25 @@ def _load(path: str) -> FunnelSpec:
         sys.exit(2)
 
 
+class _Main(click.Group):
+    """``--help`` ends with the sinks and injectors registered (entry points, see tracer.plugins)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS
+
+        with formatter.section("Sinks (a 'collectors:' section, and one per hop)"):
+            formatter.write_dl([(name, p.summary) for name, p in SINK_PLUGINS.items()])
+        with formatter.section("Injectors (a step's 'inject:' section)"):
+            formatter.write_dl([(name, p.summary) for name, p in INJECTOR_PLUGINS.items()])
+        formatter.write_paragraph()
+        formatter.write_text("Each section's options: the README's Configuration section and examples/.")
+
+
 @click.group(
-    epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=_Main,
+    epilog=EXAMPLES,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(tracer.__version__, prog_name="funnel-tracer")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")

@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
-import collectors
-from tracer import clock, synthetic
+from tracer import clock
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.inject import Injection
-from tracer.inject import http as http_injector
-from tracer.inject.http import HttpInject
+from tracer.plugins import Collector, Connects, InjectContext, Injector
 from tracer.probe import Probe
-from tracer.spec import FunnelSpec, HopSpec, InjectSpec
+from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
 from tracer.verdict import INJECT_FAILED, LOST, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
 from tracer.watch import Watch
 
@@ -69,34 +67,35 @@ class Engine:
         self._own_provider = provider is None
         self.provider = provider or make_provider()
         self.tracer = get_tracer(self.provider)
-        self.collectors: dict[str, collectors.Collector] = {}
+        self.collectors: dict[str, Collector] = {}
+        self.injectors: dict[str, Injector] = {}  # one per step
         self.http: httpx.AsyncClient | None = None
-        # Each step's HTTP template with the synthetic marker applied, computed once.
-        self._marked: dict[str, HttpInject] = {
-            name: synthetic.mark(spec.canary.synthetic, step.inject.http)
-            for name, step in spec.steps.items()
-            if step.inject.http is not None
-        }
 
     def sinks(self) -> list[str]:
+        """The sinks the steps use, plus those their configs need (PostHog push: the webhook receiver)."""
         used = {hop.sink for step in self.spec.steps.values() for hop in step.hops}
-        if "posthog" in used and self.spec.collectors.posthog and self.spec.collectors.posthog.push_path:
-            used.add("webhook")  # the receiver a PostHog realtime destination posts to
+        for sink in list(used):
+            used.update(n.sink for n in SINK_PLUGINS[sink].needs(getattr(self.spec.collectors, sink)))
         return sorted(used)
 
     async def start(self) -> None:
         self.http = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"}, follow_redirects=False)
+        ctx = InjectContext(http=self.http, synthetic=self.spec.canary.synthetic)
+        for name, step in self.spec.steps.items():
+            self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():
-            collector = collectors.build(sink, getattr(self.spec.collectors, sink))
+            collector = SINK_PLUGINS[sink].factory(getattr(self.spec.collectors, sink))
             await collector.start()
             self.collectors[sink] = collector
-        posthog = self.spec.collectors.posthog
-        if posthog is not None and posthog.push_path and "posthog" in self.collectors:
-            self.collectors["webhook"].route(posthog.push_path, self.collectors["posthog"].on_push)  # type: ignore[attr-defined]
+        for collector in self.collectors.values():
+            if isinstance(collector, Connects):
+                collector.connect(self.collectors)
 
     async def close(self) -> None:
         for c in self.collectors.values():
             await c.close()
+        for i in self.injectors.values():
+            await i.close()
         if self.http is not None:
             await self.http.aclose()
         if self._own_provider:
@@ -136,7 +135,7 @@ class Engine:
         return InFlight(probe, watches, registered_at=clock.now())
 
     async def inject(self, inflight: InFlight) -> Injection:
-        inflight.injection = await self._inject(self.spec.steps[inflight.step].inject, inflight.probe)
+        inflight.injection = await self.injectors[inflight.step].send(inflight.probe)
         return inflight.injection
 
     async def finish(self, inflight: InFlight, on_hop: OnHop | None = None) -> ProbeResult:
@@ -235,20 +234,6 @@ class Engine:
         """Every collector was blind in ``[start, end]`` (e.g. the canary process was down)."""
         for c in self.collectors.values():
             c.coverage.mark_blind(start, end)
-
-    async def _inject(self, spec: InjectSpec, probe: Probe) -> Injection:
-        if spec.http is not None:
-            assert self.http is not None
-            http_spec = self._marked[probe.step]
-            extra = {
-                **synthetic.headers(self.spec.canary.synthetic, spec.http),
-                "traceparent": probe.traceparent,
-            }
-            return await http_injector.send(self.http, http_spec, probe, extra)
-        from tracer.inject import redis_dlq
-
-        assert spec.redis_dlq is not None
-        return await redis_dlq.send(spec.redis_dlq, probe)
 
     def _inject_failed(self, step_name: str, hop: HopSpec, injection: Injection) -> HopResult:
         return HopResult(

@@ -9,27 +9,39 @@ from __future__ import annotations
 import math
 import os
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from collectors.posthog import PostHogConfig, PostHogHop
-from collectors.redis_dlq import RedisDlqConfig, RedisDlqHop
-from collectors.smtp import SmtpConfig, SmtpHop
-from collectors.webhook import WebhookConfig, WebhookHop
-from tracer.inject.http import HttpInject
-from tracer.inject.redis_dlq import DlqInject
+from tracer import plugins
 from tracer.schema import Duration, Model, Secret
+from tracer.synthetic import SyntheticSpec
 from tracer.verdict import VERDICTS
 
-SINKS = ("posthog", "redis_dlq", "webhook", "smtp")
-INJECTORS = ("http", "redis_dlq")
+# What is registered (entry points, see tracer.plugins) decides which sections exist.
+SINK_PLUGINS = plugins.sinks()
+INJECTOR_PLUGINS = plugins.injectors()
+SINKS = tuple(SINK_PLUGINS)
+INJECTORS = tuple(INJECTOR_PLUGINS)
 
 
-class HopSpec(Model):
-    """One expected observation of a probe on one sink."""
+def _with_sections(name: str, base: type[Model], sections: dict[str, tuple[type[Model], str]]) -> Any:
+    """``base`` plus one optional field per registered plugin (``posthog: PostHogHop | None``...)."""
+    fields: dict[str, Any] = {
+        key: (model | None, Field(None, description=summary)) for key, (model, summary) in sections.items()
+    }
+    return create_model(name, __base__=base, __module__=__name__, **fields)
+
+
+def _chosen(obj: Model, names: tuple[str, ...]) -> list[str]:
+    return [s for s in names if getattr(obj, s) is not None]
+
+
+class _Hop(Model):
+    """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     target: Duration = Field(description="freshness target: lag at or under this is ok")
@@ -40,14 +52,10 @@ class HopSpec(Model):
         None, description="measure from this earlier hop's observation, not from injection"
     )
     expect: Literal["present", "absent"] = "present"
-    posthog: PostHogHop | None = None
-    redis_dlq: RedisDlqHop | None = None
-    webhook: WebhookHop | None = None
-    smtp: SmtpHop | None = None
 
     @model_validator(mode="after")
-    def _one_sink(self) -> HopSpec:
-        chosen = [s for s in SINKS if getattr(self, s) is not None]
+    def _one_sink(self) -> _Hop:
+        chosen = _chosen(self, SINKS)
         if len(chosen) != 1:
             raise ValueError(
                 f"a hop needs exactly one sink ({', '.join(SINKS)}); found {len(chosen) or 'none'}"
@@ -56,32 +64,40 @@ class HopSpec(Model):
             raise ValueError("deadline must be at least the target")
         return self
 
-    @property
-    def sink(self) -> str:
-        for s in SINKS:  # a plain loop: collectors ask this for every watch on every poll
-            if getattr(self, s) is not None:
-                return s
-        raise AssertionError("validated: exactly one sink")
+    @cached_property
+    def sink(self) -> str:  # cached: collectors ask this for every watch on every poll
+        return _chosen(self, SINKS)[0]
 
-    @property
+    @cached_property
     def sink_spec(self) -> Any:
         return getattr(self, self.sink)
 
 
-class InjectSpec(Model):
-    http: HttpInject | None = None
-    redis_dlq: DlqInject | None = None
+class _Inject(Model):
+    """How a probe enters the funnel: exactly one injector section."""
 
     @model_validator(mode="after")
-    def _one(self) -> InjectSpec:
-        chosen = [s for s in INJECTORS if getattr(self, s) is not None]
-        if len(chosen) != 1:
+    def _one(self) -> _Inject:
+        if len(_chosen(self, INJECTORS)) != 1:
             raise ValueError(f"inject needs exactly one of: {', '.join(INJECTORS)}")
         return self
 
-    @property
+    @cached_property
     def kind(self) -> str:
-        return next(s for s in INJECTORS if getattr(self, s) is not None)
+        return _chosen(self, INJECTORS)[0]
+
+    @cached_property
+    def config(self) -> Any:
+        return getattr(self, self.kind)
+
+
+HopSpec = _with_sections("HopSpec", _Hop, {n: (p.hop, p.summary) for n, p in SINK_PLUGINS.items()})
+InjectSpec = _with_sections(
+    "InjectSpec", _Inject, {n: (p.config, p.summary) for n, p in INJECTOR_PLUGINS.items()}
+)
+CollectorsSpec = _with_sections(
+    "CollectorsSpec", Model, {n: (p.config, p.summary) for n, p in SINK_PLUGINS.items()}
+)
 
 
 class StepSpec(Model):
@@ -105,29 +121,6 @@ class StepSpec(Model):
 
 
 # -- the canary: `funnel-tracer canary` ----------------------------------------------------------
-class SyntheticSpec(Model):
-    """How everything the tracer injects is marked as synthetic, so the funnel, PostHog and
-    revenue reports can filter it out. Applies to ``check`` and ``canary`` alike."""
-
-    header: str | None = Field("X-Synthetic", description="header added to every HTTP injection (null: none)")
-    header_value: str = "true"
-    property: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$",
-        description="dotted path set in every JSON body (form: last segment), e.g. metadata.synthetic",
-    )
-    property_value: bool | int | str = True
-    email_domain: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}$",
-        description="every e-mail address in an inject body must use this domain (checked at load)",
-    )
-    posthog_personless: bool = Field(
-        True,
-        description="set $process_person_profile: false on events the tracer captures into PostHog itself",
-    )
-
-
 class LedgerSpec(Model):
     """Where in-flight probes are recorded: in memory (default), or in Redis so a restarted canary
     resumes them and several instances can share receivers."""
@@ -206,13 +199,6 @@ class CanarySpec(Model):
     synthetic: SyntheticSpec = SyntheticSpec()
 
 
-class CollectorsSpec(Model):
-    posthog: PostHogConfig | None = None
-    redis_dlq: RedisDlqConfig | None = None
-    webhook: WebhookConfig | None = None
-    smtp: SmtpConfig | None = None
-
-
 class FunnelSpec(Model):
     service: str = Field(min_length=1, description="the funnel under test, as reports name it")
     deadline_factor: float = Field(3.0, ge=1.0)
@@ -222,10 +208,11 @@ class FunnelSpec(Model):
 
     @model_validator(mode="after")
     def _collectors_configured(self) -> FunnelSpec:
-        if self.collectors.posthog and self.collectors.posthog.push_path and self.collectors.webhook is None:
-            raise _PathError(
-                "collectors.posthog.push_path", "push needs a 'collectors.webhook' receiver to post to"
-            )
+        for name, plugin in SINK_PLUGINS.items():
+            config = getattr(self.collectors, name)
+            for need in plugin.needs(config) if config is not None else ():
+                if getattr(self.collectors, need.sink, None) is None:
+                    raise _PathError(f"collectors.{name}.{need.field}", need.why)
         for step_name, step in self.steps.items():
             for i, hop in enumerate(step.hops):
                 if getattr(self.collectors, hop.sink) is None:
@@ -236,10 +223,11 @@ class FunnelSpec(Model):
         domain = self.canary.synthetic.email_domain
         if domain:
             for step_name, step in self.steps.items():
-                for where, text in _inject_strings(step.inject, f"steps.{step_name}.inject"):
+                kind = step.inject.kind
+                for where, text in INJECTOR_PLUGINS[kind].body_strings(step.inject.config):
                     if _EMAIL.match(text) and not text.lower().endswith("@" + domain.lower()):
                         raise _PathError(
-                            where,
+                            f"steps.{step_name}.inject.{kind}.{where}",
                             f"e-mail address must use the synthetic domain {domain}"
                             " (canary.synthetic.email_domain)",
                         )
@@ -252,8 +240,7 @@ class FunnelSpec(Model):
         chain: dict[str, float] = {}
         for hop in step.hops:
             chain[hop.name] = self.deadline(hop) + (chain[hop.after] if hop.after else 0.0)
-        inject = step.inject.http.timeout if step.inject.http is not None else 5.0
-        return inject + max(chain.values())
+        return getattr(step.inject.config, "timeout", 5.0) + max(chain.values())
 
     def step_cap(self, step_name: str) -> int:
         """Per-step cap on probes in flight: explicit, else twice the steady state."""
@@ -269,28 +256,6 @@ class FunnelSpec(Model):
 
 
 _EMAIL = re.compile(r"^[^@\s{}]+(\{[a-z_]+\}[^@\s{}]*)*@[^@\s]+$")
-
-
-def _inject_strings(inject: InjectSpec, base: str) -> list[tuple[str, str]]:
-    """Every string value of an HTTP injection's body, with its YAML path."""
-    out: list[tuple[str, str]] = []
-    http = inject.http
-    if http is None:
-        return out
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, str):
-            out.append((path, node))
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}.{k}")
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{path}[{i}]")
-
-    walk(http.json_body, f"{base}.http.json")
-    walk(http.form, f"{base}.http.form")
-    return out
 
 
 class _PathError(ValueError):

@@ -13,11 +13,22 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from tracer.probe import Probe
-    from tracer.spec import HopSpec
+
+
+class Hop(Protocol):
+    """What a watch needs of a hop (``tracer.spec.HopSpec`` has it; the spec sits above us)."""
+
+    name: str
+
+    @property
+    def sink(self) -> str: ...
+
+    @property
+    def sink_spec(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,7 @@ class Watch:
     """One hop of one probe, awaited on one sink."""
 
     probe: Probe
-    hop: HopSpec
+    hop: Hop
     since: float  # monotonic: when the watch began (just before injection)
     observations: list[Observation] = field(default_factory=list)
     # Sources the collector will report (e.g. {"push", "poll"} for PostHog with a realtime

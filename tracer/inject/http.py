@@ -1,4 +1,8 @@
-"""HTTP injector: send a templated request (lead, payment webhook, approval) for one probe."""
+"""HTTP injector: send a templated request (lead, payment webhook, approval) for one probe.
+
+Every request carries the probe's ``traceparent`` (so an instrumented funnel joins the probe's
+trace) and the synthetic markers (``tracer.synthetic``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 from pydantic import Field, model_validator
 
-from tracer import clock
+from tracer import clock, synthetic
 from tracer.inject import Injection
 from tracer.inject.signing import Signing
 from tracer.net import redact_url
+from tracer.plugins import InjectContext, InjectorPlugin
 from tracer.probe import Probe
 from tracer.schema import Duration, Model
 
@@ -106,3 +111,51 @@ def _short_error(exc: Exception) -> str:
     if isinstance(exc, httpx.ConnectError):
         return "connection refused or unreachable"
     return type(exc).__name__
+
+
+class HttpInjector:
+    """One step's HTTP injection: the template, marked as synthetic once, sent per probe over
+    the engine's shared client."""
+
+    def __init__(self, config: HttpInject, ctx: InjectContext) -> None:
+        self.marker = ctx.synthetic
+        self.client: httpx.AsyncClient = ctx.http
+        marked = synthetic.mark_body(self.marker, config.url, config.json_body, config.form)
+        if marked is not None:
+            config = config.model_copy(update={"json_body": marked[0], "form": marked[1]})
+        self.spec = config
+        self.timeout = config.timeout
+
+    async def send(self, probe: Probe) -> Injection:
+        extra = {**synthetic.header(self.marker, self.spec.headers), "traceparent": probe.traceparent}
+        return await send(self.client, self.spec, probe, extra)
+
+    async def close(self) -> None:
+        """The client is the engine's."""
+
+
+def _body_strings(config: HttpInject) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, str):
+            out.append((path, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(config.json_body, "json")
+    walk(config.form, "form")
+    return out
+
+
+plugin = InjectorPlugin(
+    name="http",
+    config=HttpInject,
+    factory=HttpInjector,
+    summary="send a templated HTTP request (optionally signed) for each probe",
+    body_strings=_body_strings,
+)

@@ -25,6 +25,7 @@ from tracer import clock
 from tracer.inject import Injection
 from tracer.net import check_redis_url, redact_url
 from tracer.net import short_redis_error as short_error
+from tracer.plugins import InjectContext, InjectorPlugin
 from tracer.probe import Probe
 from tracer.schema import Duration, Model, Secret
 
@@ -112,3 +113,25 @@ async def send(spec: DlqInject, probe: Probe, client: Redis | None = None) -> In
         if own:
             await r.aclose()
     return Injection(sent, clock.now(), ok=True, attributes=attrs)
+
+
+class DlqInjector:
+    """One step's synthetic DLQ entries; a connection per probe (the canary injects rarely)."""
+
+    def __init__(self, config: DlqInject, ctx: InjectContext) -> None:
+        self.spec = config
+        self.timeout = config.timeout
+
+    async def send(self, probe: Probe) -> Injection:
+        return await send(self.spec, probe)
+
+    async def close(self) -> None:
+        """Nothing held between probes."""
+
+
+plugin = InjectorPlugin(
+    name="redis_dlq",
+    config=DlqInject,
+    factory=DlqInjector,
+    summary="write a synthetic entry straight into a Redis DLQ, in the funnel's own format",
+)

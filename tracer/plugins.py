@@ -1,0 +1,167 @@
+"""Plugins: the two small protocols every sink and injector implements, and how they are found.
+
+A sink (PostHog, a Redis DLQ, a webhook receiver...) is a ``SinkPlugin``: its ``collectors.<name>``
+config model, its hop model (the ``<name>:`` section of a hop) and a factory for its
+``Collector``. An injector (``http``, ``redis_dlq``...) is an ``InjectorPlugin``: its config model
+(the ``inject.<name>`` section) and a factory for an ``Injector`` bound to one step.
+
+Both are found through Python entry points, the built-in ones too (see ``pyproject.toml``)::
+
+    [project.entry-points."funnel_tracer.collectors"]
+    posthog = "collectors.posthog:plugin"
+
+so a third-party distribution that declares an entry point in one of the two groups adds a sink
+or an injector that ``validate``, ``check``, ``canary`` and ``--help`` know, without editing the
+core. ``tracer.spec`` assembles the schema from what is registered here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from tracer.inject import Injection
+from tracer.probe import Probe
+from tracer.schema import Model
+from tracer.watch import Coverage, Watch
+
+COLLECTORS_GROUP = "funnel_tracer.collectors"
+INJECTORS_GROUP = "funnel_tracer.injectors"
+
+
+class Collector(Protocol):
+    """Watches one sink. Told which hops to look for (``watch``), it finds them on its sink and
+    reports a sighting with ``Watch.observe``; its ``Coverage`` says when it could see, so a
+    verdict never calls a blind window ``late`` or ``lost``. Runs on the engine's asyncio loop."""
+
+    sink: ClassVar[str]
+    coverage: Coverage
+
+    @property
+    def error_bar(self) -> float:
+        """Typical uncertainty of one sighting in seconds (a poller's effective interval)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect / bind / begin polling. Call ``coverage.looked(now)`` once able to see."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def watch(self, w: Watch) -> None:
+        """Start looking for ``w`` (registered just before injection)."""
+        ...
+
+    def unwatch(self, w: Watch) -> None: ...
+
+    def health(self) -> dict[str, Any]:
+        """``{"up": bool, ...}`` for /healthz, metrics and reports. No secrets."""
+        ...
+
+
+@runtime_checkable
+class PushReceiver(Protocol):
+    """Optional, for push collectors (webhook): hand every accepted body on ``path`` to
+    ``on_body(body, received)`` as well, after the collector's own matching. PostHog's realtime
+    destination uses it, and the canary passes sightings of probes owned by *another* instance
+    to the shared ledger (``tracer.ledger``), so instances behind one load balancer each match
+    their probes once."""
+
+    def route(self, path: str, on_body: Callable[[Any, float], None]) -> None: ...
+
+
+@runtime_checkable
+class Connects(Protocol):
+    """Optional: a collector that works through another one (PostHog push through the webhook
+    receiver) is handed every started collector once, after all have started."""
+
+    def connect(self, others: Mapping[str, Collector]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Need:
+    """A sink's config asks for another sink: ``field`` (within its section) needs ``sink``."""
+
+    field: str
+    sink: str
+    why: str
+
+
+@dataclass(frozen=True)
+class SinkPlugin:
+    name: str  # the key under ``collectors:`` and inside a hop
+    config: type[Model]
+    hop: type[Model]
+    factory: Callable[[Any], Collector]  # config -> collector
+    summary: str = ""  # one line for --help
+    needs: Callable[[Any], Iterable[Need]] = field(default=lambda config: ())
+
+
+class Injector(Protocol):
+    """Sends one probe for one step. Built once per step at engine start (so per-step work, such
+    as applying the synthetic markers to a template, is done once), closed at engine close."""
+
+    timeout: float  # longest one ``send`` may take: bounds a probe's duration
+
+    async def send(self, probe: Probe) -> Injection: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class InjectContext:
+    """What the engine shares with every injector."""
+
+    http: Any  # httpx.AsyncClient, shared connection pool
+    synthetic: Any  # tracer.synthetic.SyntheticSpec: the markers every injection carries
+
+
+@dataclass(frozen=True)
+class InjectorPlugin:
+    name: str  # the key under a step's ``inject:``
+    config: type[Model]
+    factory: Callable[[Any, InjectContext], Injector]
+    summary: str = ""
+    # Every string an injection puts in a body, as (path within the section, text): the spec
+    # checks e-mail addresses against ``canary.synthetic.email_domain``.
+    body_strings: Callable[[Any], Iterable[tuple[str, str]]] = field(default=lambda config: ())
+
+
+class PluginError(Exception):
+    """A registered entry point is broken (cannot be imported, or is not a plugin)."""
+
+
+def _load(group: str, kind: type) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party plugin must name itself
+            raise PluginError(f"{group} entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
+        if not isinstance(plugin, kind):
+            raise PluginError(f"{group} entry point '{ep.name}' ({ep.value}) is not a {kind.__name__}")
+        if plugin.name != ep.name:
+            raise PluginError(f"{group} entry point '{ep.name}' names a plugin called '{plugin.name}'")
+        if ep.name in found:
+            continue  # the same distribution seen twice on sys.path (e.g. an editable install)
+        found[ep.name] = plugin
+    if not found:
+        raise PluginError(
+            f"no {group} entry points: funnel-tracer is not installed (run `pip install .` in its checkout)"
+        )
+    return found
+
+
+@functools.cache
+def sinks() -> dict[str, SinkPlugin]:
+    """Every registered sink, by name (sorted)."""
+    return _load(COLLECTORS_GROUP, SinkPlugin)
+
+
+@functools.cache
+def injectors() -> dict[str, InjectorPlugin]:
+    """Every registered injector, by name (sorted)."""
+    return _load(INJECTORS_GROUP, InjectorPlugin)
