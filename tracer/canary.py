@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tracer import clock
 from tracer.alerts import AlertManager
-from tracer.engine import Engine, InFlight, ProbeResult
+from tracer.engine import Engine, InFlight, ProbeResult, StartError
 from tracer.export.metrics import CanaryMetrics
 from tracer.export.report import rounded
 from tracer.export.spans import make_provider
@@ -541,7 +541,7 @@ def run_canary(spec: FunnelSpec, **kwargs: Any) -> int:
         canary = Canary(spec, **kwargs)
         try:
             await canary.start()
-        except OSError as exc:  # a port in use, an unreachable bind address
+        except (OSError, StartError) as exc:  # a port in use, an unreachable bind address
             log.error("cannot start the canary: %s", exc, extra={"fields": {"event": "start_failed"}})
             await canary.shutdown()
             return 2

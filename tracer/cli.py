@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import click
@@ -50,6 +51,13 @@ def _load(path: str) -> FunnelSpec:
     try:
         return load_spec(path)
     except SpecError as exc:
+        if len(exc.problems) == 1 and not exc.problems[0][0]:  # about the file as a whole: one line
+            err.print(
+                f"[red]error:[/] {exc.source or path}: invalid funnel spec: {exc.problems[0][1]}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(2)
         err.print(
             f"[red]error:[/] {exc.source or path}: invalid funnel spec", highlight=False, soft_wrap=True
         )
@@ -176,9 +184,15 @@ def run_check(
     trace_url: str | None,
     html_path: str | None = None,
 ) -> int:
+    from tracer.engine import StartError
     from tracer.export.report import default_trace_url, render_table, summarize, write_junit
 
-    results = asyncio.run(_check(spec, samples))
+    _writable_or_exit(("--junit", junit), ("--html", html_path))
+    try:
+        results = asyncio.run(_check(spec, samples))
+    except StartError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
     summary = summarize(spec, results, default_trace_url() if trace_url is None else trace_url or None)
     if fmt == "json":
         click.echo(json.dumps(summary, indent=2))
@@ -195,6 +209,24 @@ def run_check(
 
         write_html(summary, html_path)
     return int(summary["exit_code"])
+
+
+def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
+    """Report files are checked before any probe runs: a bad path is a usage error (exit 2), not a
+    finding discovered after a ten-minute gate."""
+    for option, path in outputs:
+        if not path:
+            continue
+        target = Path(path)
+        existed = target.exists()
+        try:
+            with target.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            err.print(f"[red]error:[/] {option} {path}: cannot write: {exc.strerror}", highlight=False)
+            sys.exit(2)
+        if not existed:
+            target.unlink()
 
 
 async def _check(spec: FunnelSpec, samples: int) -> list[Any]:

@@ -33,6 +33,14 @@ from tracer.watch import Watch
 log = logging.getLogger(__name__)
 
 
+class StartError(Exception):
+    """A collector could not start (e.g. its port is taken): a setup problem, exit 2, before any probe."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: cannot start: {message}")
+        self.path = path
+
+
 @dataclass
 class ProbeResult:
     probe: Probe
@@ -85,7 +93,11 @@ class Engine:
             self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():
             collector = SINK_PLUGINS[sink].factory(getattr(self.spec.collectors, sink))
-            await collector.start()
+            try:
+                await collector.start()
+            except OSError as exc:  # a receiver's port taken, a socket path not writable...
+                await self.close()
+                raise StartError(f"collectors.{sink}", exc.strerror or type(exc).__name__) from None
             self.collectors[sink] = collector
         for collector in self.collectors.values():
             if isinstance(collector, Connects):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ class _Hop(Model):
     """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    target: Duration = Field(description="freshness target: lag at or under this is ok")
+    target: Duration = Field(gt=0, description="freshness target: lag at or under this is ok")
     deadline: Duration | None = Field(
         None, description="give up after this; default deadline_factor x target"
     )
@@ -103,7 +104,7 @@ CollectorsSpec = _with_sections(
 class StepSpec(Model):
     inject: InjectSpec
     hops: list[HopSpec] = Field(min_length=1)
-    interval: Duration = Field(60.0, gt=0, description="canary: one probe every interval")
+    interval: Duration = Field(60.0, ge=0.1, description="canary: one probe every interval (at least 100ms)")
     spacing: Duration = Field(1.0, description="check: pause between a step's samples")
     max_in_flight: int | None = Field(
         None, gt=0, description="canary: cap for this step (default canary.max_in_flight_per_step)"
@@ -141,7 +142,9 @@ class LedgerSpec(Model):
     max_sightings: int = Field(
         10_000, gt=0, description="bound of each instance's queue of sightings made by others"
     )
-    heartbeat: Duration = Field(1.0, gt=0)
+    heartbeat: Duration = Field(
+        1.0, ge=0.1, description="how often this instance marks itself alive (at least 100ms)"
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -164,7 +167,7 @@ class AlertsSpec(Model):
     blind: list[str] = Field(default_factory=lambda: ["unknown", "inject_failed"])
     trace_url: str | None = Field(None, description="link template, e.g. {jaeger_url}/trace/{trace_id}")
     jaeger_url: str | None = Field(None, pattern=r"^https?://")
-    timeout: Duration = Field(5.0, gt=0)
+    timeout: Duration = Field(5.0, ge=0.1)
     retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
@@ -277,12 +280,15 @@ class SpecError(Exception):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(node: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+def _interpolate(node: Any, path: str, problems: list[tuple[str, str]], used: dict[str, str]) -> Any:
+    """Fill ``${VAR}`` / ``${VAR:-default}``; ``used`` collects each value filled in (value -> name)
+    so no error message can echo it."""
     if isinstance(node, str):
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
             if name in os.environ:
+                used[os.environ[name]] = name
                 return os.environ[name]
             if default is not None:
                 return default
@@ -291,10 +297,19 @@ def _interpolate(node: Any, path: str, problems: list[tuple[str, str]]) -> Any:
 
         return _ENV.sub(sub, node)
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else str(k), problems, used) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{path}[{i}]", problems, used) for i, v in enumerate(node)]
     return node
+
+
+def _redact(message: str, used: dict[str, str]) -> str:
+    for value in sorted(used, key=len, reverse=True):
+        if len(value) >= 3 and value in message:
+            message = message.replace(value, "${" + used[value] + "}")
+    return message
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
@@ -324,7 +339,8 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
     if not isinstance(data, dict):
         raise SpecError([("", "the file must be a YAML mapping with 'service' and 'steps'")], source)
     problems: list[tuple[str, str]] = []
-    data = _interpolate(data, "", problems)
+    used: dict[str, str] = {}
+    data = _interpolate(data, "", problems, used)
     if problems:
         raise SpecError(problems, source)
     try:
@@ -334,20 +350,110 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
         for err in exc.errors(include_input=False, include_url=False):
             ctx_err = (err.get("ctx") or {}).get("error")
             path = ctx_err.path if isinstance(ctx_err, _PathError) else _loc_path(tuple(err["loc"]))
-            out.append((path, _message(err)))
+            out.append((_redact(path, used), _redact(_message(err), used)))
         raise SpecError(out, source) from None
+
+
+MAX_SPEC_BYTES = 1 << 20  # a funnel spec is a few KiB; this bounds reading /dev/zero or a log by mistake
+MAX_VALUES = 100_000  # values after expanding YAML aliases ("billion laughs" expands to 10^9)
+MAX_DEPTH = 64
 
 
 def load_spec(path: str | Path) -> FunnelSpec:
     p = Path(path)
+    return parse_spec(_read_yaml(p), str(p))
+
+
+def _read_yaml(p: Path) -> Any:
+    """The file's YAML, or a one-line ``SpecError``: unreadable, not a regular file, too large,
+    not UTF-8, not YAML, duplicate keys, nested too deeply, or expanding to too many values."""
+
+    def fail(message: str) -> SpecError:
+        return SpecError([("", message)], str(p))
+
     try:
-        text = p.read_text(encoding="utf-8")
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise fail("not a regular file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
-        raise SpecError([("", f"cannot read file: {exc.strerror}")], str(p)) from None
+        raise fail(f"cannot read file: {exc.strerror}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise fail(f"larger than {MAX_SPEC_BYTES // 1024} KiB: is this the funnel spec?")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except _TooBig as exc:
+        raise fail(str(exc)) from None
+    except RecursionError:
+        raise fail(f"nested more than {MAX_DEPTH} levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise SpecError([("", f"not valid YAML ({where}): {getattr(exc, 'problem', exc)}")], str(p)) from None
-    return parse_spec(data, str(p))
+        raise fail(f"not valid YAML ({where}): {getattr(exc, 'problem', None) or exc}") from None
+    finally:
+        loader.dispose()
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys: the second one would silently win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}'", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count values as if every alias were expanded, without expanding anything: each distinct
+    node is counted once (memo by identity), so a billion-laughs document is refused at once."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(node: yaml.Node) -> None:
+        key = id(node)
+        if key in size:
+            return
+        if key in active:
+            raise _TooBig("a YAML alias refers to itself")
+        if len(active) >= MAX_DEPTH:
+            raise _TooBig(f"nested more than {MAX_DEPTH} levels deep")
+        active.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        for child in children:
+            visit(child)
+        size[key] = 1 + sum(size[id(c)] for c in children)
+        depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+        active.discard(key)
+        if size[key] > MAX_VALUES:
+            raise _TooBig(f"expands to more than {MAX_VALUES:,} values (YAML aliases?)")
+        if depth[key] > MAX_DEPTH:
+            raise _TooBig(f"nested more than {MAX_DEPTH} levels deep")
+
+    visit(root)

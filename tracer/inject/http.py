@@ -28,7 +28,7 @@ class HttpInject(Model):
     headers: dict[str, str] = {}
     json_body: Any = Field(None, alias="json")
     form: dict[str, str] | None = None
-    timeout: Duration = 10.0
+    timeout: Duration = Field(10.0, ge=0.1, description="give up on the request after this (at least 100ms)")
     sign: Signing | None = None
     accept_status: list[Annotated[str, Field(pattern=r"^([1-5]xx|[1-5][0-9][0-9])$")]] = Field(
         default_factory=lambda: ["2xx"],

@@ -52,7 +52,7 @@ class DlqInject(Model):
     push: Literal["lpush", "rpush"] = Field("lpush", description="list: which end the funnel parks at")
     retry_in: Duration = Field(0.0, ge=0, description="zset: score = now + retry_in (the next retry time)")
     score_unit: Literal["s", "ms"] = "s"
-    timeout: Duration = Field(5.0, gt=0)
+    timeout: Duration = Field(5.0, ge=0.1)
 
     _url = field_validator("url")(check_redis_url)
 
