@@ -212,7 +212,37 @@ def test_injection_failure_is_inject_failed_not_a_breach(sb: Sandbox) -> None:
         spec_text(sb).replace("/api/v1/leads", "/api/v1/nope"), "--samples", "1", "--format", "json"
     )
     probe = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"][0]
-    assert probe["verdict"] == "inject_failed" and probe["reason"] == "HTTP 404"
+    assert probe["verdict"] == "inject_failed" and probe["reason"] == "HTTP 404: Not Found"
+    assert probe["evidence"]["injection"] == {"status": 404, "error": "HTTP 404", "response": "Not Found"}
+
+
+def test_a_refusal_carries_the_funnels_answer_without_secrets(sb: Sandbox) -> None:
+    """A 422 names the missing field; the report shows it, with the credentials we sent redacted."""
+    text = spec_text(sb).replace(
+        'json: {name: "Canary {probe_id}", email: "canary+{trace_id}@example.com", metadata: {canary_trace_id: "{trace_id}"}}',
+        'json: {name: "no email here"}\n        headers: {Authorization: "Bearer tok_live_0123456789"}',
+    )
+    assert "no email here" in text
+    proc = cli_check(text, "--samples", "1", "--format", "json")
+    assert proc.returncode == 3, proc.stderr
+    probe = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"][0]
+    assert probe["verdict"] == "inject_failed"
+    assert probe["reason"].startswith("HTTP 422: ") and "email is required" in probe["reason"]
+    assert "tok_live_0123456789" not in proc.stdout + proc.stderr
+
+
+def test_a_lost_hop_says_what_was_searched_for(sb: Sandbox) -> None:
+    sb.knobs.drop_rate = 1.0  # the funnel never emits: a real outage
+    proc = cli_check(spec_text(sb, target="1s", deadline="2s"), "--samples", "1", "--format", "json")
+    assert proc.returncode == 1, proc.stderr
+    probe = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"][0]
+    ev = probe["evidence"]
+    assert probe["verdict"] == "lost" and probe["reason"].startswith("lost: not seen within the 2s deadline")
+    searched = ev["searched"]
+    assert searched["sink"] == "posthog" and searched["event"] == "lead_captured"
+    assert searched["value"] == f"canary+{probe['trace_id']}@"  # as sent, templates filled in
+    assert set(searched["window"]) == {"from", "to"} and ev["blind"] == []
+    assert isinstance(ev["near_misses"], int)
 
 
 def test_one_query_per_cycle_whatever_the_number_in_flight(sb: Sandbox) -> None:

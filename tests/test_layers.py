@@ -27,7 +27,10 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.synthetic",
         ],
     ),
-    ("pipeline contracts", ["tracer.watch", "tracer.verdict", "tracer.inject", "tracer.plugins"]),
+    (
+        "pipeline contracts",
+        ["tracer.watch", "tracer.verdict", "tracer.evidence", "tracer.inject", "tracer.plugins"],
+    ),
     ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*"]),
     ("the spec", ["tracer.spec"]),
     (

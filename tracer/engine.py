@@ -22,12 +22,13 @@ import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
 from tracer import clock
+from tracer.evidence import Evidence, blind_json, sentence, window
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.inject import Injection
-from tracer.plugins import Collector, Connects, InjectContext, Injector
+from tracer.plugins import Collector, Connects, Explains, InjectContext, Injector
 from tracer.probe import Probe
 from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
-from tracer.verdict import INJECT_FAILED, LOST, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
+from tracer.verdict import INJECT_FAILED, LOST, OK, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
 from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,18 @@ class Engine:
             verdict=INJECT_FAILED,
             start=injection.sent_at,
             end=injection.done_at,
-            reason=injection.error,
+            reason=f"{injection.error}: {injection.response}" if injection.response else injection.error,
             after=hop.after,
+            evidence={
+                "searched": {"sink": hop.sink},
+                "near_misses": 0,
+                "blind": [],
+                "injection": {
+                    "status": injection.status,
+                    "error": injection.error,
+                    "response": injection.response,
+                },
+            },
         )
 
     async def _await_hops(
@@ -336,7 +347,7 @@ class Engine:
             start, inherited_error = ref.end, ref.error_bar or 0.0
             result.start = start
         deadline_at = start + deadline
-        await watch.wait_seen(deadline_at - clock.now())
+        await watch.wait_seen(deadline_at - clock.now(), collector.coverage)
         if watch.first is not None and watch.missing_sources():
             # Push and poll both configured: let the slower one report too, for the comparison.
             await watch.wait_other_sources(min(deadline_at - clock.now(), max(2.0, 3 * collector.error_bar)))
@@ -365,7 +376,31 @@ class Engine:
         else:
             result.end = deadline_at
             result.error_bar = collector.error_bar
+        if result.verdict != OK:
+            evidence = await self._evidence(collector, watch, hop, start, min(result.end, clock.now()))
+            result.evidence = evidence.to_json()
+            result.reason = sentence(result.verdict, evidence, result.reason)
         return result
+
+    async def _evidence(
+        self, collector: Collector, watch: Watch, hop: HopSpec, start: float, end: float
+    ) -> Evidence:
+        """What was searched for and when the collector was blind; the collector adds what it
+        held instead (``Explains``). Never raises: evidence must not cost a verdict."""
+        wanted = hop.sink_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        base = Evidence(
+            searched={"sink": hop.sink, **watch.probe.render(wanted), "window": window(start, end)},
+            blind=blind_json(collector.coverage.blind_windows(start, end)),
+        )
+        if collector.coverage.broken and not base.blind:
+            base.blind = blind_json([(start, end, collector.coverage.broken)])
+        if not isinstance(collector, Explains):
+            return base
+        try:
+            return await asyncio.wait_for(collector.explain(watch, start, end, base), timeout=15.0)
+        except Exception as exc:  # a broken explanation is logged, the verdict stands
+            log.warning("%s: no evidence for %s (%s)", hop.sink, watch.trace_id, type(exc).__name__)
+            return base
 
     # -- the launch gate ------------------------------------------------------
     async def check(

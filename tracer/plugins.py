@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from tracer.evidence import Evidence
 from tracer.inject import Injection
 from tracer.probe import Probe
 from tracer.schema import Model
@@ -79,6 +80,16 @@ class Connects(Protocol):
     receiver) is handed every started collector once, after all have started."""
 
     def connect(self, others: Mapping[str, Collector]) -> None: ...
+
+
+@runtime_checkable
+class Explains(Protocol):
+    """Optional: after a verdict that is not ``ok``, say what the sink held instead. ``base``
+    already holds what was searched for and the blind windows; fill in near misses, what was
+    found, a summary clause and a hint. Called once per such hop; a sink whose lookups cost
+    quota must batch them (PostHog: one extra query per poll cycle, not one per probe)."""
+
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence: ...
 
 
 @dataclass(frozen=True)

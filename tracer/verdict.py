@@ -9,7 +9,7 @@ straddles the target is ``late`` only when the straddle comes from the normal po
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tracer import clock
 
@@ -38,6 +38,7 @@ class HopResult:
     after: str | None = None
     sources: dict[str, float] = field(default_factory=dict)  # lag as seen by each source (push/poll)
     detail: dict[str, object] = field(default_factory=dict)
+    evidence: dict[str, Any] | None = None  # tracer.evidence.Evidence.to_json(), for verdicts that are not ok
 
 
 def judge_present(

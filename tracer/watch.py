@@ -120,20 +120,28 @@ class Watch:
                 break
         self._seen.set()
 
-    async def wait_seen(self, timeout: float) -> bool:
+    async def wait_seen(self, timeout: float, coverage: Coverage | None = None) -> bool:
+        """True once seen; False at ``timeout``, or at once when ``coverage`` is broken (a
+        permanent error: waiting longer cannot produce evidence)."""
         if self._hit:
             return True
+        if coverage is not None and coverage.broken:
+            return False
         if timeout > 0 and self._waiter is None:
             # A future and a timer rather than wait_for: no extra task per probe in flight
             # (a canary may hold 10,000 of these).
             loop = asyncio.get_running_loop()
             fut = self._waiter = loop.create_future()
             timer = loop.call_later(timeout, _expire, fut)
+            if coverage is not None:
+                coverage._aborts.add(fut)
             try:
                 return await fut
             finally:
                 timer.cancel()
                 self._waiter = None
+                if coverage is not None:
+                    coverage._aborts.discard(fut)
         try:
             await asyncio.wait_for(self._seen.wait(), timeout=max(0.0, timeout))
         except asyncio.TimeoutError:
@@ -150,8 +158,10 @@ class Coverage:
     """When a collector could look.
 
     ``looked(through)``: a successful look; anything that reached the sink up to ``through``
-    would have been seen. ``failed(at)``: a look failed or could not be made; the collector is
-    blind from its last certified moment until the next successful look.
+    would have been seen. ``failed(at, why)``: a look failed or could not be made; the collector
+    is blind from its last certified moment until the next successful look. ``broke(at, why)``: a
+    permanent error (a wrong key, a missing project): no look will succeed until the setup is
+    fixed, so nobody should wait for one. ``why`` is kept for evidence ("HTTP 401 ...").
 
     ``retroactive`` collectors (a query over a time window) still find, on their next good
     look, what arrived while they were blind; only the timing is lost. Push receivers are not
@@ -161,7 +171,10 @@ class Coverage:
     def __init__(self, retroactive: bool, keep: int = 4096) -> None:
         self.retroactive = retroactive
         self.certified = -math.inf
-        self._blind: deque[list[float]] = deque(maxlen=keep)  # [start, end]; end=inf while blind
+        # [start, end, why]; end=inf while blind
+        self._blind: deque[list[Any]] = deque(maxlen=keep)
+        self.broken: str | None = None  # why no look can succeed (see broke), None when fine
+        self._aborts: set[asyncio.Future[bool]] = set()  # waits to end early when broken
         self._changed = asyncio.Event()
         self.failures = 0
         self._holds: dict[str, float] = {}  # external blindness (see hold), key -> since
@@ -179,14 +192,34 @@ class Coverage:
         if self._open:
             self._blind[-1][1] = through
         self.certified = max(self.certified, through)
+        self.broken = None
         self._wake()
 
-    def failed(self, at: float) -> None:
+    def failed(self, at: float, why: str | None = None) -> None:
         self.failures += 1
         if not self._open:
             start = self.certified if self.certified > -math.inf else at
-            self._blind.append([min(start, at), math.inf])
+            self._blind.append([min(start, at), math.inf, why])
+        elif why and not self._blind[-1][2]:
+            self._blind[-1][2] = why
         self._wake()
+
+    def broke(self, at: float, why: str) -> None:
+        """A permanent error: blind until a look succeeds again, and every wait ends now."""
+        self.failed(at, why)
+        self.broken = why
+        for fut in list(self._aborts):
+            if not fut.done():
+                fut.set_result(False)
+        self._wake()
+
+    def blind_windows(self, start: float, end: float) -> list[tuple[float, float, str | None]]:
+        """Blind windows overlapping ``[start, end]``, clipped to it, with why (when known)."""
+        out = [
+            (max(b0, start), min(b1, end), why) for b0, b1, why in self._blind if b0 <= end and b1 >= start
+        ]
+        out += [(max(h0, start), end, f"held: {key}") for key, h0 in self._holds.items() if h0 <= end]
+        return out
 
     def mark_blind(self, start: float, end: float) -> None:
         """Record a closed window ``[start, end]`` in which nobody looked, learnt after the fact
@@ -194,7 +227,7 @@ class Coverage:
         treat it like any other blind window; the current state (blind or not) is unchanged."""
         if end < start:
             return
-        entry = [start, end]
+        entry = [start, end, "nobody looked (the tracer was not running)"]
         if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
             self._blind.popleft()
         if self._open:
@@ -219,7 +252,7 @@ class Coverage:
     def blind_start(self, start: float, end: float) -> float | None:
         """Earliest start of a blind interval overlapping ``[start, end]``, or None."""
         found = None
-        for b0, b1 in self._blind:
+        for b0, b1, _ in self._blind:
             if b0 <= end and b1 >= start and (found is None or b0 < found):
                 found = b0
         for h0 in self._holds.values():
@@ -245,7 +278,7 @@ class Coverage:
         deadline = loop.time() + max(0.0, timeout)
         while not self._covers(moment):
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or self.broken:
                 return False
             self._changed.clear()
             try:

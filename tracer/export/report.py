@@ -116,6 +116,8 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
     }
     if h.reason:
         row["reason"] = h.reason
+    if h.evidence is not None:
+        row["evidence"] = h.evidence
     if len(h.sources) > 1:
         row["lag_s_by_source"] = {k: rounded(v) for k, v in h.sources.items()}
     link = trace_link(trace_url, trace_id)
@@ -250,6 +252,10 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
     )
 
 
+def _figure(x: float | None) -> str:
+    return "–" if x is None else f"{x:g}"
+
+
 def write_junit(summary: dict[str, Any], path: str) -> None:
     """One testcase per hop, failing on late/lost/breach and skipped when it could not be measured."""
     suites = ET.Element("testsuites", name=f"funnel-tracer: {summary['service']}")
@@ -265,10 +271,14 @@ def write_junit(summary: dict[str, Any], path: str) -> None:
                 time=f"{hop['lag_s']['max'] or 0:.3f}",
             )
             counts = ", ".join(f"{n} {v}" for v, n in hop["verdicts"].items() if n)
+            lag = {k: _figure(v) for k, v in hop["lag_s"].items()}
             text = (
-                f"target {hop['target_s']}s, p50 {hop['lag_s']['p50']}, p95 {hop['lag_s']['p95']}, "
-                f"max {hop['lag_s']['max']}, error bar {hop['error_bar_s']}s; {counts}"
+                f"target {hop['target_s']}s, p50 {lag['p50']}, p95 {lag['p95']}, "
+                f"max {lag['max']}, error bar {_figure(hop['error_bar_s'])}s; {counts}"
             )
+            reasons = list(dict.fromkeys(p["reason"] for p in hop["probes"] if p.get("reason")))
+            if reasons:
+                text += "\n" + "\n".join(reasons[:10])
             if hop["verdict"] in FAILING:
                 failures += 1
                 ET.SubElement(

@@ -19,3 +19,4 @@ class Injection:
     status: int | None = None
     error: str | None = None  # short, secret-free: "HTTP 503", "timeout after 5s", "connection refused"
     attributes: dict[str, Any] = field(default_factory=dict)  # span attributes (semantic conventions)
+    response: str | None = None  # failed: the start of the funnel's answer, secrets redacted

@@ -14,6 +14,7 @@ import httpx
 from pydantic import Field, model_validator
 
 from tracer import clock, synthetic
+from tracer.evidence import excerpt
 from tracer.inject import Injection
 from tracer.inject.signing import Signing
 from tracer.net import redact_url
@@ -104,7 +105,21 @@ async def send(
         status=resp.status_code,
         error=None if ok else f"HTTP {resp.status_code}",
         attributes=attrs,
+        response=None if ok else _answer(resp, spec, headers) or None,
     )
+
+
+_CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key", "api-key", "x-auth-token")
+
+
+def _answer(resp: httpx.Response, spec: HttpInject, sent_headers: dict[str, str]) -> str:
+    """The first ~300 characters of a refusal (422 bodies name the missing field), with every
+    secret we sent replaced: the signing secret and credential headers' values."""
+    secrets = [v for k, v in sent_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
+    secrets += [v.split(" ", 1)[-1] for v in secrets]  # "Bearer <token>": the token alone too
+    if spec.sign is not None:
+        secrets.append(spec.sign.secret.get_secret_value())
+    return excerpt(resp.content[:2048], secrets)
 
 
 def _short_error(exc: Exception) -> str:
