@@ -216,6 +216,18 @@ def test_injection_failure_is_inject_failed_not_a_breach(sb: Sandbox) -> None:
     assert probe["evidence"]["injection"] == {"status": 404, "error": "HTTP 404", "response": "Not Found"}
 
 
+def test_trace_links_only_when_a_tracing_backend_is_configured(sb: Sandbox) -> None:
+    def links(env: dict[str, str]) -> list[str | None]:
+        clean = {k: "" for k in ("JAEGER_UI_URL", "FUNNEL_TRACE_URL")}
+        proc = cli_check(spec_text(sb), "--samples", "1", "--format", "json", env={**clean, **env})
+        assert proc.returncode == 0, proc.stderr
+        return [p.get("trace_url") for p in json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"]]
+
+    assert links({}) == [None]
+    (link,) = links({"JAEGER_UI_URL": "https://jaeger.internal"})
+    assert link is not None and link.startswith("https://jaeger.internal/trace/")
+
+
 def test_a_refusal_carries_the_funnels_answer_without_secrets(sb: Sandbox) -> None:
     """A 422 names the missing field; the report shows it, with the credentials we sent redacted."""
     text = spec_text(sb).replace(

@@ -94,7 +94,16 @@ def run_check(
 @pytest.fixture(scope="module")
 def report(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     html = tmp_path_factory.mktemp("report") / "launch-review.html"
-    proc = run_check(sandbox, "--samples", "3", "--format", "json", "--html", str(html))
+    proc = run_check(
+        sandbox,
+        "--samples",
+        "3",
+        "--format",
+        "json",
+        "--html",
+        str(html),
+        env={"JAEGER_UI_URL": "http://localhost:16686"},  # links only when a tracing backend is named
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     return json.loads(proc.stdout), html
 

@@ -429,7 +429,7 @@ def sandbox(
         click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
         click.echo(f"notify   {slack_url} and smtp://{smtp_addr}")
         click.echo(
-            f"posthog  {sb.posthog_url}  (capture: /batch/, query: /api/projects/1/query/, key phx_sandbox)"
+            f"posthog  {sb.posthog_url}  (capture: /batch/ with project key phc_sandbox; query: /api/projects/1/query/ with personal key phx_sandbox)"
         )
         click.echo("Ctrl-C to stop.")
         try:

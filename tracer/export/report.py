@@ -26,13 +26,23 @@ if TYPE_CHECKING:
 
 COUNTED = (OK, LATE, LOST, UNKNOWN, INJECT_FAILED, BREACH)
 DEFAULT_JAEGER_UI_URL = "http://localhost:16686"
-DEFAULT_TRACE_URL_HELP = "$JAEGER_UI_URL/trace/{trace_id}; JAEGER_UI_URL unset: " + DEFAULT_JAEGER_UI_URL
+DEFAULT_TRACE_URL_HELP = (
+    "$JAEGER_UI_URL/trace/{trace_id}; with only OTEL_EXPORTER_OTLP_ENDPOINT set: "
+    + DEFAULT_JAEGER_UI_URL
+    + "; neither: no links"
+)
 
 
-def default_trace_url() -> str:
-    """The per-probe trace link template when none is given: Jaeger's UI, ``JAEGER_UI_URL``."""
-    base = os.environ.get("JAEGER_UI_URL") or DEFAULT_JAEGER_UI_URL
-    return base.rstrip("/") + "/trace/{trace_id}"
+def default_trace_url() -> str | None:
+    """The per-probe trace link template when none is given: Jaeger's UI at ``JAEGER_UI_URL``,
+    or at its default address when spans are exported at all. No tracing backend configured: no
+    links, since a link to a trace nobody stored is a dead end."""
+    base = os.environ.get("JAEGER_UI_URL")
+    if not base and (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        base = DEFAULT_JAEGER_UI_URL
+    return base.rstrip("/") + "/trace/{trace_id}" if base else None
 
 
 def trace_link(template: str | None, trace_id: str) -> str | None:
@@ -66,7 +76,7 @@ def summarize(
         for hop in step.hops:
             rows = by_hop.get((step_name, hop.name), [])
             lags = [h.lag for h in rows if h.lag is not None and h.verdict in (OK, LATE)]
-            bars = [h.error_bar for h in rows if h.error_bar is not None]
+            bars = [h.error_bar for h in rows if h.error_bar is not None and h.lag is not None]
             verdicts = {v: sum(1 for h in rows if h.verdict == v) for v in COUNTED}
             hops.append(
                 {
@@ -112,7 +122,7 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
         "verdict": h.verdict,
         "lag_s": rounded(h.lag),
         "sink_lag_s": rounded(h.sink_lag),
-        "error_bar_s": rounded(h.error_bar),
+        "error_bar_s": rounded(h.error_bar) if h.lag is not None else None,  # nothing seen: no figure
     }
     if h.reason:
         row["reason"] = h.reason
