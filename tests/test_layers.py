@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.ledger",
             "tracer.alerts",
             "tracer.status",
+            "tracer.preflight",
         ],
     ),
     ("applications", ["tracer.canary", "tracer.cli", "tracer.sandbox", "tracer.sandbox.*"]),

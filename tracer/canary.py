@@ -74,7 +74,9 @@ class Canary:
         metric_exporter: Any | None = None,
         ledger: MemoryLedger | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
+        preflight: bool = True,
     ) -> None:
+        self.preflight = preflight
         self.spec = spec
         extra = {"canary.location": location} if location else {}
         self.provider = provider or make_provider(extra_resource=extra)
@@ -121,6 +123,8 @@ class Canary:
         if self.status is not None:  # first: a port in use fails before anything is injected
             await self.status.start()
         await self.engine.start()
+        if self.preflight:
+            await self._preflight()
         self.ledger.on_pending = self._resume_records
         self.ledger.on_sighting = self._apply_sighting
         self.ledger.on_state = self._ledger_state
@@ -383,6 +387,22 @@ class Canary:
             self._resumed_tasks.add(task)
             task.add_done_callback(self._resumed_tasks.discard)
 
+    async def _preflight(self) -> None:
+        """The doctor's checks at start: each problem is logged with its fix; a sink that cannot
+        measure at all is broken from the start, so /healthz names the cause at once."""
+        from tracer import preflight
+
+        findings = await preflight.run(self.spec)
+        for f in preflight.problems(findings):
+            log.warning(
+                "preflight: %s (%s)%s",
+                f.check,
+                f.detail,
+                f"; fix: {f.fix}" if f.fix else "",
+                extra={"fields": {"event": "preflight", "check": f.check, "detail": f.detail, "fix": f.fix}},
+            )
+        self.engine.block(preflight.blocked_sinks(findings))
+
     # -- several instances sharing receivers ---------------------------------------------------
     def _route_receivers(self) -> None:
         """Push receivers hand every body to us too: trace ids we do not own go to the ledger,
@@ -470,6 +490,8 @@ class Canary:
                 cols[sink] = c.health()
             except Exception as exc:
                 cols[sink] = {"up": False, "error": type(exc).__name__}
+            if c.coverage.broken:  # a permanent error: say why, whatever the collector reports
+                cols[sink] = {**cols[sink], "up": False, "broken": c.coverage.broken}
         ok = all(bool(h.get("up")) for h in cols.values())
         return ok, {
             "status": "ok" if ok else "unhealthy",

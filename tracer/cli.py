@@ -153,11 +153,15 @@ def _output_options(f: Any) -> Any:
     "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Probes per step."
 )
 @click.option("--step", "steps", multiple=True, help="Only these steps (repeatable).")
+@click.option(
+    "--no-preflight", is_flag=True, help="Skip the doctor's checks before the first probe (see `doctor`)."
+)
 @_output_options
 def check(
     config: str,
     samples: int,
     steps: tuple[str, ...],
+    no_preflight: bool,
     fmt: str,
     junit: str | None,
     trace_url: str | None,
@@ -173,7 +177,7 @@ def check(
         if unknown:
             raise click.UsageError(f"no such step: {', '.join(unknown)} (have: {', '.join(spec.steps)})")
         spec = spec.model_copy(update={"steps": {k: v for k, v in spec.steps.items() if k in steps}})
-    sys.exit(run_check(spec, samples, fmt, junit, trace_url, html_path))
+    sys.exit(run_check(spec, samples, fmt, junit, trace_url, html_path, preflight=not no_preflight))
 
 
 def run_check(
@@ -183,13 +187,15 @@ def run_check(
     junit: str | None,
     trace_url: str | None,
     html_path: str | None = None,
+    preflight: bool = True,
 ) -> int:
     from tracer.engine import StartError
     from tracer.export.report import default_trace_url, render_table, summarize, write_junit
 
     _writable_or_exit(("--junit", junit), ("--html", html_path))
+    blocked = _preflight(spec) if preflight else {}
     try:
-        results = asyncio.run(_check(spec, samples))
+        results = asyncio.run(_check(spec, samples, blocked))
     except StartError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -229,13 +235,25 @@ def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
             target.unlink()
 
 
-async def _check(spec: FunnelSpec, samples: int) -> list[Any]:
+def _preflight(spec: FunnelSpec) -> dict[str, str]:
+    """The doctor's checks, before the first probe: problems go to stderr; the sinks that cannot
+    measure at all are returned, so their hops become ``unknown`` at once."""
+    from tracer import preflight
+
+    findings = asyncio.run(preflight.run(spec))
+    for f in preflight.problems(findings):
+        err.print(f"[yellow]preflight:[/] {preflight.line(f)}", highlight=False, soft_wrap=True)
+    return preflight.blocked_sinks(findings)
+
+
+async def _check(spec: FunnelSpec, samples: int, blocked: dict[str, str] | None = None) -> list[Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tracer.engine import Engine
 
     total = samples * len(spec.steps)
     async with Engine(spec) as engine:
+        engine.block(blocked or {})
         if not err.is_terminal:
             return await engine.check(samples)
         with Progress(
@@ -443,6 +461,40 @@ def sandbox(
 @click.option(
     "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
 )
+@click.option("--probe", is_flag=True, help="Also send one probe per step and report its verdicts.")
+def doctor(config: str, probe: bool) -> None:
+    """Preflight: check the setup without injecting anything (unless --probe).
+
+    One line per check, with a fix for each problem: each injection URL answers and its signing
+    secret is set; each sink is reachable, its credentials work and what it watches exists (e.g.
+    PostHog: key and scope, project, the event names seen lately, the property paths non-null);
+    Redis keyspace notifications; receiver ports can be bound and their authentication is set.
+    `check` and `canary` run the same checks at start (--no-preflight skips them).
+
+    \b
+    Exit codes: 0 all well, 1 problems found, 2 invalid config.
+    """
+    from tracer import preflight
+
+    spec = _load(config)
+    findings = asyncio.run(preflight.run(spec))
+    for where, fs in findings.items():
+        for f in fs:
+            click.echo(preflight.line(f))
+        if not fs:
+            click.echo(f"ok   {where}: nothing to check")
+    bad = preflight.problems(findings)
+    if probe:
+        code = run_check(spec, 1, "table", None, None, preflight=False)
+        bad = bad or ([] if code == 0 else [None])
+    click.echo(f"{len(bad)} problem(s) found" if bad else "all checks passed")
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.option(
+    "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
+)
 @click.option(
     "--http-host",
     envvar="FUNNEL_CANARY_HTTP_HOST",
@@ -479,6 +531,7 @@ def sandbox(
     show_default=True,
     help="json: one JSON object per line.",
 )
+@click.option("--no-preflight", is_flag=True, help="Skip the doctor's checks at start (see `doctor`).")
 @click.pass_context
 def canary(
     ctx: click.Context,
@@ -488,6 +541,7 @@ def canary(
     location: str | None,
     instance: str | None,
     log_format: str,
+    no_preflight: bool,
 ) -> None:
     """Run probes continuously, each step on its own interval, until SIGTERM/SIGINT (then exit 0).
 
@@ -498,7 +552,16 @@ def canary(
     from tracer.canary import run_canary, setup_logging
 
     setup_logging(log_format, (ctx.parent.params.get("verbose") or 0) if ctx.parent else 0)
-    sys.exit(run_canary(spec, location=location, instance=instance, http_host=http_host, http_port=http_port))
+    sys.exit(
+        run_canary(
+            spec,
+            location=location,
+            instance=instance,
+            http_host=http_host,
+            http_port=http_port,
+            preflight=not no_preflight,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -174,6 +174,14 @@ class Engine:
         emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
         return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
 
+    def block(self, sinks: dict[str, str]) -> None:
+        """Preflight found these sinks unable to measure at all (``{sink: why}``): their hops are
+        ``unknown`` with the cause at once, rather than ``lost`` after the deadline. A look that
+        succeeds later (the key was fixed) clears it."""
+        for sink, why in sinks.items():
+            if sink in self.collectors:
+                self.collectors[sink].coverage.broke(clock.now(), why)
+
     def release(self, inflight: InFlight) -> None:
         for w in inflight.watches.values():
             self.collectors[w.sink].unwatch(w)

@@ -18,7 +18,7 @@ core. ``tracer.spec`` assembles the schema from what is registered here.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -102,6 +102,29 @@ class Need:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One preflight check (``funnel-tracer doctor``): what was checked, whether it is fine, what
+    was found, and how to fix it. ``blocks``: the sink cannot measure at all (a wrong key), so its
+    hops are ``unknown`` from the start instead of waiting for a deadline."""
+
+    check: str
+    ok: bool
+    detail: str = ""
+    fix: str | None = None
+    blocks: bool = False
+
+
+# (config, the hop sections that use this sink) -> findings; never injects anything
+SinkPreflight = Callable[[Any, list[Any]], Awaitable[list[Finding]]]
+# (config, the step's name) -> findings
+InjectorPreflight = Callable[[Any, str], Awaitable[list[Finding]]]
+
+
+async def _nothing_to_check(config: Any, _: Any) -> list[Finding]:
+    return []
+
+
+@dataclass(frozen=True)
 class SinkPlugin:
     name: str  # the key under ``collectors:`` and inside a hop
     config: type[Model]
@@ -109,6 +132,7 @@ class SinkPlugin:
     factory: Callable[[Any], Collector]  # config -> collector
     summary: str = ""  # one line for --help
     needs: Callable[[Any], Iterable[Need]] = field(default=lambda config: ())
+    preflight: SinkPreflight = _nothing_to_check
 
 
 class Injector(Protocol):
@@ -139,6 +163,7 @@ class InjectorPlugin:
     # Every string an injection puts in a body, as (path within the section, text): the spec
     # checks e-mail addresses against ``canary.synthetic.email_domain``.
     body_strings: Callable[[Any], Iterable[tuple[str, str]]] = field(default=lambda config: ())
+    preflight: InjectorPreflight = _nothing_to_check
 
 
 class PluginError(Exception):

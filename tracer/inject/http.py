@@ -18,7 +18,7 @@ from tracer.evidence import excerpt
 from tracer.inject import Injection
 from tracer.inject.signing import Signing
 from tracer.net import redact_url
-from tracer.plugins import InjectContext, InjectorPlugin
+from tracer.plugins import Finding, InjectContext, InjectorPlugin
 from tracer.probe import Probe
 from tracer.schema import Duration, Model
 
@@ -149,6 +149,29 @@ class HttpInjector:
         """The client is the engine's."""
 
 
+async def _preflight(config: HttpInject, step: str) -> list[Finding]:
+    """Does the injection URL answer at all (a HEAD: nothing is injected)? Any HTTP answer counts:
+    a 405 to HEAD still proves the host and port are right. (An empty signing secret is already
+    refused by ``validate``.)"""
+    url = Probe(step=step).render(config.url)
+    where = f"steps.{step}.inject.http"
+    out: list[Finding] = []
+    try:
+        async with httpx.AsyncClient(timeout=min(config.timeout, 5.0)) as client:
+            resp = await client.head(url, headers={"User-Agent": "funnel-tracer doctor"})
+        out.append(Finding(f"{where}: {redact_url(url)} answers", True, f"HTTP {resp.status_code} to HEAD"))
+    except httpx.HTTPError as exc:
+        out.append(
+            Finding(
+                f"{where}: {redact_url(url)} answers",
+                False,
+                _short_error(exc) if not isinstance(exc, httpx.TimeoutException) else "timeout",
+                fix="check the URL, that the funnel is running, and that this host can reach it",
+            )
+        )
+    return out
+
+
 def _body_strings(config: HttpInject) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
 
@@ -173,4 +196,5 @@ plugin = InjectorPlugin(
     factory=HttpInjector,
     summary="send a templated HTTP request (optionally signed) for each probe",
     body_strings=_body_strings,
+    preflight=_preflight,
 )
