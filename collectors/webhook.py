@@ -169,10 +169,7 @@ class _Server(uvicorn.Server):
 SHED_AGE = 0.5  # seconds: a connection younger than this in its phase is never shed
 OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-_503 = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\n"
-    b"connection: close\r\n\r\n"
-)
+_503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
 
 
 class _Guard:
@@ -213,7 +210,9 @@ class _Guard:
             elif p.phase == "body" and now - p.since > cfg.body_timeout:
                 # The head passed: this may have been a delivery we will never see.
                 self.collector._count("timed_out")
-                self.collector._blind(now, "body_timeout", "a request body took over %gs; dropped", cfg.body_timeout)
+                self.collector._blind(
+                    now, "body_timeout", "a request body took over %gs; dropped", cfg.body_timeout
+                )
                 self.drop(p)
 
     def drop(self, p: _GuardedH11) -> None:
