@@ -380,7 +380,7 @@ class SmtpCollector:
         )
         if not ok:
             self._count("unauthenticated")
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 535 on failure
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] += 1

@@ -21,8 +21,9 @@ Honesty rules:
   ``hmac_scheme: timestamped`` (``t=<unix>,v1=<hex HMAC(secret, "<t>.<body>")>``) adds replay
   protection: a signature older or newer than ``hmac_tolerance`` is refused.
 - Slow clients never crowd out deliveries (``_Guard``): the request head must arrive within
-  ``header_timeout`` and the body within ``body_timeout``; at ``max_connections`` the oldest idle
-  or slow-headed connection is shed to admit the new one. Only when nothing can be shed is a
+  ``header_timeout`` and the body within ``body_timeout``; at ``max_connections`` the connection
+  that has waited longest for its head (idle or trickling) is shed to admit the new one (blind
+  only if it was younger than ``SHED_AGE``: then it may have been a delivery). Only when nothing can be shed is a
   connection refused (503): that is counted (``health()["rejected"]``, ``/metrics``), marks the
   collector blind at that moment (``Coverage.failed`` then the next ``looked``), so a hop whose
   delivery may have been refused becomes ``unknown``, never ``lost``; the log line is
@@ -166,7 +167,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-SHED_AGE = 0.5  # seconds: a connection younger than this in its phase is never shed
+SHED_AGE = 0.5  # seconds: shedding a head younger than this may lose a delivery (blind)
 OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
@@ -178,8 +179,8 @@ class _Guard:
     Phases: ``idle`` (no byte of the next request yet), ``head`` (part of a request head),
     ``body`` (head done, body arriving), ``busy`` (request read, our app answering: quick).
     ``sweep`` closes heads and bodies past their timeouts; ``admit`` makes room at the cap by
-    shedding the connection least likely to carry a delivery (idle first, then the oldest slow
-    head), and refuses the newcomer only when every connection is young or past its head."""
+    shedding the connection that has waited longest for its head (idle or trickling), and
+    refuses the newcomer only when every connection is past its head (body or busy)."""
 
     def __init__(self, collector: WebhookCollector) -> None:
         self.collector = collector
@@ -189,14 +190,27 @@ class _Guard:
         cfg = self.collector.config
         if len(self.conns) >= cfg.max_connections:
             now = clock.now()
-            victims = [q for q in self.conns if q.phase in ("idle", "head") and now - q.since >= SHED_AGE]
+            victims = [q for q in self.conns if q.phase in ("idle", "head")]
             if not victims:
                 self.collector._refused(now)
+                p.refused = True
                 p.transport.write(_503)
-                p.transport.close()
+                # Closing at once, with the request unread, would reset the connection before
+                # the sender reads the 503: read and discard for a moment, then close.
+                asyncio.get_running_loop().call_later(0.2, p.transport.close)
                 return False
-            victim = min(victims, key=lambda q: (q.phase != "idle", q.since))
+            # The oldest one waiting for its head: a real sender's head arrives in one packet,
+            # so the longest wait is the likeliest slow client (and the newcomer is kept).
+            victim = min(victims, key=lambda q: q.since)
             self.collector._count("shed")
+            if now - victim.since < SHED_AGE:
+                # Connections churn faster than a head arrives: the victim may be a delivery.
+                self.collector._blind(
+                    now,
+                    "shed_young",
+                    "shed a connection %.0f ms old under a connection flood",
+                    1000 * (now - victim.since),
+                )
             self.drop(victim)
         self.conns[p] = None
         return True
@@ -245,6 +259,7 @@ class _GuardedH11(H11Protocol):
     guard: ClassVar[_Guard]
     phase: str = "idle"
     since: float = 0.0
+    refused: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -260,6 +275,8 @@ class _GuardedH11(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # answered 503 already
         super().data_received(data)
         self._update()
 
@@ -367,6 +384,9 @@ class WebhookCollector:
         if self._heartbeat:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        for p in list(self._guard.conns):  # half-sent requests would hold the shutdown up
+            if p.phase != "busy":
+                self._guard.drop(p)
         if self._server and self._serving and not self._serving.done():
             self._server.should_exit = True
             try:
@@ -442,7 +462,7 @@ class WebhookCollector:
         self._blind(
             now,
             "refused",
-            "refused a connection (503): %d open, none idle or slow enough to shed; hops may be unknown",
+            "refused a connection (503): all %d open connections are past their head; hops may be unknown",
             len(self._guard.conns),
         )
 
