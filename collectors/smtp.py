@@ -177,11 +177,35 @@ class _CappedSMTP(SMTP):
         c._sessions.add(self)
         super().connection_made(transport)
 
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        _yielding(reader)
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         self.collector._sessions.discard(self)
         super().connection_lost(error)
+
+
+YIELD_EVERY = 256  # lines
+
+
+def _yielding(reader: asyncio.StreamReader) -> None:
+    """aiosmtpd reads DATA line by line, and ``readuntil`` does not suspend while its buffer
+    holds a line: 400,000 short lines of a hostile mail would run on the loop in long unbroken
+    stretches. Give the loop a turn every ``YIELD_EVERY`` lines."""
+    original = reader.readuntil
+    calls = 0
+
+    async def readuntil(separator: bytes = b"\n") -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        return await original(separator)
+
+    reader.readuntil = readuntil  # type: ignore[method-assign]
 
 
 class TooComplex(Exception):
