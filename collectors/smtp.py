@@ -12,32 +12,53 @@ matching, and HTML entities are unescaped.
 Honesty rules are the webhook receiver's: not retroactive (a mail bounced or queued elsewhere
 while we were down may never arrive), a heartbeat certifies coverage while the server listens,
 ``at == not_before`` for every sighting.
+
+Under pressure (one hostile mail froze a canary for 70 s once):
+- MIME parsing runs in a thread executor, never on the event loop, and is bounded: a pre-scan
+  refuses mails with more delimiter lines than ``max_parts`` allows before the parser builds
+  anything, then parts, nesting depth, header count and ``parse_timeout`` are checked. A mail
+  over a bound gets a 5xx/4xx reply and, since it may have been a notification we could not
+  read, the collector is blind at that moment (hops become ``unknown``, never ``lost``).
+- At most ``max_connections`` SMTP sessions; beyond that a connection gets ``421`` (counted,
+  blind). Log lines for these are rate-limited.
+- Authenticated by default: AUTH credentials (``auth_username``/``auth_password``) or a
+  ``rcpt_token`` the funnel must put in the recipient's subaddress (``approver+<token>@...``);
+  ``allow_unauthenticated: true`` on loopback only, with a warning at start. The token is
+  stripped from every recipient before matching and reporting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
 import logging
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import getaddresses
 from typing import Any, ClassVar, Literal
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
-from pydantic import Field, model_validator
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
 from tracer.net import is_loopback
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
-from tracer.schema import Duration, Model
+from tracer.ratelog import Throttle
+from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
 
 Where = Literal["subject", "headers", "body"]
+
+OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
 
 
 class SmtpConfig(Model):
@@ -48,12 +69,51 @@ class SmtpConfig(Model):
     data_size_limit: int = Field(4 * 1024 * 1024, gt=0, description="bytes; larger mails get 552")
     idle_timeout: Duration = Field(60.0, gt=0, description="drop a silent client after this")
     heartbeat: Duration = Field(0.5, gt=0, description="how often a listening server certifies coverage")
+    auth_username: str | None = Field(None, min_length=1, description="require SMTP AUTH with this user")
+    auth_password: Secret | None = Field(None, description="password for auth_username")
+    rcpt_token: Secret | None = Field(
+        None, description="require this subaddress in the recipient (approver+<token>@...); others get 550"
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="accept mail without AUTH or rcpt_token (loopback only; warns at start)"
+    )
+    max_connections: int = Field(50, gt=0, description="concurrent SMTP sessions; beyond that, 421")
+    max_parts: int = Field(200, gt=0, description="MIME parts in one mail; more gets 552")
+    max_depth: int = Field(10, gt=0, description="multipart nesting depth; deeper gets 552")
+    max_headers: int = Field(1000, gt=0, description="header lines over all parts; more gets 552")
+    parse_timeout: Duration = Field(5.0, gt=0, description="time to parse one mail; longer gets 451")
+
+    @field_validator("rcpt_token")
+    @classmethod
+    def _subaddress(cls, v: Secret | None) -> Secret | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_-]{8,}", v.get_secret_value()):
+            raise ValueError(
+                "rcpt_token must be 8 or more letters, digits, '_' or '-' (it goes in an address)"
+            )
+        return v
+
+    @property
+    def authenticated(self) -> bool:
+        return self.auth_username is not None or self.rcpt_token is not None
 
     @model_validator(mode="after")
-    def _loopback_unless_public(self) -> SmtpConfig:
-        if not is_loopback(self.host) and not self.allow_public:
+    def _authenticated_and_loopback_unless_public(self) -> SmtpConfig:
+        if (self.auth_username is None) != (self.auth_password is None):
+            raise ValueError("auth_username and auth_password go together")
+        if not is_loopback(self.host):
+            if not self.allow_public:
+                raise ValueError(
+                    f"host {self.host} is not loopback; set allow_public: true to expose the receiver"
+                )
+            if not self.authenticated:
+                raise ValueError(
+                    "a receiver on a non-loopback address always needs auth_username/auth_password or "
+                    "rcpt_token (allow_unauthenticated does not apply)"
+                )
+        elif not self.authenticated and not self.allow_unauthenticated:
             raise ValueError(
-                f"host {self.host} is not loopback; set allow_public: true to expose the receiver"
+                "unauthenticated receiver: anyone who learns a trace id could mail a sighting; set "
+                "auth_username/auth_password or rcpt_token (or allow_unauthenticated: true on a test bench)"
             )
         return self
 
@@ -70,13 +130,161 @@ class SmtpHop(Model):
 
 
 class _Handler:
-    """aiosmtpd handler: accepts every mail, hands it to the collector."""
+    """aiosmtpd handler: checks the recipient token, hands every mail to the collector."""
 
     def __init__(self, collector: SmtpCollector) -> None:
         self._collector = collector
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self._collector.config.auth_username is not None and not session.authenticated:
+            self._collector._count("unauthenticated")
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        token = self._collector.config.rcpt_token
+        if token is not None and not _has_token(address, token.get_secret_value()):
+            self._collector._count("unauthenticated")
+            return "550 5.7.1 recipient not accepted"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return self._collector.deliver(envelope.original_content or b"", envelope, clock.now())
+        return await self._collector.deliver(envelope.original_content or b"", envelope, clock.now())
+
+
+class _CappedSMTP(SMTP):
+    """aiosmtpd's protocol with a cap on concurrent sessions: the one past the cap gets 421 and
+    is closed before any handler runs."""
+
+    collector: SmtpCollector
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        c = self.collector
+        if self._original_transport is None and len(c._sessions) >= c.config.max_connections:
+            self._refused = True
+            c._refuse(clock.now())
+            transport.write(b"421 4.3.2 too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        c._sessions.add(self)
+        super().connection_made(transport)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        _yielding(reader)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self.collector._sessions.discard(self)
+        super().connection_lost(error)
+
+
+YIELD_EVERY = 256  # lines
+
+
+def _yielding(reader: asyncio.StreamReader) -> None:
+    """aiosmtpd reads DATA line by line, and ``readuntil`` does not suspend while its buffer
+    holds a line: 400,000 short lines of a hostile mail would run on the loop in long unbroken
+    stretches. Give the loop a turn every ``YIELD_EVERY`` lines."""
+    original = reader.readuntil
+    calls = 0
+
+    async def readuntil(separator: bytes = b"\n") -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        return await original(separator)
+
+    reader.readuntil = readuntil  # type: ignore[method-assign]
+
+
+class TooComplex(Exception):
+    """A mail over one of the parsing bounds; ``str()`` names the bound (never the content)."""
+
+
+@dataclass
+class Parsed:
+    """What matching needs from one mail, computed off the loop: trace ids per section."""
+
+    ids: dict[str, set[str]] = field(default_factory=dict)
+    rcpts: set[str] = field(default_factory=set)  # To and Cc addresses
+    message_id: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    parts: int
+    depth: int
+    headers: int
+    deadline: float  # clock.now() value
+
+
+def parse_mail(raw: bytes, limits: Limits) -> Parsed:
+    """Parse and search one mail within ``limits``; raises ``TooComplex``. Runs in a worker
+    thread: everything slow (the MIME parser, decoding, the regex) happens here."""
+    # Every part needs a delimiter line ("--boundary"): count them before the parser builds
+    # anything (100,000 tiny parts once took 70 s to parse).
+    delimiters = raw.count(b"\n--") + raw.startswith(b"--")
+    if delimiters > 2 * limits.parts + 2:
+        raise TooComplex(f"more than {limits.parts} MIME parts")
+    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    _check(msg, limits)
+    out = Parsed(message_id=str(msg.get("message-id", "")))
+    for where, text in (("subject", _subject(msg)), ("headers", _headers(msg)), ("body", _body(msg, limits))):
+        out.ids[where] = set(TRACE_ID.findall(text.lower()))
+    headers = [str(v) for v in msg.get_all("to", []) + msg.get_all("cc", [])]
+    out.rcpts = {addr.lower() for _, addr in getaddresses(headers) if addr}
+    if clock.now() > limits.deadline:
+        raise TimeoutError
+    return out
+
+
+def _check(msg: EmailMessage, limits: Limits) -> None:
+    """Exact bounds on the parsed tree (iterative: depth is what is being checked)."""
+    stack: list[tuple[EmailMessage, int]] = [(msg, 1)]
+    parts = headers = 0
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        headers += len(part.keys())  # raw names: no header parsing yet
+        if parts > limits.parts:
+            raise TooComplex(f"more than {limits.parts} MIME parts")
+        if depth > limits.depth:
+            raise TooComplex(f"multipart nesting deeper than {limits.depth}")
+        if headers > limits.headers:
+            raise TooComplex(f"more than {limits.headers} header lines")
+        if clock.now() > limits.deadline:
+            raise TimeoutError
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, EmailMessage))
+
+
+def _has_token(address: str, token: str) -> bool:
+    local = address.rpartition("@")[0] or address
+    return any(hmac.compare_digest(tag.encode(), token.encode()) for tag in local.split("+")[1:])
+
+
+def _untoken(address: str, token: str | None) -> str:
+    """``approver+<token>@x`` -> ``approver@x``: the token never reaches matching or a report."""
+    if not token:
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    kept = [t for i, t in enumerate(local.split("+")) if i == 0 or t.lower() != token.lower()]
+    return "+".join(kept) + (f"@{domain}" if at else "")
 
 
 class SmtpCollector:
@@ -91,7 +299,14 @@ class SmtpCollector:
         self._server: asyncio.base_events.Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
+        self._sessions: set[_CappedSMTP] = set()
+        # Two workers: one slow (bounded) mail never holds up the next good one.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smtp-parse")
+        self._parsing = 0
+        self._throttle = Throttle(log)
+        self._last_refused = -math.inf
         self.counters = dict.fromkeys(("received", "matched", "unparsable"), 0)
+        self.rejected = dict.fromkeys(("unauthenticated", "too_complex", "parse_timeout", "refused"), 0)
 
     # -- Collector protocol -------------------------------------------------
     @property
@@ -101,15 +316,28 @@ class SmtpCollector:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        if not cfg.authenticated:
+            log.warning(
+                "smtp receiver runs unauthenticated (allow_unauthenticated: true): any local "
+                "process that learns a trace id can mail a sighting"
+            )
+        auth: dict[str, Any] = {}
+        if cfg.auth_username is not None:
+            # No TLS here: AUTH PLAIN/LOGIN travel in clear (loopback, or a TLS-terminating proxy).
+            # (auth_required is enforced by _Handler.handle_MAIL: aiosmtpd's own flag warns on
+            # every connection when TLS is not required.)
+            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+        protocol_class = type("_ReceiverSMTP", (_CappedSMTP,), {"collector": self})
 
         def protocol() -> SMTP:
-            return SMTP(
+            return protocol_class(
                 self._handler,
                 data_size_limit=cfg.data_size_limit,
                 enable_SMTPUTF8=True,
                 hostname=cfg.hostname,
                 timeout=cfg.idle_timeout,
                 loop=loop,
+                **auth,
             )
 
         self._server = await loop.create_server(protocol, host=cfg.host, port=cfg.port)
@@ -126,6 +354,7 @@ class SmtpCollector:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def watch(self, w: Watch) -> None:
         self._index.add(w)
@@ -134,11 +363,25 @@ class SmtpCollector:
         self._index.discard(w)
 
     def health(self) -> dict[str, Any]:
-        return {"up": self.up, "port": self.port, "in_flight": len(self._index), **self.counters}
+        return {
+            "up": self.up,
+            "port": self.port,
+            "in_flight": len(self._index),
+            "connections": len(self._sessions),
+            "overloaded": self.overloaded,
+            **self.counters,
+            **self.rejected,
+            "rejected": dict(self.rejected),
+        }
 
     @property
     def up(self) -> bool:
-        return self._server is not None and self._server.is_serving() and not self.coverage.blind_now
+        serving = self._server is not None and self._server.is_serving()
+        return serving and not self.coverage.blind_now and not self.overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        return clock.now() - self._last_refused < OVERLOAD_WINDOW
 
     # -- receiving ----------------------------------------------------------------
     async def _beat(self) -> None:
@@ -150,34 +393,80 @@ class SmtpCollector:
                 self.coverage.failed(clock.now())
             await asyncio.sleep(self.config.heartbeat)
 
-    def deliver(self, raw: bytes, envelope: Envelope, received: float) -> str:
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        cfg = self.config
+        assert cfg.auth_username is not None and cfg.auth_password is not None
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and hmac.compare_digest(auth_data.login, cfg.auth_username.encode())
+            and hmac.compare_digest(auth_data.password, cfg.auth_password.get_secret_value().encode())
+        )
+        if not ok:
+            self._count("unauthenticated")
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 535 on failure
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def _blind(self, now: float, kind: str, msg: str, *args: Any) -> None:
+        """A mail that may have been a notification was not read: blind at ``now`` (the next
+        heartbeat certifies again), one rate-limited warning."""
+        self.coverage.failed(now)
+        self._throttle.log(kind, logging.WARNING, "smtp receiver: " + msg, *args)
+
+    def _refuse(self, now: float) -> None:
+        self._count("refused")
+        self._last_refused = now
+        self._blind(now, "refused", "refused a connection (421): %d sessions open", len(self._sessions))
+
+    async def deliver(self, raw: bytes, envelope: Envelope, received: float) -> str:
         """Match one mail against the watches in flight; the SMTP reply to give the sender.
 
-        Mail is always accepted (250) once it fits the size limit: a mailer that got a 5xx from
-        the approver's MX would tell the funnel the approver does not exist."""
+        A mail that fits the bounds is accepted (250) whatever it contains: a mailer that got a
+        5xx from the approver's MX would tell the funnel the approver does not exist. One over a
+        bound is refused (it is hostile or broken) and leaves the collector blind for that moment."""
         self.coverage.looked(received)
         self.counters["received"] += 1
         if not len(self._index):
             return "250 OK"
+        cfg = self.config
+        if self._parsing >= 4:  # both workers busy and a queue: ask the sender to come back
+            self._count("refused")
+            self._blind(received, "busy", "mail parsers busy; a mail was deferred (451)")
+            return "451 4.3.2 busy, try again later"
+        limits = Limits(cfg.max_parts, cfg.max_depth, cfg.max_headers, clock.now() + cfg.parse_timeout)
+        loop = asyncio.get_running_loop()
+        self._parsing += 1
         try:
-            msg = BytesParser(policy=policy.default).parsebytes(raw)
-            sections = {"subject": _subject(msg), "headers": _headers(msg), "body": _body(msg)}
-            rcpts = _recipients(msg, envelope)
+            job = loop.run_in_executor(self._executor, parse_mail, raw, limits)
+            parsed = await asyncio.wait_for(job, timeout=cfg.parse_timeout)
+        except TooComplex as exc:
+            self._count("too_complex")
+            self._blind(clock.now(), "too_complex", "refused a mail: %s", exc)
+            return f"552 5.3.4 message too complex: {exc}"
+        except (TimeoutError, asyncio.TimeoutError):
+            self._count("parse_timeout")
+            self._blind(
+                clock.now(), "parse_timeout", "a mail took over %gs to parse; deferred", cfg.parse_timeout
+            )
+            return "451 4.3.0 message took too long to inspect"
         except Exception as exc:  # the parser is lenient; anything left is a mail we cannot read
             self.counters["unparsable"] += 1
-            log.warning("could not parse a received mail: %s", type(exc).__name__)
+            self._blind(clock.now(), "unparsable", "could not parse a received mail: %s", type(exc).__name__)
             return "250 OK"
-        for where, text in sections.items():
-            for tid in set(TRACE_ID.findall(text.lower())):
+        finally:
+            self._parsing -= 1
+        token = cfg.rcpt_token.get_secret_value() if cfg.rcpt_token else None
+        rcpts = {_untoken(a, token).lower() for a in (*envelope.rcpt_tos, *parsed.rcpts)}
+        for where, ids in parsed.ids.items():
+            for tid in ids:
                 for w in list(self._index.get(tid)):
                     hop: SmtpHop = w.sink_spec
                     if where not in hop.where or (hop.to is not None and hop.to.lower() not in rcpts):
                         continue
-                    detail = {
-                        "where": where,
-                        "rcpt": sorted(rcpts),
-                        "message_id": str(msg.get("message-id", "")),
-                    }
+                    detail = {"where": where, "rcpt": sorted(rcpts), "message_id": parsed.message_id}
                     w.observe(Observation(at=received, not_before=received, source="push", detail=detail))
                     self._index.discard(w)
                     self.counters["matched"] += 1
@@ -196,10 +485,12 @@ def _headers(msg: EmailMessage) -> str:
     return "\n".join(lines)
 
 
-def _body(msg: EmailMessage) -> str:
+def _body(msg: EmailMessage, limits: Limits) -> str:
     """Text of every leaf part, transfer-decoded (base64, quoted-printable) and charset-decoded."""
     texts = []
     for part in msg.walk():
+        if clock.now() > limits.deadline:
+            raise TimeoutError
         if part.is_multipart():
             continue
         try:
@@ -213,13 +504,6 @@ def _body(msg: EmailMessage) -> str:
             text = html.unescape(text)
         texts.append(text)
     return "\n".join(texts)
-
-
-def _recipients(msg: EmailMessage, envelope: Envelope) -> set[str]:
-    found = {addr.lower() for addr in envelope.rcpt_tos}
-    headers = [str(v) for v in msg.get_all("to", []) + msg.get_all("cc", [])]
-    found.update(addr.lower() for _, addr in getaddresses(headers) if addr)
-    return found
 
 
 plugin = SinkPlugin(

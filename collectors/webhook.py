@@ -15,6 +15,19 @@ Honesty rules:
 - Bodies that match nothing are dropped as soon as they are scanned: a flood of unrelated
   posts costs CPU, never memory. Secrets are compared in constant time and never logged
   (uvicorn's access log, which would print the secret path, is off).
+- Authenticated by default: a receiver without ``secret_path`` or ``hmac_secret`` lets anyone
+  who learns a trace id turn a lost probe into ``ok``, so the config refuses it unless the
+  section says ``allow_unauthenticated: true`` (loopback only; a warning at start).
+  ``hmac_scheme: timestamped`` (``t=<unix>,v1=<hex HMAC(secret, "<t>.<body>")>``) adds replay
+  protection: a signature older or newer than ``hmac_tolerance`` is refused.
+- Slow clients never crowd out deliveries (``_Guard``): the request head must arrive within
+  ``header_timeout`` and the body within ``body_timeout``; at ``max_connections`` the connection
+  that has waited longest for its head (idle or trickling) is shed to admit the new one (blind
+  only if it was younger than ``SHED_AGE``: then it may have been a delivery). Only when nothing can be shed is a
+  connection refused (503): that is counted (``health()["rejected"]``, ``/metrics``), marks the
+  collector blind at that moment (``Coverage.failed`` then the next ``looked``), so a hop whose
+  delivery may have been refused becomes ``unknown``, never ``lost``; the log line is
+  rate-limited.
 
 Other collectors can receive pushes here too: ``route(path, on_body)`` hands them every
 accepted body on ``path`` (the PostHog collector uses this for realtime destinations).
@@ -28,20 +41,25 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs
 
+import h11
 import uvicorn
 from pydantic import Field, field_validator, model_validator
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tracer import clock
 from tracer.net import is_loopback
 from tracer.payload import strings_in, value_at
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
+from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
@@ -67,8 +85,23 @@ class WebhookConfig(Model):
     hmac_header: str = Field(
         "X-Signature", min_length=1, description="header carrying the HMAC ('sha256=' prefix optional)"
     )
+    hmac_scheme: Literal["body", "timestamped"] = Field(
+        "body",
+        description="body: hex HMAC of the raw body; timestamped: 't=<unix>,v1=<hex HMAC of \"<t>.<body>\">' "
+        "(Stripe-style), refused outside hmac_tolerance: replay protection",
+    )
+    hmac_tolerance: Duration = Field(
+        300.0, gt=0, description="timestamped scheme: how far a signature's t may be from our clock"
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="accept sightings without secret_path/hmac_secret (loopback only; warns at start)"
+    )
     max_body: int = Field(256 * 1024, gt=0, description="bytes; larger bodies get 413")
-    max_connections: int = Field(100, gt=0, description="concurrent connections/requests; beyond that, 503")
+    max_connections: int = Field(
+        100, gt=0, description="open connections; at the cap the oldest idle/slow one is shed, else 503"
+    )
+    header_timeout: Duration = Field(10.0, gt=0, description="the request head must arrive within this")
+    body_timeout: Duration = Field(10.0, gt=0, description="the body must arrive within this of the head")
     heartbeat: Duration = Field(0.5, gt=0, description="how often a running server certifies coverage")
 
     @field_validator("secret_path")
@@ -78,15 +111,27 @@ class WebhookConfig(Model):
             raise ValueError("secret_path must be one URL path segment (letters, digits, . _ ~ -)")
         return v
 
+    @property
+    def authenticated(self) -> bool:
+        return self.secret_path is not None or self.hmac_secret is not None
+
     @model_validator(mode="after")
-    def _loopback_unless_public(self) -> WebhookConfig:
+    def _authenticated_and_loopback_unless_public(self) -> WebhookConfig:
         if not is_loopback(self.host):
             if not self.allow_public:
                 raise ValueError(
                     f"host {self.host} is not loopback; set allow_public: true to expose the receiver"
                 )
-            if self.secret_path is None and self.hmac_secret is None:
-                raise ValueError("a public receiver needs secret_path or hmac_secret")
+            if not self.authenticated:
+                raise ValueError(
+                    "a receiver on a non-loopback address always needs secret_path or hmac_secret "
+                    "(allow_unauthenticated does not apply)"
+                )
+        elif not self.authenticated and not self.allow_unauthenticated:
+            raise ValueError(
+                "unauthenticated receiver: anyone who learns a trace id could post a sighting; set "
+                "secret_path or hmac_secret (or allow_unauthenticated: true on a test bench)"
+            )
         return self
 
 
@@ -123,6 +168,141 @@ class _Server(uvicorn.Server):
         yield
 
 
+SHED_AGE = 0.5  # seconds: shedding a head younger than this may lose a delivery (blind)
+OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
+_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+
+
+class _Guard:
+    """Per-receiver connection bookkeeping: which phase each connection is in and since when.
+
+    Phases: ``idle`` (no byte of the next request yet), ``head`` (part of a request head),
+    ``body`` (head done, body arriving), ``busy`` (request read, our app answering: quick).
+    ``sweep`` closes heads and bodies past their timeouts; ``admit`` makes room at the cap by
+    shedding the connection that has waited longest for its head (idle or trickling), and
+    refuses the newcomer only when every connection is past its head (body or busy)."""
+
+    def __init__(self, collector: WebhookCollector) -> None:
+        self.collector = collector
+        self.conns: dict[_GuardedH11, None] = {}  # insertion-ordered set
+
+    def admit(self, p: _GuardedH11) -> bool:
+        cfg = self.collector.config
+        if len(self.conns) >= cfg.max_connections:
+            now = clock.now()
+            victims = [q for q in self.conns if q.phase in ("idle", "head")]
+            if not victims:
+                self.collector._refused(now)
+                p.refused = True
+                p.transport.write(_503)
+                # Closing at once, with the request unread, would reset the connection before
+                # the sender reads the 503: read and discard for a moment, then close.
+                asyncio.get_running_loop().call_later(0.2, p.transport.close)
+                return False
+            # The oldest one waiting for its head: a real sender's head arrives in one packet,
+            # so the longest wait is the likeliest slow client (and the newcomer is kept).
+            victim = min(victims, key=lambda q: q.since)
+            self.collector._count("shed")
+            if now - victim.since < SHED_AGE:
+                # Connections churn faster than a head arrives: the victim may be a delivery.
+                self.collector._blind(
+                    now,
+                    "shed_young",
+                    "shed a connection %.0f ms old under a connection flood",
+                    1000 * (now - victim.since),
+                )
+            self.drop(victim)
+        self.conns[p] = None
+        return True
+
+    def sweep(self, now: float) -> None:
+        cfg = self.collector.config
+        for p in list(self.conns):
+            if p.phase in ("idle", "head") and now - p.since > cfg.header_timeout:
+                self.collector._count("timed_out")
+                self.drop(p)
+            elif p.phase == "body" and now - p.since > cfg.body_timeout:
+                # The head passed: this may have been a delivery we will never see.
+                self.collector._count("timed_out")
+                self.collector._blind(
+                    now, "body_timeout", "a request body took over %gs; dropped", cfg.body_timeout
+                )
+                self.drop(p)
+
+    def drop(self, p: _GuardedH11) -> None:
+        self.conns.pop(p, None)
+        if p.transport.is_closing():
+            return
+        if p.phase == "head" and p.conn.our_state is h11.IDLE:
+            p.transport.write(_408)  # a slow head gets an answer; an idle keep-alive just a close
+        p.transport.close()
+
+
+class _QuietLog:
+    """uvicorn's per-connection logger with warnings rate-limited (a flood of bad requests would
+    otherwise write one identical line each)."""
+
+    def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
+        self._logger, self._throttle = logger, throttle
+
+    def warning(self, msg: str, *args: Any, **_: Any) -> None:
+        self._throttle.log(f"uvicorn:{msg}", logging.WARNING, "webhook receiver: " + msg, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with phase tracking for ``_Guard`` (one subclass per receiver,
+    made in ``WebhookCollector.start``, carries the guard)."""
+
+    guard: ClassVar[_Guard]
+    phase: str = "idle"
+    since: float = 0.0
+    refused: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = _QuietLog(self.logger, self.guard.collector._throttle)  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.phase, self.since = "idle", clock.now()
+        self.guard.admit(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.conns.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # answered 503 already
+        super().data_received(data)
+        self._update()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._update()
+
+    def send_400_response(self, msg: str) -> None:
+        self.guard.collector._count("malformed")
+        super().send_400_response(msg)
+
+    def _update(self) -> None:
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            phase = "body"
+        elif state is h11.IDLE:
+            phase = "head" if self.conn.trailing_data[0] else "idle"
+        else:
+            phase = "busy"
+        if phase != self.phase:
+            if not (self.phase == "idle" and phase == "head"):  # a head's clock starts when idle began
+                self.since = clock.now()
+            self.phase = phase
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening, non-blocking socket; bound before serving so port 0 is known at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -151,9 +331,13 @@ class WebhookCollector:
         self._serving: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
-        self.counters = dict.fromkeys(
-            ("accepted", "matched", "routed", "unauthenticated", "malformed", "oversized", "handler_errors"),
-            0,
+        self._guard = _Guard(self)
+        self._throttle = Throttle(log)
+        self._last_refused = -math.inf
+        self.counters = dict.fromkeys(("accepted", "matched", "routed", "handler_errors"), 0)
+        # Requests or connections turned away, by reason (health()["rejected"], /metrics).
+        self.rejected = dict.fromkeys(
+            ("unauthenticated", "replayed", "malformed", "oversized", "timed_out", "shed", "refused"), 0
         )
 
     # -- Collector protocol -------------------------------------------------
@@ -162,16 +346,24 @@ class WebhookCollector:
         return 0.0  # a push is stamped on arrival
 
     async def start(self) -> None:
+        if not self.config.authenticated:
+            log.warning(
+                "webhook receiver runs unauthenticated (allow_unauthenticated: true): any local "
+                "process that learns a trace id can post a sighting"
+            )
         sock = bind(self.config.host, self.config.port)
         self.port = sock.getsockname()[1]
+        protocol = type("_ReceiverH11", (_GuardedH11,), {"guard": self._guard})
         uv_config = uvicorn.Config(
             self._app,
             interface="asgi3",
+            http=protocol,  # type: ignore[arg-type]
             lifespan="off",
             log_config=None,  # leave the engine's logging alone
             log_level="warning",
             access_log=False,  # would print the secret path
-            limit_concurrency=self.config.max_connections,
+            limit_concurrency=None,  # _Guard sheds slow clients instead of refusing new ones
+            timeout_keep_alive=min(5.0, self.config.header_timeout),
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=2,
@@ -193,6 +385,9 @@ class WebhookCollector:
         if self._heartbeat:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        for p in list(self._guard.conns):  # half-sent requests would hold the shutdown up
+            if p.phase != "busy":
+                self._guard.drop(p)
         if self._server and self._serving and not self._serving.done():
             self._server.should_exit = True
             try:
@@ -213,13 +408,23 @@ class WebhookCollector:
             "port": self.port,
             "in_flight": len(self._index),
             "routes": len(self._routes),
+            "connections": len(self._guard.conns),
+            "overloaded": self.overloaded,
             **self.counters,
+            **self.rejected,  # flat too, as before: the per-reason counts
+            "rejected": dict(self.rejected),
         }
 
     # -- for senders and other collectors ---------------------------------------
     @property
     def up(self) -> bool:
-        return self._serving is not None and not self._serving.done() and not self.coverage.blind_now
+        serving = self._serving is not None and not self._serving.done()
+        return serving and not self.coverage.blind_now and not self.overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        """A connection was refused recently: deliveries may be bouncing (``/healthz`` says so)."""
+        return clock.now() - self._last_refused < OVERLOAD_WINDOW
 
     def route(self, path: str, on_body: OnBody) -> None:
         """Hand every accepted body posted to ``path`` to ``on_body`` (called on the loop thread,
@@ -236,9 +441,31 @@ class WebhookCollector:
     # -- serving --------------------------------------------------------------
     async def _beat(self) -> None:
         while True:
-            if self.up:
-                self.coverage.looked(clock.now())
+            now = clock.now()
+            self._guard.sweep(now)
+            if self._serving is not None and not self._serving.done():
+                # Closes a blind window a refusal opened: from here on we are admitting again.
+                self.coverage.looked(now)
             await asyncio.sleep(self.config.heartbeat)
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def _blind(self, now: float, kind: str, msg: str, *args: Any) -> None:
+        """Something that may have been a delivery was turned away: blind at ``now`` (the next
+        heartbeat or request certifies again), one rate-limited warning."""
+        self.coverage.failed(now)
+        self._throttle.log(kind, logging.WARNING, "webhook receiver: " + msg, *args)
+
+    def _refused(self, now: float) -> None:
+        self._count("refused")
+        self._last_refused = now
+        self._blind(
+            now,
+            "refused",
+            "refused a connection (503): all %d open connections are past their head; hops may be unknown",
+            len(self._guard.conns),
+        )
 
     def _on_server_exit(self, task: asyncio.Task[None]) -> None:
         if self._closing:
@@ -259,7 +486,7 @@ class WebhookCollector:
         try:
             status, text = self._handle(scope, await self._read(scope, receive))
         except _Rejected as rej:
-            self.counters[rej.counter] += 1
+            self.rejected[rej.counter] += 1
             status, text = rej.status, rej.message
         except Exception:  # a receiver bug answers 500 and keeps serving
             self.counters["handler_errors"] += 1
@@ -334,13 +561,25 @@ class WebhookCollector:
         return status, "ok" if status == 200 else "handler error\n"
 
     def _verify(self, scope: dict[str, Any], raw: bytes) -> None:
-        assert self.config.hmac_secret is not None
-        got = (_header(scope, self.config.hmac_header.lower().encode()) or "").strip()
-        got = got.removeprefix("sha256=").lower()
-        key = self.config.hmac_secret.get_secret_value().encode()
-        want = hmac.new(key, raw, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(got.encode(), want.encode()):
+        cfg = self.config
+        assert cfg.hmac_secret is not None
+        got = (_header(scope, cfg.hmac_header.lower().encode()) or "").strip()
+        key = cfg.hmac_secret.get_secret_value().encode()
+        if cfg.hmac_scheme == "body":
+            want = hmac.new(key, raw, hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(got.removeprefix("sha256=").lower().encode(), want.encode()):
+                raise _Rejected(401, "unauthenticated", "bad signature\n")
+            return
+        ts, sigs = _timestamped(got)
+        if ts is None:
             raise _Rejected(401, "unauthenticated", "bad signature\n")
+        want = hmac.new(key, ts.encode() + b"." + raw, hashlib.sha256).hexdigest().encode()
+        # Every v1 is compared (senders send several while rotating secrets).
+        if not any(hmac.compare_digest(sig.lower().encode(), want) for sig in sigs):
+            raise _Rejected(401, "unauthenticated", "bad signature\n")
+        # After the signature: only an authentic but old (or future) delivery counts as a replay.
+        if abs(time.time() - int(ts)) > cfg.hmac_tolerance:
+            raise _Rejected(401, "replayed", "timestamp outside tolerance\n")
 
     def _match(self, path: str, body: Body, received: float) -> None:
         for tid in set(TRACE_ID.findall("\n".join(strings_in(body)).lower())):
@@ -356,6 +595,27 @@ class WebhookCollector:
                 w.observe(Observation(at=received, not_before=received, source="push", detail={"path": path}))
                 self._index.discard(w)
                 self.counters["matched"] += 1
+
+
+def _timestamped(value: str) -> tuple[str | None, list[str]]:
+    """``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` -> (t, [v1...]); (None, []) if malformed."""
+    ts: str | None = None
+    sigs: list[str] = []
+    for item in value.split(","):
+        k, _, v = item.strip().partition("=")
+        if k == "t" and v.isdigit() and len(v) <= 12:
+            ts = v
+        elif k == "v1" and v:
+            sigs.append(v)
+    return (ts, sigs) if ts is not None and sigs else (None, [])
+
+
+def timestamped_signature(secret: str, body: bytes, at: float | None = None) -> str:
+    """The header value a sender puts on ``body`` for ``hmac_scheme: timestamped`` (for senders
+    configured from the tracer, and tests)."""
+    ts = str(int(time.time() if at is None else at))
+    digest = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={digest}"
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

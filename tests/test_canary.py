@@ -196,6 +196,25 @@ def test_caps_skip_and_count_and_memory_ledger_reports_unfinished_as_unknown(sb:
             assert hop.reason == "the canary stopped before the deadline"
 
 
+def test_a_stalled_loop_counts_every_slot_it_could_not_keep(sb: Sandbox) -> None:
+    """A blocking call freezes the loop for 1.5 s (as a hostile mail parsed on the loop once
+    did): the slots that passed are counted as skipped with reason ``stalled``, not dropped."""
+    text = lead_spec_text(sb.posthog_url, sb.url, interval="200ms", target="3s", deadline="6s", grace="2s")
+
+    async def scenario(canary: Canary) -> None:
+        await asyncio.sleep(0.6)
+        time.sleep(1.5)  # the real thing: nothing on this loop runs meanwhile
+        await asyncio.sleep(0.6)
+
+    canary, _ = run_in_process(text, scenario)
+    stalled = canary.skipped_by_reason.get("stalled", 0)
+    assert 5 <= stalled <= 8, canary.skipped_by_reason  # 1.5 s / 200 ms, give or take a slot
+    samples = parse_prometheus(canary.metrics.prometheus())
+    assert prom_value(samples, "funnel_probes_skipped_total", step="lead", reason="stalled") == stalled
+    # Slots kept + slots counted as skipped cover the run: nothing silently dropped.
+    assert canary.counts["started"] + canary.counts["skipped"] >= int(2.7 / 0.2) - 2
+
+
 def test_global_cap_applies_across_steps(sb: Sandbox) -> None:
     sb.knobs.lead_delay = 1.0
     base = lead_spec_text(

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.net",
             "tracer.probe",
             "tracer.synthetic",
+            "tracer.ratelog",
         ],
     ),
     (

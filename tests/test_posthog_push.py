@@ -16,7 +16,7 @@ from tracer.spec import parse_spec
 SPEC = """
 service: sandbox-funnel
 collectors:
-  webhook: {{port: 0}}
+  webhook: {{port: 0, secret_path: push-test-secret}}
   posthog:
     host: {posthog}
     project_id: "1"

@@ -124,6 +124,7 @@ def test_shipped_examples_validate(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("MOYASAR_WEBHOOK_SECRET", "sk_test")
         monkeypatch.setenv("DLQ_REDIS_URL", "redis://redis.internal:6379/0")
         monkeypatch.setenv("RECEIVER_PATH_SECRET", "0123456789abcdef0123")
+        monkeypatch.setenv("MAIL_RCPT_TOKEN", "0123456789abcdef")
         spec = load_spec(name)
         assert spec.steps, name
 

@@ -8,7 +8,9 @@ of firing together.
 Concurrency caps: a step never has more than its cap of probes in flight (default: twice what
 its interval and deadlines need in steady state), and the canary never more than
 ``canary.max_in_flight``. A slot that finds the cap reached is *skipped and counted*
-(``funnel_probes_skipped_total``), so a slow sink cannot pile up unbounded probes.
+(``funnel_probes_skipped_total``), so a slow sink cannot pile up unbounded probes. No slot is
+ever dropped silently: slots that passed while the event loop was stalled (a blocking call, a
+starved process) are not burst to catch up but counted as skipped with reason ``stalled``.
 
 SIGTERM/SIGINT: stop injecting, wait for probes in flight up to ``canary.grace``, flush spans and
 metrics, exit 0. Probes still unresolved then are left in a durable ledger (the next start
@@ -107,6 +109,7 @@ class Canary:
             "abandoned": 0,
             "left_for_resume": 0,
         }
+        self.skipped_by_reason: dict[str, int] = {}  # /healthz: why slots were not kept
         self._stopping = False
         self._skip_log: dict[str, tuple[float, int]] = {}
 
@@ -212,8 +215,13 @@ class Canary:
             at = slot + random.uniform(-0.5, 0.5) * jitter * interval
             await asyncio.sleep(max(0.0, at - clock.now()))
             slot += interval
-            if clock.now() > slot + interval:  # the loop stalled: do not burst to catch up
-                slot = clock.now() + interval
+            now = clock.now()
+            if now > slot + interval:
+                # The loop stalled past whole slots: keep this one and the latest, count the rest
+                # (never a burst to catch up, never a silent gap).
+                missed = int((now - slot) // interval)
+                self._skip(step_name, "stalled", missed, n=missed, stalled=now - at)
+                slot += missed * interval
             running = self._running[step_name]
             if len(running) >= cap:
                 self._skip(step_name, "step_cap", cap)
@@ -229,24 +237,36 @@ class Canary:
     def in_flight(self) -> int:
         return len(self.local)
 
-    def _skip(self, step: str, reason: str, cap: int) -> None:
-        """Count a skipped slot; log the first of a streak, then at most once a minute per step."""
-        self.counts["skipped"] += 1
-        self.metrics.skipped(step, reason)
+    def _skip(self, step: str, reason: str, cap: int, n: int = 1, stalled: float | None = None) -> None:
+        """Count ``n`` skipped slots; log the first of a streak, then at most once a minute per step.
+        ``cap`` is the cap reached, or for ``stalled`` the number of slots missed."""
+        self.counts["skipped"] += n
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n
+        self.metrics.skipped(step, reason, n)
         now = clock.now()
         last, pending = self._skip_log.get(step, (-math.inf, 0))
         if now - last < 60.0:
-            self._skip_log[step] = (last, pending + 1)
+            self._skip_log[step] = (last, pending + n)
             return
         self._skip_log[step] = (now, 0)
+        fields = {"event": "skipped", "step": step, "reason": reason, "cap": cap, "more": pending}
+        if stalled is not None:
+            fields["stalled_s"] = rounded(stalled)
+            log.warning(
+                "%d probe slot(s) of %s skipped: the event loop stalled %.1fs (%d more skipped since the last warning)",
+                n,
+                step,
+                stalled,
+                pending,
+                extra={"fields": fields},
+            )
+            return
         log.warning(
             "probe skipped: %s cap of %d in flight reached (%d more skipped since the last warning)",
             reason.replace("_", " "),
             cap,
             pending,
-            extra={
-                "fields": {"event": "skipped", "step": step, "reason": reason, "cap": cap, "more": pending}
-            },
+            extra={"fields": fields},
         )
 
     async def _probe(self, step_name: str) -> None:
@@ -502,6 +522,7 @@ class Canary:
             "location": self.location,
             "open_incidents": [f"{k[0]}/{k[1]}:{k[2]}" for k in self.alerts.open],
             "counts": self.counts,
+            "skipped": dict(self.skipped_by_reason),
         }
 
     async def _sample(self) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 from importlib import resources
 from pathlib import Path
@@ -105,8 +106,22 @@ def main(verbose: int) -> None:
 def validate(config: str) -> None:
     """Check a funnel spec and exit: 0 valid, 2 invalid (each problem names its YAML path)."""
     spec = _load(config)
+    _warn_unauthenticated(spec)
     hops = sum(len(s.hops) for s in spec.steps.values())
     click.echo(f"{config}: ok ({len(spec.steps)} steps, {hops} hops, sinks: {', '.join(_sinks(spec))})")
+
+
+def _warn_unauthenticated(spec: FunnelSpec) -> None:
+    """``allow_unauthenticated: true`` is legal on loopback, but never silent."""
+    for name in type(spec.collectors).model_fields:
+        section = getattr(spec.collectors, name, None)
+        if getattr(section, "allow_unauthenticated", False) and not getattr(section, "authenticated", True):
+            err.print(
+                f"[yellow]warning:[/] collectors.{name}: allow_unauthenticated: true, so any local "
+                "process that learns a trace id can report a sighting",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _sinks(spec: FunnelSpec) -> list[str]:
@@ -317,8 +332,16 @@ def demo(
                     soft_wrap=True,
                 )
         receiver, mailbox = free_port(), free_port()
+        # Fresh secrets each run: the receivers are authenticated, and the sandbox funnel signs
+        # (timestamped HMAC) and addresses (recipient token) its notifications with them.
+        hook_secret, mail_token = secrets.token_hex(16), secrets.token_hex(8)
         approvals = ApprovalSettings(
-            slack_url=f"http://127.0.0.1:{receiver}/slack", smtp_host="127.0.0.1", smtp_port=mailbox
+            slack_url=f"http://127.0.0.1:{receiver}/slack",
+            smtp_host="127.0.0.1",
+            smtp_port=mailbox,
+            hmac_secret=hook_secret,
+            hmac_scheme="timestamped",
+            approver_email=f"approver+{mail_token}@funnel.invalid",
         )
         sb = stack.enter_context(
             Sandbox(
@@ -335,6 +358,8 @@ def demo(
                 "POSTHOG_HOST": sb.posthog_url,
                 "RECEIVER_PORT": str(receiver),
                 "SMTP_PORT": str(mailbox),
+                "RECEIVER_HMAC_SECRET": hook_secret,
+                "SMTP_RCPT_TOKEN": mail_token,
                 "REDIS_URL": redis_url or "redis://127.0.0.1:1/0",
             }
         )
@@ -406,6 +431,20 @@ def demo(
     show_default=True,
     help="host:port approval emails go to.",
 )
+@click.option(
+    "--receiver-secret",
+    envvar="RECEIVER_HMAC_SECRET",
+    default="sandbox-receiver-secret",
+    show_default=True,
+    help="HMAC key the notifications are signed with (timestamped); examples/sandbox.yaml's default.",
+)
+@click.option(
+    "--mail-token",
+    envvar="SMTP_RCPT_TOKEN",
+    default="sandbox-mail-token",
+    show_default=True,
+    help="Recipient token: approval emails go to approver+<token>@funnel.invalid.",
+)
 def sandbox(
     host: str,
     port: int,
@@ -417,6 +456,8 @@ def sandbox(
     dlq_retry_interval: float,
     slack_url: str,
     smtp_addr: str,
+    receiver_secret: str,
+    mail_token: str,
 ) -> None:
     """Run the reference funnel and a PostHog-compatible server until Ctrl-C."""
     import signal
@@ -432,7 +473,14 @@ def sandbox(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     knobs = Knobs(lead_delay=lead_delay, drop_rate=drop_rate)
     smtp_host, _, smtp_port = smtp_addr.rpartition(":")
-    approvals = ApprovalSettings(slack_url=slack_url, smtp_host=smtp_host, smtp_port=int(smtp_port))
+    approvals = ApprovalSettings(
+        slack_url=slack_url,
+        smtp_host=smtp_host,
+        smtp_port=int(smtp_port),
+        hmac_secret=receiver_secret,
+        hmac_scheme="timestamped",
+        approver_email=f"approver+{mail_token}@funnel.invalid",
+    )
     with Sandbox(
         host=host,
         port=port,

@@ -6,13 +6,14 @@ Instruments (OTel name -> Prometheus name):
 =====================================  ============================================  =================
 funnel.probes            counter       funnel_probes_total{step,hop,sink,verdict}     resolved hops
 funnel.probes.started    counter       funnel_probes_started_total{step}              injected probes
-funnel.probes.skipped    counter       funnel_probes_skipped_total{step,reason}       cap hit
+funnel.probes.skipped    counter       funnel_probes_skipped_total{step,reason}       cap hit, loop stalled
 funnel.probes.in_flight  updown        funnel_probes_in_flight{step}
 funnel.hop.lag           histogram (s) funnel_hop_lag_seconds{step,hop,sink}          ok and late hops
 funnel.collector.up      gauge         funnel_collector_up{sink}                      1 up, 0 blind
 funnel.collector.last_success_timestamp  funnel_collector_last_success_timestamp_seconds{sink}
 funnel.collector.query_budget_used     funnel_collector_query_budget_used{sink,window}  fraction of limit
 funnel.collector.queries counter       funnel_collector_queries_total{sink,outcome}
+funnel.collector.rejected counter      funnel_collector_rejected_total{sink,reason}   receivers: turned away
 funnel.ledger.up         gauge         funnel_ledger_up{kind}
 funnel.alerts.sent       counter       funnel_alerts_sent_total{kind,type,outcome}
 =====================================  ============================================  =================
@@ -100,7 +101,7 @@ class CanaryMetrics:
         self._skipped = meter.create_counter(
             "funnel.probes.skipped",
             unit="{probe}",
-            description="probes not injected because a concurrency cap was hit",
+            description="probe slots not kept: a concurrency cap was hit or the event loop stalled",
         )
         self._in_flight = meter.create_up_down_counter(
             "funnel.probes.in_flight", unit="{probe}", description="probes injected and not resolved yet"
@@ -145,6 +146,12 @@ class CanaryMetrics:
             unit="{query}",
             description="queries sent by polling collectors",
         )
+        meter.create_observable_counter(
+            "funnel.collector.rejected",
+            [self._obs_rejected],
+            unit="{request}",
+            description="requests, connections or mails a push receiver turned away, by reason",
+        )
         meter.create_observable_gauge(
             "funnel.ledger.up",
             [self._obs_ledger],
@@ -161,8 +168,8 @@ class CanaryMetrics:
     def in_flight(self, step: str, delta: int) -> None:
         self._in_flight.add(delta, {"step": step})
 
-    def skipped(self, step: str, reason: str) -> None:
-        self._skipped.add(1, {"step": step, "reason": reason})
+    def skipped(self, step: str, reason: str, n: int = 1) -> None:
+        self._skipped.add(n, {"step": step, "reason": reason})
 
     def resolved(self, result: ProbeResult) -> None:
         self._in_flight.add(-1, {"step": result.probe.step})
@@ -180,7 +187,7 @@ class CanaryMetrics:
         for step_name, step in self.spec.steps.items():
             self._started.add(0, {"step": step_name})
             self._in_flight.add(0, {"step": step_name})
-            for reason in ("step_cap", "global_cap"):
+            for reason in ("step_cap", "global_cap", "stalled"):
                 self._skipped.add(0, {"step": step_name, "reason": reason})
             for hop in step.hops:
                 for verdict in ("ok", "late", "lost", "unknown"):
@@ -202,6 +209,8 @@ class CanaryMetrics:
                 "up": bool(health.get("up")),
                 "last_success": clock.wall(certified) if math.isfinite(certified) else None,
             }
+            if isinstance(health.get("rejected"), dict):
+                entry["rejected"] = {str(k): int(v) for k, v in health["rejected"].items()}
             if "queries" in health:
                 entry["queries"] = int(health.get("queries") or 0)
                 entry["failed_queries"] = int(health.get("failed_queries") or 0)
@@ -249,6 +258,13 @@ class CanaryMetrics:
                 out.append(Observation(e["queries"] - e["failed_queries"], {"sink": s, "outcome": "ok"}))
                 out.append(Observation(e["failed_queries"], {"sink": s, "outcome": "failed"}))
         return out
+
+    def _obs_rejected(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"sink": s, "reason": reason})
+            for s, e in self._snap["collectors"].items()
+            for reason, n in (e.get("rejected") or {}).items()
+        ]
 
     def _obs_ledger(self, _: CallbackOptions) -> Iterable[Observation]:
         led = self._snap["ledger"]

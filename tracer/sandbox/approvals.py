@@ -24,6 +24,7 @@ import random
 import re
 import secrets
 import smtplib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -69,7 +70,12 @@ class ApprovalSettings:
     secret_path: str | None = None  # inserted as the first path segment of both webhook URLs
     hmac_secret: str | None = None
     hmac_header: str = "X-Signature"
-    hmac_prefix: str = "sha256="
+    hmac_prefix: str = "sha256="  # body scheme only
+    # body: <prefix><hex HMAC(body)>; timestamped: t=<unix>,v1=<hex HMAC("<t>.<body>")> (replay-safe)
+    hmac_scheme: Literal["body", "timestamped"] = "body"
+    # outgoing mail auth: SMTP AUTH credentials (a recipient token goes in approver_email)
+    smtp_user: str | None = None
+    smtp_password: str | None = None
     email_encoding: Literal["quoted-printable", "base64"] = "quoted-printable"
     emit_event: bool = True  # also emit an ``approval_requested`` PostHog event
     event_delay: float = 0.0
@@ -232,8 +238,14 @@ async def _post(settings: ApprovalSettings, url: str, obj: Any) -> None:
     raw = json.dumps(obj, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"}
     if settings.hmac_secret is not None:
-        digest = hmac.new(settings.hmac_secret.encode(), raw, hashlib.sha256).hexdigest()
-        headers[settings.hmac_header] = settings.hmac_prefix + digest
+        key = settings.hmac_secret.encode()
+        if settings.hmac_scheme == "timestamped":
+            ts = str(int(time.time()))
+            digest = hmac.new(key, ts.encode() + b"." + raw, hashlib.sha256).hexdigest()
+            headers[settings.hmac_header] = f"t={ts},v1={digest}"
+        else:
+            digest = hmac.new(key, raw, hashlib.sha256).hexdigest()
+            headers[settings.hmac_header] = settings.hmac_prefix + digest
     async with httpx.AsyncClient(timeout=5.0) as client:
         resp = await client.post(_with_secret_path(url, settings.secret_path), content=raw, headers=headers)
         resp.raise_for_status()
@@ -252,6 +264,8 @@ async def _send_email(settings: ApprovalSettings, a: dict[str, Any]) -> None:
 
     def send() -> None:
         with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=5) as smtp:
+            if settings.smtp_user is not None:
+                smtp.login(settings.smtp_user, settings.smtp_password or "")
             smtp.send_message(msg)
 
     await asyncio.to_thread(send)
