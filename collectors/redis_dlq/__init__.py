@@ -1,0 +1,71 @@
+"""Redis dead-letter-queue collector: when a probe's entry landed in the DLQ, when the retry worker
+first took it, and whether that ended in success (``resolved``) or in the dead key (``dead``).
+
+Shapes: ``list`` (LPUSH + LREM/LMOVE), ``zset`` (scored by next retry, Sidekiq-style) and
+``stream`` (XADD, consumer groups, XDEL when done). A hop names one ``event``:
+
+``entry``     an entry carrying the trace id is in the DLQ key (``sink_time``: its own timestamp)
+``retry``     the first retry began: the entry left the DLQ key (popped / claimed / deleted), or
+              came back with a higher attempt, or reached the processing or dead key
+``resolved``  it is gone from the DLQ, the processing key and the dead key, in one snapshot
+``dead``      it is in ``dead_key``
+
+How it sees. A *look* reads every key of a hop in one MULTI/EXEC, so "gone from all three" is
+one instant's truth, never two reads stitched together. In ``push`` mode, keyspace notifications
+(``CONFIG SET notify-keyspace-events``, merged into what is set already) trigger a look within a
+round trip of each write, and streams are also read with ``XREAD BLOCK``; a safety-net look runs
+every ``poll_interval``. Without permission to use notifications (managed Redis), or in ``poll``
+mode, a look runs every ``poll_interval``.
+
+An entry that comes and goes between two looks (retried within milliseconds) is the one thing a
+look cannot show. It is either still caught or reported, never silently lost:
+- streams: a blocked ``XREAD`` is handed every added entry at once, even one deleted right after;
+  and each look compares the stream's ``entries-added`` counter with the entries we received,
+  so an entry added and deleted unseen (while we were not blocked) is counted as missed;
+- lists and zsets, push: each look counts the removal notifications since the previous look
+  against the removals it can see (entries gone since then). A removal it cannot account for
+  removed something it never saw;
+- lists and zsets, poll: the keys are WATCHed (on two alternating connections, so the watch
+  always spans the interval between two snapshots); a key that changed at all might have held
+  an entry we never saw.
+A possible miss while some probe's entry is still unseen marks ``(previous look, this look]``
+blind in ``coverage`` (``Coverage(retroactive=False)``: a retry of an entry we never saw cannot
+be found later), so the verdict is ``unknown``, not ``lost``. Redis down is blind too, from the
+last certified moment until the next good look, and while it reconnects with backoff. In push
+mode a good look is not enough to certify: a PING on the listener's connection is answered only
+after every notification published before it, so coverage is certified through the earlier of
+the last good look and the last answered PING, and a dead or lagging listener certifies nothing.
+
+Assumptions worth knowing: ``resolved`` requires that the worker moves an entry atomically (the
+reliable-queue pattern: claim into ``processing_key``, re-park or dead-letter in the same MULTI or
+Lua call); a worker that holds an entry only in memory while retrying looks resolved until it
+re-parks it. The first look of a hop's keys happens on the first watch for it, so a probe retried
+within that first round trip is not guaranteed to be caught. A key or glob pattern's keys are read
+up to ``max_scan`` entries; a longer key makes the look partial, reported as blind.
+
+How the package is laid out, and how to add a shape. ``collector.py`` is what the engine sees;
+``session.py`` owns the Redis connection and decides when to look; ``target.py`` holds what is
+known per hop and turns looks into events; ``entries.py`` parses an entry (and ``meta_hash``
+lookups); ``config.py`` is the YAML. A shape is one module implementing the ``Shape`` protocol
+in ``shape.py``: ``read``/``read_aux`` queue its commands into the look's MULTI, ``parse``/
+``parse_aux`` turn the replies into hits per trace id, ``new_key`` is its per-key state and
+``guarded`` says whether it needs the poll-mode WATCH. Lists and zsets share ``members.py`` and
+differ only in their commands (``list_shape.py``, ``zset_shape.py``); ``stream_shape.py`` does
+its own miss accounting. To add one: write ``<name>_shape.py``, add it to ``SHAPES`` in
+``target.py`` and its name to ``RedisDlqHop.shape`` in ``config.py``, and add it to the
+parametrized shapes in ``tests/test_redis_dlq.py``.
+"""
+
+from collectors.redis_dlq.collector import RedisDlqCollector
+from collectors.redis_dlq.config import RedisDlqConfig, RedisDlqHop
+from tracer.plugins import SinkPlugin
+
+__all__ = ["RedisDlqCollector", "RedisDlqConfig", "RedisDlqHop", "plugin"]
+
+plugin = SinkPlugin(
+    name="redis_dlq",
+    config=RedisDlqConfig,
+    hop=RedisDlqHop,
+    factory=RedisDlqCollector,
+    summary="a Redis dead-letter queue (list, sorted set or stream): entries, retries, resolution",
+)

@@ -1,0 +1,146 @@
+"""The ``stream`` shape: XADD to park, consumer groups to claim, XDEL when done.
+
+Streams need no WATCH: a blocked XREAD (run by the session) is handed every added entry, and each
+look compares the stream's ``entries-added`` counter with the entries received, so an entry
+added and deleted unseen is counted as missed. Entries we follow are re-checked by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from collectors.redis_dlq.entries import Hit
+from collectors.redis_dlq.shape import Checks, Key, raise_if_error
+
+if TYPE_CHECKING:
+    from collectors.redis_dlq.target import Target, When
+
+
+class StreamShape:
+    name = "stream"
+    guarded = False
+
+    def new_key(self) -> Key:
+        return Key()
+
+    def read(self, p: Pipeline, key: str, ks: Key, checks: list[tuple[str, str]], max_scan: int) -> None:
+        p.xinfo_stream(key)
+        p.xrange(key, "-" if ks.cursor is None else f"({ks.cursor}", "+", count=max_scan)
+        for _, handle in checks:  # do the entries we are following still exist?
+            p.xrange(key, handle, handle)
+
+    def read_aux(self, p: Pipeline, key: str, max_scan: int) -> None:
+        p.xrevrange(key, "+", "-", count=max_scan)
+
+    async def parse(
+        self,
+        r: Redis,
+        t: Target,
+        keys: tuple[str, ...],
+        replies: Iterator[Any],
+        removes: dict[str, int],
+        checks: Checks,
+        push: bool,
+    ) -> tuple[dict[str, Hit], str | None, bool]:
+        main: dict[str, Hit] = {}
+        missed = False
+        live: dict[tuple[str, str], str] = {}
+        for k in keys:
+            stream_info, new = next(replies), next(replies)
+            found = [next(replies) for _ in checks[k]]
+            hits, lost = self._look(t, k, stream_info, new, checks[k], found)
+            missed = missed or lost
+            for tid, key_hits in hits.items():
+                live.update({(h.key, h.handle or ""): tid for h in key_hits})
+                best = max(key_hits, key=lambda h: h.info.attempt or 0)  # a re-parked copy wins
+                if tid not in main or (best.info.attempt or 0) > (main[tid].info.attempt or 0):
+                    main[tid] = best
+        t.handles = live  # the entries we follow that exist now
+        return main, None, missed
+
+    async def parse_aux(self, r: Redis, t: Target, key: str, raw: Any) -> dict[str, Hit]:
+        return {tid: key_hits[0] for tid, key_hits in self.hits(t, key, raw).items()}
+
+    def _look(
+        self,
+        t: Target,
+        key: str,
+        stream_info: Any,
+        new: Any,
+        checks: list[tuple[str, str]],
+        found: list[Any],
+    ) -> tuple[dict[str, list[Hit]], bool]:
+        """One stream key: new entries since our cursor, which tracked entries still exist, and
+        whether entries were added that we never received (``entries-added`` accounting)."""
+        ks = t.keys[key]
+        if isinstance(stream_info, ResponseError) and "no such key" in str(stream_info).lower():
+            added, last_generated = 0, "0-0"
+        else:
+            raise_if_error(stream_info, key, "stream")
+            added, last_generated = (
+                int(stream_info.get("entries-added") or 0),
+                str(stream_info["last-generated-id"]),
+            )
+        raise_if_error(new, key, "stream")
+        first = ks.cursor is None
+        if first:
+            ks.cursor = "0-0"
+        for entry_id, _ in new:
+            if stream_id(entry_id) > stream_id(ks.cursor):
+                ks.cursor = entry_id
+                ks.fresh.append(entry_id)
+        hits = self.hits(t, key, new)
+        for (tid, handle), rows in zip(checks, found, strict=True):
+            raise_if_error(rows, key, "stream")
+            if rows and tid in t.traces:
+                hits.setdefault(tid, []).append(Hit(key, t.entries.of_fields(rows[0][1]), handle))
+        missed = False
+        if not first and ks.added is not None:
+            got = sum(
+                1
+                for i in ks.fresh
+                if stream_id(ks.last_generated) < stream_id(i) <= stream_id(last_generated)
+            )
+            missed = added - ks.added > got or added < ks.added
+        ks.fresh = [i for i in ks.fresh if stream_id(i) > stream_id(last_generated)]
+        ks.added, ks.last_generated = added, last_generated
+        if stream_id(ks.cursor) < stream_id(last_generated) and len(new) < t.max_scan:
+            ks.cursor = last_generated  # entries between were deleted before anyone could read them
+        return hits, missed
+
+    def hits(self, t: Target, key: str, entries: list[Any]) -> dict[str, list[Hit]]:
+        hits: dict[str, list[Hit]] = {}
+        for entry_id, fields in entries:
+            if not fields:
+                continue
+            info = t.entries.of_fields(fields)
+            for tid in info.traces:
+                if tid in t.traces:
+                    hits.setdefault(tid, []).append(Hit(key, info, entry_id))
+        return hits
+
+    def arrivals(self, t: Target, key: str, entries: list[Any], when: When) -> None:
+        """Entries handed to a blocked XREAD: each becomes an event as soon as it is read."""
+        ks = t.keys.get(key)
+        if ks is None or ks.cursor is None:
+            return
+        for entry_id, fields in entries:
+            if stream_id(entry_id) <= stream_id(ks.cursor):
+                continue
+            ks.cursor = entry_id
+            ks.fresh.append(entry_id)
+            for tid, hits in self.hits(t, key, [(entry_id, fields)]).items():
+                t.digest({tid: hits[0]}, set(), None, when, complete=False)
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+STREAM = StreamShape()
