@@ -25,10 +25,11 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.net",
             "tracer.probe",
             "tracer.synthetic",
+            "tracer.stats",
         ],
     ),
     ("pipeline contracts", ["tracer.watch", "tracer.verdict", "tracer.inject", "tracer.plugins"]),
-    ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*"]),
+    ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*", "tracer.gauges"]),
     ("the spec", ["tracer.spec"]),
     (
         "running and exporting",
