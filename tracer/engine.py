@@ -24,9 +24,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tracer import clock, stats
 from tracer.export.spans import emit_probe, get_tracer, make_provider
-from tracer.inject import Injection
 from tracer.gauges import GaugeError, Reading
 from tracer.gauges import read as read_gauge
+from tracer.inject import Injection
 from tracer.plugins import Collector, Connects, InjectContext, Injector, ObservesInjection
 from tracer.probe import Probe
 from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
