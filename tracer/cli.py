@@ -270,8 +270,13 @@ async def _probes(
 
 @main.command(epilog=EXAMPLES)
 @click.option(
-    "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 1000), help="Probes per step."
+    "-n",
+    "--samples",
+    default=None,
+    type=click.IntRange(1, 1000),
+    help="Probes per step (default: what the objectives need).",
 )
+@_objective_options
 @_output_options
 @click.option(
     "--lead-delay",
@@ -286,7 +291,9 @@ async def _probes(
     help="Sandbox: seconds before PostHog makes an event queryable.",
 )
 def demo(
-    samples: int,
+    samples: int | None,
+    quantile: float | None,
+    confidence: float | None,
     fmt: str,
     junit: str | None,
     trace_url: str | None,
@@ -350,17 +357,19 @@ def demo(
                         name: step
                         for name, step in spec.steps.items()
                         if step.inject.kind != "redis_dlq" and all(h.sink != "redis_dlq" for h in step.hops)
-                    }
+                    },
+                    "gauges": {},  # both read the DLQ
                 }
             )
         if fmt == "table":
             err.print(
                 f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}, Redis "
-                f"{'yes' if redis_url else 'no'}; {samples} probe(s) per step[/]",
+                f"{'yes' if redis_url else 'no'}; "
+                f"{f'{samples} probe(s)' if samples else 'as many probes as the claims need'} per step[/]",
                 highlight=False,
                 soft_wrap=True,
             )
-        code = run_check(spec, samples, fmt, junit, trace_url, html_path)
+        code = run_check(spec, samples, fmt, junit, trace_url, html_path, quantile, confidence)
     sys.exit(code)
 
 

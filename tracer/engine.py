@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
@@ -172,7 +173,9 @@ class Engine:
                 # (a 5xx, a timeout); for the others it is inject_failed.
                 judged = [h for h in step.hops if h.name in inflight.evidence]
                 found = (
-                    await self._await_hops(inflight.step, judged, inflight.watches, injection, inflight, on_hop)
+                    await self._await_hops(
+                        inflight.step, judged, inflight.watches, injection, inflight, on_hop
+                    )
                     if judged
                     else []
                 )
@@ -413,15 +416,30 @@ class Engine:
         confidence: float | None = None,
         early_stop: bool = True,
     ) -> list[ProbeResult]:
-        """Probes per step as ``plan`` says; steps run side by side. Within a step, at most
-        ``check_concurrency`` probes are in flight and starts are ``check_interval`` apart (a
-        launch gate is no load test). With ``early_stop`` a step stops injecting as soon as its
-        outcome cannot change (see ``_StepTally``)."""
+        """Probes per step as ``plan`` says. Within a step, at most ``check_concurrency``
+        probes are in flight and starts are ``check_interval`` apart (a launch gate is no load
+        test). With ``early_stop`` a step stops injecting as soon as its outcome cannot change
+        (see ``_StepTally``).
+
+        Steps judged only by the injection's own response (API latency) run first, one at a
+        time: the tracer's other probes, and the work they cause in the funnel, would otherwise
+        be in the latencies they measure. The other steps then run side by side."""
         plan = self.plan(samples, quantile, confidence)
-        per_step = await asyncio.gather(
-            *(self._check_step(n, plan[n], on_result, quantile, confidence, early_stop) for n in self.spec.steps)
+
+        def run(name: str) -> Any:
+            return self._check_step(name, plan[name], on_result, quantile, confidence, early_stop)
+
+        latency = [n for n in self.spec.steps if self._response_only(n)]
+        out: list[ProbeResult] = []
+        for name in latency:
+            out += await run(name)
+        per_step = await asyncio.gather(*(run(n) for n in self.spec.steps if n not in latency))
+        return out + [r for results in per_step for r in results]
+
+    def _response_only(self, step_name: str) -> bool:
+        return all(
+            isinstance(self.collectors[h.sink], ObservesInjection) for h in self.spec.steps[step_name].hops
         )
-        return [r for results in per_step for r in results]
 
     async def _check_step(
         self,
@@ -459,7 +477,9 @@ class Engine:
                         tally.provisional(hop_name, inflight)
                         recheck()
 
-                timers.append(loop.call_later(max(0.0, inflight.injection.sent_at + hop.target - clock.now()), due))
+                timers.append(
+                    loop.call_later(max(0.0, inflight.injection.sent_at + hop.target - clock.now()), due)
+                )
 
         async def one() -> ProbeResult:
             try:
@@ -516,11 +536,15 @@ class Engine:
     def expected_duration(self, samples: int | None = None) -> float:
         """Rough upper bound of a check's wall time, for progress displays."""
         plan = self.plan(samples)
-        return max(
-            max(0, plan[name] - 1) * self.spec.check_interval(name) / 1
-            + sum(self.spec.deadline(h) + h.late_grace for h in s.hops)
-            for name, s in self.spec.steps.items()
-        )
+
+        def one(name: str) -> float:
+            s = self.spec.steps[name]
+            return max(0, plan[name] - 1) * self.spec.check_interval(name) + sum(
+                self.spec.deadline(h) + h.late_grace for h in s.hops
+            )
+
+        first = sum(one(n) for n in self.spec.steps if self._response_only(n))
+        return first + max((one(n) for n in self.spec.steps if not self._response_only(n)), default=0.0)
 
 
 class _StepTally:

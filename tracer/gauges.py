@@ -37,7 +37,9 @@ class RedisGauge(Model):
 
 class HttpJsonGauge(Model):
     url: str = Field(pattern=r"^https?://")
-    path: str = Field(min_length=1, description="where the number is in the JSON answer, e.g. queues.payments.depth")
+    path: str = Field(
+        min_length=1, description="where the number is in the JSON answer, e.g. queues.payments.depth"
+    )
     headers: dict[str, Secret] = Field(default_factory=dict, description="e.g. Authorization (never logged)")
     timeout: Duration = Field(5.0, gt=0)
 
@@ -46,7 +48,9 @@ class HogQLGauge(Model):
     host: str = Field(pattern=r"^https?://")
     project_id: str = Field(min_length=1)
     personal_api_key: Secret
-    query: str = Field(min_length=1, description="HogQL returning one number, e.g. SELECT count() FROM events WHERE ...")
+    query: str = Field(
+        min_length=1, description="HogQL returning one number, e.g. SELECT count() FROM events WHERE ..."
+    )
     timeout: Duration = Field(10.0, gt=0)
 
 
@@ -80,7 +84,9 @@ class GaugeSpec(Model):
             return UNKNOWN
         if value < self.ok_below:
             return OK
-        return ALERT if value > (self.alert_above if self.alert_above is not None else self.ok_below) else WARN
+        return (
+            ALERT if value > (self.alert_above if self.alert_above is not None else self.ok_below) else WARN
+        )
 
 
 @dataclass
@@ -120,7 +126,9 @@ async def _read_redis(cfg: RedisGauge) -> float:
             if kind == "none":
                 return 0.0  # a missing key is an empty queue in Redis
             if kind == "?":
-                raise GaugeError(f"key {cfg.key} is a {raw.decode(errors='replace')}, not a list, zset or stream")
+                raise GaugeError(
+                    f"key {cfg.key} is a {raw.decode(errors='replace')}, not a list, zset or stream"
+                )
         cmd = {"list": client.llen, "zset": client.zcard, "stream": client.xlen}[kind]
         return float(await cmd(cfg.key))
     except GaugeError:

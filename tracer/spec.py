@@ -71,7 +71,9 @@ class _Hop(Model):
         0.0, ge=0, description="a probe seen this long after its deadline is late (with its lag), not lost"
     )
 
-    def objective_for(self, quantile: float | None = None, confidence: float | None = None) -> stats.Objective:
+    def objective_for(
+        self, quantile: float | None = None, confidence: float | None = None
+    ) -> stats.Objective:
         """The hop's objective, with the command line's overrides; a negative probe that appears
         fails outright (``strict``)."""
         o = self.objective
@@ -278,8 +280,10 @@ class FunnelSpec(Model):
         chain: dict[str, float] = {}
         for hop in step.hops:
             chain[hop.name] = self.deadline(hop) + (chain[hop.after] if hop.after else 0.0)
-        return getattr(step.inject.config, "timeout", 5.0) + max(chain.values()) + max(
-            h.late_grace for h in step.hops
+        return (
+            getattr(step.inject.config, "timeout", 5.0)
+            + max(chain.values())
+            + max(h.late_grace for h in step.hops)
         )
 
     def collector_config(self, sink: str) -> Any:

@@ -75,7 +75,9 @@ def _cdf(k: int, n: int, p: float) -> float:
     lp, lq = math.log(p), math.log1p(-p)
     lg = math.lgamma
     base = lg(n + 1)
-    return min(1.0, sum(math.exp(base - lg(i + 1) - lg(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1)))
+    return min(
+        1.0, sum(math.exp(base - lg(i + 1) - lg(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1))
+    )
 
 
 def _bisect(f, target: float) -> float:  # noqa: ANN001 - f: decreasing in p on [0, 1]
@@ -155,7 +157,11 @@ def judge(objective: Objective, n: int, exceeded: int, lost: int, ignored: int =
     allowed = 1 - objective.quantile
     eu, el = upper_bound(exceeded, n, c), lower_bound(exceeded, n, c)
     lu, ll = upper_bound(lost, n, c), lower_bound(lost, n, c)
-    fail = (objective.strict and exceeded > 0) or el > allowed or (objective.max_loss is not None and ll > objective.max_loss)
+    fail = (
+        (objective.strict and exceeded > 0)
+        or el > allowed
+        or (objective.max_loss is not None and ll > objective.max_loss)
+    )
     ok = n > 0 and eu <= allowed and (objective.max_loss is None or lu <= objective.max_loss)
     outcome = FAIL if fail else PASS if ok else INCONCLUSIVE
     return Claim(outcome, n, exceeded, lost, ignored, objective.needed(), eu, el, lu, ll)

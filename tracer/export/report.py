@@ -368,7 +368,9 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
             )
     for g in summary.get("gauges", []):
         console.print(
-            f"  {_styled_outcome(g['outcome'])} gauge {escape(g['statement'])}", highlight=False, soft_wrap=True
+            f"  {_styled_outcome(g['outcome'])} gauge {escape(g['statement'])}",
+            highlight=False,
+            soft_wrap=True,
         )
     reasons = [
         (s["step"], h["hop"], p)
