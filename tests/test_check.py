@@ -149,7 +149,7 @@ def test_drop_rate_one_is_lost_with_error_span_and_exit_1(
     hop = report["steps"][0]["hops"][0]
     assert report["ok"] is False and report["exit_code"] == 1
     assert hop["verdicts"]["lost"] == 2 and hop["samples"] == 2
-    assert hop["lag_s"] == {"p50": None, "p95": None, "max": None}
+    assert hop["lag_s"] == {"p50": None, "p95": None, "p99": None, "max": None}
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(500, None), (429, 1.0), (503, None)])

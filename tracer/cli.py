@@ -241,9 +241,9 @@ async def _check(
 
     async with Engine(spec) as engine:
         planned = engine.plan(samples, quantile, confidence)
-        results, gauges = await asyncio.gather(
-            _probes(engine, samples, quantile, confidence, sum(planned.values())), engine.read_gauges()
-        )
+        # Gauges first: the check's own probes (synthetic DLQ entries) must not be in the levels.
+        gauges = await engine.read_gauges()
+        results = await _probes(engine, samples, quantile, confidence, sum(planned.values()))
         return results, gauges, planned
 
 

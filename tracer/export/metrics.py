@@ -14,6 +14,7 @@ funnel.collector.last_success_timestamp  funnel_collector_last_success_timestamp
 funnel.collector.query_budget_used     funnel_collector_query_budget_used{sink,window}  fraction of limit
 funnel.collector.queries counter       funnel_collector_queries_total{sink,outcome}
 funnel.ledger.up         gauge         funnel_ledger_up{kind}
+funnel.gauge.value       gauge         funnel_gauge_value{step,gauge}                 a gauge's last good reading
 funnel.alerts.sent       counter       funnel_alerts_sent_total{kind,type,outcome}
 =====================================  ============================================  =================
 
@@ -151,6 +152,13 @@ class CanaryMetrics:
             unit="1",
             description="1 when the ledger (Redis) is reachable",
         )
+        meter.create_observable_gauge(
+            "funnel.gauge.value",
+            [self._obs_gauges],
+            unit="1",
+            description="last good reading of each gauge (DLQ depth, failure counts); thresholds in the spec",
+        )
+        self._gauges: dict[str, float] = {}
         self._budget_samples: dict[str, deque[tuple[float, int]]] = {}
 
     # -- events from the canary ---------------------------------------------------------------
@@ -249,6 +257,14 @@ class CanaryMetrics:
                 out.append(Observation(e["queries"] - e["failed_queries"], {"sink": s, "outcome": "ok"}))
                 out.append(Observation(e["failed_queries"], {"sink": s, "outcome": "failed"}))
         return out
+
+    def gauge(self, name: str, value: float) -> None:
+        """A good reading; a failed one keeps no value (the series goes stale, never reads 0)."""
+        self._gauges[name] = value
+
+    def _obs_gauges(self, _: CallbackOptions) -> Iterable[Observation]:
+        # ``step`` is the gauge's name: a gauge is a step of its own kind (nothing is injected).
+        return [Observation(v, {"step": n, "gauge": n}) for n, v in self._gauges.items()]
 
     def _obs_ledger(self, _: CallbackOptions) -> Iterable[Observation]:
         led = self._snap["ledger"]
