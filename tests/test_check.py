@@ -172,7 +172,20 @@ def test_cached_result_is_not_a_match(sb: Sandbox) -> None:
 
 def test_healthy_sandbox_exit_0_json_contract_and_junit(sb: Sandbox, tmp_path: Path) -> None:
     junit = tmp_path / "funnel.xml"
-    proc = cli_check(spec_text(sb), "--samples", "3", "--format", "json", "--junit", str(junit))
+    # p50 at 80 % confidence: 3 probes all within target show it (0.5^3 <= 0.2).
+    proc = cli_check(
+        spec_text(sb),
+        "--samples",
+        "3",
+        "--quantile",
+        "0.5",
+        "--confidence",
+        "0.8",
+        "--format",
+        "json",
+        "--junit",
+        str(junit),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["exit_code"] == 0
