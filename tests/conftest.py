@@ -36,6 +36,8 @@ def sb(sandbox: Sandbox) -> Iterator[Sandbox]:
     yield sandbox
     defaults = Knobs()
     sandbox.knobs.lead_delay, sandbox.knobs.drop_rate = defaults.lead_delay, defaults.drop_rate
+    sandbox.knobs.api_delay.clear()
+    sandbox.knobs.error_rate.clear()
     sandbox.posthog.ingest_delay = 0.0
     sandbox.posthog.query_fault = None
     sandbox.posthog.retry_after = None

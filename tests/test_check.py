@@ -149,7 +149,7 @@ def test_drop_rate_one_is_lost_with_error_span_and_exit_1(
     hop = report["steps"][0]["hops"][0]
     assert report["ok"] is False and report["exit_code"] == 1
     assert hop["verdicts"]["lost"] == 2 and hop["samples"] == 2
-    assert hop["lag_s"] == {"p50": None, "p95": None, "max": None}
+    assert hop["lag_s"] == {"p50": None, "p95": None, "p99": None, "max": None}
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(500, None), (429, 1.0), (503, None)])
@@ -172,7 +172,20 @@ def test_cached_result_is_not_a_match(sb: Sandbox) -> None:
 
 def test_healthy_sandbox_exit_0_json_contract_and_junit(sb: Sandbox, tmp_path: Path) -> None:
     junit = tmp_path / "funnel.xml"
-    proc = cli_check(spec_text(sb), "--samples", "3", "--format", "json", "--junit", str(junit))
+    # p50 at 80 % confidence: 3 probes all within target show it (0.5^3 <= 0.2).
+    proc = cli_check(
+        spec_text(sb),
+        "--samples",
+        "3",
+        "--quantile",
+        "0.5",
+        "--confidence",
+        "0.8",
+        "--format",
+        "json",
+        "--junit",
+        str(junit),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["exit_code"] == 0
@@ -219,13 +232,25 @@ def test_injection_failure_is_inject_failed_not_a_breach(sb: Sandbox) -> None:
 def test_trace_links_only_when_a_tracing_backend_is_configured(sb: Sandbox) -> None:
     def links(env: dict[str, str]) -> list[str | None]:
         clean = {k: "" for k in ("JAEGER_UI_URL", "FUNNEL_TRACE_URL")}
-        proc = cli_check(spec_text(sb), "--samples", "1", "--format", "json", env={**clean, **env})
+        proc = cli_check(
+            spec_text(sb),
+            "-n",
+            "3",
+            "--quantile",
+            "0.5",
+            "--confidence",
+            "0.8",
+            "--format",
+            "json",
+            env={**clean, **env},
+        )
         assert proc.returncode == 0, proc.stderr
         return [p.get("trace_url") for p in json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"]]
 
-    assert links({}) == [None]
-    (link,) = links({"JAEGER_UI_URL": "https://jaeger.internal"})
-    assert link is not None and link.startswith("https://jaeger.internal/trace/")
+    assert links({}) == [None] * 3
+    with_backend = links({"JAEGER_UI_URL": "https://jaeger.internal"})
+    assert len(with_backend) == 3
+    assert all(u is not None and u.startswith("https://jaeger.internal/trace/") for u in with_backend)
 
 
 def test_a_refusal_carries_the_funnels_answer_without_secrets(sb: Sandbox) -> None:
@@ -245,7 +270,8 @@ def test_a_refusal_carries_the_funnels_answer_without_secrets(sb: Sandbox) -> No
 
 def test_a_lost_hop_says_what_was_searched_for(sb: Sandbox) -> None:
     sb.knobs.drop_rate = 1.0  # the funnel never emits: a real outage
-    proc = cli_check(spec_text(sb, target="1s", deadline="2s"), "--samples", "1", "--format", "json")
+    # 2 of 2 lost disproves p95 <= target at 95 % (1 of 1 cannot).
+    proc = cli_check(spec_text(sb, target="1s", deadline="2s"), "--samples", "2", "--format", "json")
     assert proc.returncode == 1, proc.stderr
     probe = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"][0]
     ev = probe["evidence"]

@@ -26,13 +26,14 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.probe",
             "tracer.synthetic",
             "tracer.ratelog",
+            "tracer.stats",
         ],
     ),
     (
         "pipeline contracts",
         ["tracer.watch", "tracer.verdict", "tracer.evidence", "tracer.inject", "tracer.plugins"],
     ),
-    ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*"]),
+    ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*", "tracer.gauges"]),
     ("the spec", ["tracer.spec"]),
     (
         "running and exporting",

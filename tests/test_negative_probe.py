@@ -41,11 +41,12 @@ def run(sb: Sandbox, samples: int = 2) -> dict:
 
     async def go():
         async with Engine(spec) as engine:
-            return await engine.check(samples)
+            return await engine.check(samples, early_stop=False)  # both samples, even after a breach
 
     results = asyncio.run(go())
     assert all(r.injection.status in (401, 200) for r in results)
-    return summarize(spec, results)
+    # p50 at 75 % confidence: two clean probes show it (0.5^2 <= 0.25).
+    return summarize(spec, results, quantile=0.5, confidence=0.75)
 
 
 def test_rejected_forgery_is_ok(sb: Sandbox) -> None:

@@ -204,7 +204,9 @@ def test_html_report_opens_in_chromium_with_one_marker_per_probe(report: tuple[d
         hop = hops[section["data-step"]]
         markers = [e for e in dom.find("g", cls="probe") if e["section"] is section]
         # One marker per probe, each naming its probe's trace and verdict, linked to the trace.
-        assert len(markers) == int(section["data-samples"]) == hop["samples"] == 3
+        assert (
+            len(markers) == int(section["data-samples"]) == hop["samples"] >= 2
+        )  # early stop may end a failing step after 2
         assert [(m["data-trace-id"], m["data-verdict"]) for m in markers] == [
             (p["trace_id"], p["verdict"]) for p in hop["probes"]
         ]

@@ -36,7 +36,7 @@ def test_markdown_launch_review(sandbox: Sandbox) -> None:  # noqa: F811
     assert proc.returncode == 1, proc.stdout + proc.stderr
     md = proc.stdout
     assert md.startswith("# Launch review: funnel freshness of sandbox-funnel\n")
-    assert "**Verdict: FAIL**: freshness breached (exit 1)." in md
+    assert "**Verdict: FAIL**: an objective was disproven" in md and "(exit 1)." in md
 
     hops = {r[0]: r for r in table_rows(md, "| Step | Hop |")}
     assert set(hops) == set(STEPS)

@@ -152,7 +152,7 @@ class Canary:
         self._sampler = asyncio.create_task(self._sample(), name="canary-sampler")
         self._schedulers = [
             asyncio.create_task(self._schedule(name), name=f"canary-{name}") for name in self.spec.steps
-        ]
+        ] + [asyncio.create_task(self._gauge(name), name=f"canary-gauge-{name}") for name in self.spec.gauges]
         log.info(
             "canary started: %d step(s), instance %s",
             len(self.spec.steps),
@@ -232,6 +232,26 @@ class Canary:
             task = asyncio.create_task(self._probe(step_name))
             running.add(task)
             task.add_done_callback(running.discard)
+
+    @property
+    async def _gauge(self, name: str) -> None:
+        """Read one gauge every ``interval``: metric ``funnel.gauge.value`` and one log line."""
+        gauge = self.spec.gauges[name]
+        while True:
+            reading = await self.engine.read_gauge(name)
+            state = gauge.state(reading.value)
+            if reading.value is not None:
+                self.metrics.gauge(name, reading.value)
+            log.info(
+                "gauge %s %s: %s",
+                name,
+                state,
+                reading.error
+                if reading.value is None
+                else f"{reading.value:g} (ok below {gauge.ok_below:g})",
+                extra={"fields": {"event": "gauge", "gauge": name, "state": state, "value": reading.value}},
+            )
+            await asyncio.sleep(gauge.interval)
 
     @property
     def in_flight(self) -> int:

@@ -25,15 +25,20 @@ EXAMPLES = """
 Examples:
   funnel-tracer demo                              # local sandbox, no setup
   funnel-tracer validate -c funnel.yaml
-  funnel-tracer check -c funnel.yaml --samples 10 --junit report.xml
-  funnel-tracer check -c funnel.yaml --format json | jq .steps
+  funnel-tracer check -c funnel.yaml --junit report.xml      # as many probes as the claims need
+  funnel-tracer check -c funnel.yaml --quantile 0.99          # p99 claims (299 probes per hop)
+  funnel-tracer check -c funnel.yaml --format json | jq '.steps[].hops[].claim'
   funnel-tracer check -c funnel.yaml --format markdown --html review.html   # launch review
 \b
+Claims: each hop must show its objective (default: p95 within target with 95 % confidence,
+distribution-free: 59 probes all within target; 93 if one exceeds; 299 for p99).
+\b
 Exit codes (check, demo):
-  0  every hop within its freshness target
-  1  a hop was late or lost, or a negative probe appeared (breach)
+  0  every claim passes (shown with its confidence) and every gauge is below ok_below
+  1  a claim fails (disproven, or a negative probe appeared) or a gauge is over its threshold
   2  invalid config or usage
-  3  no breach seen, but some hop could not be measured (unknown, inject_failed)
+  3  nothing failed, but some claim is inconclusive (too few samples, too many unknown or
+     inject_failed) or a gauge could not be read
 """
 
 err = Console(stderr=True)
@@ -160,21 +165,43 @@ def _output_options(f: Any) -> Any:
     return f
 
 
+def _objective_options(f: Any) -> Any:
+    f = click.option(
+        "--confidence",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=None,
+        help="Override every hop's objective confidence (default per hop, 0.95).",
+    )(f)
+    return click.option(
+        "--quantile",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=None,
+        help="Override every hop's objective quantile, e.g. 0.99 (default per hop, 0.95).",
+    )(f)
+
+
 @main.command(epilog=EXAMPLES)
 @click.option(
     "-c", "--config", "config", required=True, type=click.Path(dir_okay=False), help="Funnel spec (YAML)."
 )
 @click.option(
-    "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Probes per step."
+    "-n",
+    "--samples",
+    default=None,
+    type=click.IntRange(1, 10_000),
+    help="Probes per step (default: what each step's objectives need, e.g. 59 for p95 at 95 %).",
 )
 @click.option("--step", "steps", multiple=True, help="Only these steps (repeatable).")
 @click.option(
     "--no-preflight", is_flag=True, help="Skip the doctor's checks before the first probe (see `doctor`)."
 )
+@_objective_options
 @_output_options
 def check(
     config: str,
-    samples: int,
+    samples: int | None,
+    quantile: float | None,
+    confidence: float | None,
     steps: tuple[str, ...],
     no_preflight: bool,
     fmt: str,
@@ -192,16 +219,22 @@ def check(
         if unknown:
             raise click.UsageError(f"no such step: {', '.join(unknown)} (have: {', '.join(spec.steps)})")
         spec = spec.model_copy(update={"steps": {k: v for k, v in spec.steps.items() if k in steps}})
-    sys.exit(run_check(spec, samples, fmt, junit, trace_url, html_path, preflight=not no_preflight))
+    sys.exit(
+        run_check(
+            spec, samples, fmt, junit, trace_url, html_path, quantile, confidence, preflight=not no_preflight
+        )
+    )
 
 
 def run_check(
     spec: FunnelSpec,
-    samples: int,
+    samples: int | None,
     fmt: str,
     junit: str | None,
     trace_url: str | None,
     html_path: str | None = None,
+    quantile: float | None = None,
+    confidence: float | None = None,
     preflight: bool = True,
 ) -> int:
     from tracer.engine import StartError
@@ -210,11 +243,19 @@ def run_check(
     _writable_or_exit(("--junit", junit), ("--html", html_path))
     blocked = _preflight(spec) if preflight else {}
     try:
-        results = asyncio.run(_check(spec, samples, blocked))
+        results, gauges, planned = asyncio.run(_check(spec, samples, quantile, confidence, blocked))
     except StartError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    summary = summarize(spec, results, default_trace_url() if trace_url is None else trace_url or None)
+    summary = summarize(
+        spec,
+        results,
+        default_trace_url() if trace_url is None else trace_url or None,
+        quantile=quantile,
+        confidence=confidence,
+        gauges=gauges,
+        planned=planned,
+    )
     if fmt == "json":
         click.echo(json.dumps(summary, indent=2))
     elif fmt == "markdown":
@@ -261,33 +302,54 @@ def _preflight(spec: FunnelSpec) -> dict[str, str]:
     return preflight.blocked_sinks(findings)
 
 
-async def _check(spec: FunnelSpec, samples: int, blocked: dict[str, str] | None = None) -> list[Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+async def _check(
+    spec: FunnelSpec,
+    samples: int | None,
+    quantile: float | None,
+    confidence: float | None,
+    blocked: dict[str, str] | None = None,
+) -> tuple[list[Any], dict[str, Any], dict[str, int]]:
     from tracer.engine import Engine
 
-    total = samples * len(spec.steps)
     async with Engine(spec) as engine:
         engine.block(blocked or {})
-        if not err.is_terminal:
-            return await engine.check(samples)
-        with Progress(
-            TextColumn("[bold]probes"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} resolved"),
-            TimeElapsedColumn(),
-            TextColumn("[dim]up to ~{task.fields[eta]:.0f}s"),
-            console=err,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("probes", total=total, eta=engine.expected_duration(samples))
-            return await engine.check(samples, on_result=lambda _r: progress.advance(task))
+        planned = engine.plan(samples, quantile, confidence)
+        # Gauges first: the check's own probes (synthetic DLQ entries) must not be in the levels.
+        gauges = await engine.read_gauges()
+        results = await _probes(engine, samples, quantile, confidence, sum(planned.values()))
+        return results, gauges, planned
+
+
+async def _probes(
+    engine: Any, samples: int | None, quantile: float | None, confidence: float | None, total: int
+) -> list[Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    kw = {"quantile": quantile, "confidence": confidence}
+    if not err.is_terminal:
+        return await engine.check(samples, **kw)
+    with Progress(
+        TextColumn("[bold]probes"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} resolved"),
+        TimeElapsedColumn(),
+        TextColumn("[dim]up to ~{task.fields[eta]:.0f}s"),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("probes", total=total, eta=engine.expected_duration(samples))
+        return await engine.check(samples, on_result=lambda _r: progress.advance(task), **kw)
 
 
 @main.command(epilog=EXAMPLES)
 @click.option(
-    "-n", "--samples", default=5, show_default=True, type=click.IntRange(1, 1000), help="Probes per step."
+    "-n",
+    "--samples",
+    default=None,
+    type=click.IntRange(1, 1000),
+    help="Probes per step (default: what the objectives need).",
 )
+@_objective_options
 @_output_options
 @click.option(
     "--lead-delay",
@@ -302,7 +364,9 @@ async def _check(spec: FunnelSpec, samples: int, blocked: dict[str, str] | None 
     help="Sandbox: seconds before PostHog makes an event queryable.",
 )
 def demo(
-    samples: int,
+    samples: int | None,
+    quantile: float | None,
+    confidence: float | None,
     fmt: str,
     junit: str | None,
     trace_url: str | None,
@@ -376,17 +440,19 @@ def demo(
                         name: step
                         for name, step in spec.steps.items()
                         if step.inject.kind != "redis_dlq" and all(h.sink != "redis_dlq" for h in step.hops)
-                    }
+                    },
+                    "gauges": {},  # both read the DLQ
                 }
             )
         if fmt == "table":
             err.print(
                 f"[dim]sandbox funnel {sb.url}, local PostHog {sb.posthog_url}, Redis "
-                f"{'yes' if redis_url else 'no'}; {samples} probe(s) per step[/]",
+                f"{'yes' if redis_url else 'no'}; "
+                f"{f'{samples} probe(s)' if samples else 'as many probes as the claims need'} per step[/]",
                 highlight=False,
                 soft_wrap=True,
             )
-        code = run_check(spec, samples, fmt, junit, trace_url, html_path)
+        code = run_check(spec, samples, fmt, junit, trace_url, html_path, quantile, confidence)
     sys.exit(code)
 
 

@@ -13,22 +13,37 @@ be awaited to its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
-from tracer import clock
+from tracer import clock, stats
 from tracer.evidence import Evidence, blind_json, sentence, window
 from tracer.export.spans import emit_probe, get_tracer, make_provider
+from tracer.gauges import GaugeError, Reading
+from tracer.gauges import read as read_gauge
 from tracer.inject import Injection
-from tracer.plugins import Collector, Connects, Explains, InjectContext, Injector
+from tracer.plugins import Collector, Connects, Explains, InjectContext, Injector, ObservesInjection
 from tracer.probe import Probe
 from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
-from tracer.verdict import INJECT_FAILED, LOST, OK, UNKNOWN, HopResult, judge_absent, judge_present, sink_lag
+from tracer.verdict import (
+    BREACH,
+    INJECT_FAILED,
+    LATE,
+    LOST,
+    OK,
+    UNKNOWN,
+    HopResult,
+    judge_absent,
+    judge_present,
+    sink_lag,
+)
 from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -61,6 +76,7 @@ class InFlight:
     done: dict[str, HopResult] = field(default_factory=dict)  # hops resolved so far
     resumed: bool = False
     injection_unknown: bool = False  # resumed from a record written before the injection returned
+    evidence: set[str] = field(default_factory=set)  # hops whose collector judged the injection itself
 
     @property
     def step(self) -> str:
@@ -84,7 +100,7 @@ class Engine:
         """The sinks the steps use, plus those their configs need (PostHog push: the webhook receiver)."""
         used = {hop.sink for step in self.spec.steps.values() for hop in step.hops}
         for sink in list(used):
-            used.update(n.sink for n in SINK_PLUGINS[sink].needs(getattr(self.spec.collectors, sink)))
+            used.update(n.sink for n in SINK_PLUGINS[sink].needs(self.spec.collector_config(sink)))
         return sorted(used)
 
     async def start(self) -> None:
@@ -93,7 +109,7 @@ class Engine:
         for name, step in self.spec.steps.items():
             self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():
-            collector = SINK_PLUGINS[sink].factory(getattr(self.spec.collectors, sink))
+            collector = SINK_PLUGINS[sink].factory(self.spec.collector_config(sink))
             try:
                 await collector.start()
             except OSError as exc:  # a receiver's port taken, a socket path not writable...
@@ -148,8 +164,12 @@ class Engine:
         return InFlight(probe, watches, registered_at=clock.now())
 
     async def inject(self, inflight: InFlight) -> Injection:
-        inflight.injection = await self.injectors[inflight.step].send(inflight.probe)
-        return inflight.injection
+        injection = inflight.injection = await self.injectors[inflight.step].send(inflight.probe)
+        for name, w in inflight.watches.items():
+            collector = self.collectors[w.sink]
+            if isinstance(collector, ObservesInjection) and collector.observe_injection(w, injection):
+                inflight.evidence.add(name)
+        return injection
 
     async def finish(self, inflight: InFlight, on_hop: OnHop | None = None) -> ProbeResult:
         """Await every hop not resolved yet, judge, export the trace. Each hop's result is kept
@@ -163,7 +183,21 @@ class Engine:
                     inflight.step, step.hops, inflight.watches, injection, inflight, on_hop
                 )
             else:
-                hops = [self._inject_failed(inflight.step, hop, injection) for hop in step.hops]
+                # A failed injection is still evidence for hops that judge the response itself
+                # (a 5xx, a timeout); for the others it is inject_failed.
+                judged = [h for h in step.hops if h.name in inflight.evidence]
+                found = (
+                    await self._await_hops(
+                        inflight.step, judged, inflight.watches, injection, inflight, on_hop
+                    )
+                    if judged
+                    else []
+                )
+                by_name = {r.hop: r for r in found}
+                hops = [
+                    by_name.get(hop.name) or self._inject_failed(inflight.step, hop, injection)
+                    for hop in step.hops
+                ]
         finally:
             self.release(inflight)
         if inflight.injection_unknown:
@@ -355,12 +389,13 @@ class Engine:
             start, inherited_error = ref.end, ref.error_bar or 0.0
             result.start = start
         deadline_at = start + deadline
-        await watch.wait_seen(deadline_at - clock.now(), collector.coverage)
+        # A probe seen within late_grace after its deadline is late (with its lag), not lost.
+        await watch.wait_seen(deadline_at + hop.late_grace - clock.now(), collector.coverage)
         if watch.first is not None and watch.missing_sources():
             # Push and poll both configured: let the slower one report too, for the comparison.
             await watch.wait_other_sources(min(deadline_at - clock.now(), max(2.0, 3 * collector.error_bar)))
         certified = True
-        if watch.first is None:
+        if watch.first is None and not watch.settled:
             # Give the collector a chance to look past the deadline before calling it lost.
             grace = max(5.0, 3 * collector.error_bar)
             # A resumed probe's deadline may be past already: only a look made after its watch
@@ -374,6 +409,14 @@ class Engine:
             result.verdict, result.reason = judge_present(
                 obs, start, hop.target, deadline, collector.coverage, certified
             )
+            if result.verdict == LOST and obs is not None and obs.at - start <= deadline + hop.late_grace:
+                result.verdict = LATE
+                result.reason = (
+                    f"arrived {obs.at - start - deadline:.2f}s after the {deadline:g}s deadline, "
+                    f"within its {hop.late_grace:g}s late_grace"
+                )
+        if obs is None and watch.settled_reason and result.verdict == LOST:
+            result.reason = watch.settled_reason
         if obs is not None:
             result.end = max(obs.at, start)
             result.lag = result.end - start
@@ -411,29 +454,198 @@ class Engine:
             return base
 
     # -- the launch gate ------------------------------------------------------
+    def plan(
+        self, samples: int | None = None, quantile: float | None = None, confidence: float | None = None
+    ) -> dict[str, int]:
+        """Probes per step: ``samples`` if given, else what the hops' objectives need."""
+        return {
+            name: samples or max(h.objective_for(quantile, confidence).needed() for h in step.hops)
+            for name, step in self.spec.steps.items()
+        }
+
     async def check(
-        self, samples: int, on_result: Callable[[ProbeResult], None] | None = None
+        self,
+        samples: int | None = None,
+        on_result: Callable[[ProbeResult], None] | None = None,
+        *,
+        quantile: float | None = None,
+        confidence: float | None = None,
+        early_stop: bool = True,
     ) -> list[ProbeResult]:
-        """``samples`` probes per step, spaced by each step's ``spacing``; steps run side by side."""
+        """Probes per step as ``plan`` says. Within a step, at most ``check_concurrency``
+        probes are in flight and starts are ``check_interval`` apart (a launch gate is no load
+        test). With ``early_stop`` a step stops injecting as soon as its outcome cannot change
+        (see ``_StepTally``).
 
-        async def step_run(name: str) -> list[ProbeResult]:
-            tasks = []
-            for i in range(samples):
-                if i:
-                    await asyncio.sleep(self.spec.steps[name].spacing)
-                tasks.append(asyncio.create_task(self.run_probe(name)))
-                if on_result:
-                    tasks[-1].add_done_callback(
-                        lambda t: t.cancelled() or t.exception() or on_result(t.result())
-                    )
-            return list(await asyncio.gather(*tasks))
+        Steps judged only by the injection's own response (API latency) run first, one at a
+        time: the tracer's other probes, and the work they cause in the funnel, would otherwise
+        be in the latencies they measure. The other steps then run side by side."""
+        plan = self.plan(samples, quantile, confidence)
 
-        per_step = await asyncio.gather(*(step_run(n) for n in self.spec.steps))
-        return [r for results in per_step for r in results]
+        def run(name: str) -> Any:
+            return self._check_step(name, plan[name], on_result, quantile, confidence, early_stop)
 
-    def expected_duration(self, samples: int) -> float:
-        """Rough upper bound of a check's wall time, for progress displays."""
-        return max(
-            (samples - 1) * s.spacing + sum(self.spec.deadline(h) for h in s.hops)
-            for s in self.spec.steps.values()
+        latency = [n for n in self.spec.steps if self._response_only(n)]
+        out: list[ProbeResult] = []
+        for name in latency:
+            out += await run(name)
+        per_step = await asyncio.gather(*(run(n) for n in self.spec.steps if n not in latency))
+        return out + [r for results in per_step for r in results]
+
+    def _response_only(self, step_name: str) -> bool:
+        return all(
+            isinstance(self.collectors[h.sink], ObservesInjection) for h in self.spec.steps[step_name].hops
         )
+
+    async def _check_step(
+        self,
+        name: str,
+        n: int,
+        on_result: Callable[[ProbeResult], None] | None,
+        quantile: float | None,
+        confidence: float | None,
+        early_stop: bool,
+    ) -> list[ProbeResult]:
+        step = self.spec.steps[name]
+        tally = _StepTally({h.name: h.objective_for(quantile, confidence) for h in step.hops}, n)
+        slots = asyncio.Semaphore(self.spec.check_concurrency(name))
+        interval = self.spec.check_interval(name)
+        decided = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        timers: list[asyncio.TimerHandle] = []
+
+        def recheck() -> None:
+            if early_stop and tally.decided():
+                decided.set()
+
+        def arm(inflight: InFlight) -> None:
+            """A hop measured from injection and not seen by its target will be late, lost or
+            (if blind) unknown: count it as exceeded already, so a clearly late funnel fails
+            after a few probes rather than after their deadlines."""
+            assert inflight.injection is not None
+            for hop in step.hops:
+                if hop.after or hop.expect != "present" or not inflight.injection.ok:
+                    continue
+                w = inflight.watches[hop.name]
+
+                def due(w: Watch = w, hop_name: str = hop.name) -> None:
+                    if w.first is None and not w.settled and not self.collectors[w.sink].coverage.blind_now:
+                        tally.provisional(hop_name, inflight)
+                        recheck()
+
+                timers.append(
+                    loop.call_later(max(0.0, inflight.injection.sent_at + hop.target - clock.now()), due)
+                )
+
+        async def one() -> ProbeResult:
+            try:
+                res = await self.run_probe(name, on_injected=arm)
+            finally:
+                slots.release()
+            tally.resolved(res)
+            recheck()
+            if on_result:
+                on_result(res)
+            return res
+
+        tasks: list[asyncio.Task[ProbeResult]] = []
+        next_at = clock.now()
+        for _ in range(n):
+            await slots.acquire()
+            if not decided.is_set() and next_at > clock.now():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(decided.wait(), next_at - clock.now())
+            if decided.is_set():
+                slots.release()
+                break
+            next_at = max(next_at, clock.now()) + interval
+            tally.started += 1
+            tasks.append(asyncio.create_task(one()))
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in timers:
+                t.cancel()
+
+    async def read_gauges(self) -> dict[str, list[Reading]]:
+        """Every gauge, ``readings`` times ``spacing`` apart, side by side."""
+        assert self.http is not None, "start() first"
+
+        async def one(name: str) -> tuple[str, list[Reading]]:
+            g = self.spec.gauges[name]
+            out = []
+            for i in range(g.readings):
+                if i:
+                    await asyncio.sleep(g.spacing)
+                out.append(await self.read_gauge(name))
+            return name, out
+
+        return dict(await asyncio.gather(*(one(n) for n in self.spec.gauges)))
+
+    async def read_gauge(self, name: str) -> Reading:
+        assert self.http is not None, "start() first"
+        try:
+            return Reading(await read_gauge(self.spec.gauges[name], self.http), clock.wall(clock.now()))
+        except GaugeError as exc:
+            return Reading(None, clock.wall(clock.now()), str(exc))
+
+    def expected_duration(self, samples: int | None = None) -> float:
+        """Rough upper bound of a check's wall time, for progress displays."""
+        plan = self.plan(samples)
+
+        def one(name: str) -> float:
+            s = self.spec.steps[name]
+            return max(0, plan[name] - 1) * self.spec.check_interval(name) + sum(
+                self.spec.deadline(h) + h.late_grace for h in s.hops
+            )
+
+        first = sum(one(n) for n in self.spec.steps if self._response_only(n))
+        return first + max((one(n) for n in self.spec.steps if not self._response_only(n)), default=0.0)
+
+
+class _StepTally:
+    """What a step's probes showed so far, per hop, to tell when its outcome is fixed.
+
+    ``decided``: some hop's claim fails however the rest turns out (the step fails). In-flight
+    probes count as their best case, except those already past their target unseen
+    (``provisional``), which count as exceeded.
+    """
+
+    def __init__(self, objectives: dict[str, stats.Objective], planned: int) -> None:
+        self.objectives = objectives
+        self.planned = planned
+        self.started = 0
+        self.done = 0
+        self.valid = dict.fromkeys(objectives, 0)
+        self.exceeded = dict.fromkeys(objectives, 0)
+        self.lost = dict.fromkeys(objectives, 0)
+        self._early: dict[str, set[int]] = {h: set() for h in objectives}
+
+    def provisional(self, hop: str, inflight: InFlight) -> None:
+        self._early[hop].add(id(inflight.probe))
+
+    def resolved(self, res: ProbeResult) -> None:
+        self.done += 1
+        for h in res.hops:
+            self._early[h.hop].discard(id(res.probe))
+            if h.verdict in (UNKNOWN, INJECT_FAILED):
+                continue
+            self.valid[h.hop] += 1
+            if h.verdict in (LATE, LOST, BREACH):
+                self.exceeded[h.hop] += 1
+            if h.verdict == LOST:
+                self.lost[h.hop] += 1
+
+    def decided(self) -> bool:
+        """True when some hop's claim fails however the remaining probes turn out. A claim bound
+        to stay inconclusive does not stop the step: the samples asked for still describe the
+        funnel (percentiles, evidence) even when they cannot prove the objective."""
+        pending = self.planned - self.done
+        for hop, obj in self.objectives.items():
+            early = len(self._early[hop])
+            outcome = stats.fixed_outcome(
+                obj, self.valid[hop] + early, self.exceeded[hop] + early, self.lost[hop], pending - early
+            )
+            if outcome == stats.FAIL:
+                return True
+        return False

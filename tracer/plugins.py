@@ -92,6 +92,17 @@ class Explains(Protocol):
     async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence: ...
 
 
+@runtime_checkable
+class ObservesInjection(Protocol):
+    """Optional: a collector that judges the injection itself (its response status and time,
+    e.g. ``response``) is handed each injection of the hops it watches, right after it returns,
+    failed ones included. It returns True when the injection is evidence for ``watch`` (the
+    engine then judges the hop, even for a failed injection) and may ``watch.settle`` it: nothing
+    more can be seen, so the engine need not wait for the deadline."""
+
+    def observe_injection(self, watch: Watch, injection: Injection) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Need:
     """A sink's config asks for another sink: ``field`` (within its section) needs ``sink``."""
@@ -133,6 +144,9 @@ class SinkPlugin:
     summary: str = ""  # one line for --help
     needs: Callable[[Any], Iterable[Need]] = field(default=lambda config: ())
     preflight: SinkPreflight = _nothing_to_check
+    # The spec does not ask for a ``collectors.<name>`` section (every field of ``config`` has a
+    # default): e.g. ``response``, which watches the injection itself.
+    implicit: bool = False
 
 
 class Injector(Protocol):

@@ -25,7 +25,7 @@ async def run(spec: FunnelSpec) -> dict[str, list[Finding]]:
         for hop in step.hops:
             hops_by_sink.setdefault(hop.sink, []).append(hop.sink_spec)
     for sink, hops in sorted(hops_by_sink.items()):
-        jobs[f"collectors.{sink}"] = SINK_PLUGINS[sink].preflight(getattr(spec.collectors, sink), hops)
+        jobs[f"collectors.{sink}"] = SINK_PLUGINS[sink].preflight(spec.collector_config(sink), hops)
     for name, step in spec.steps.items():
         jobs[f"steps.{name}.inject"] = INJECTOR_PLUGINS[step.inject.kind].preflight(step.inject.config, name)
     results = await asyncio.gather(*(_bounded(where, job) for where, job in jobs.items()))

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from tracer import plugins
+from tracer import plugins, stats
+from tracer.gauges import GaugeSpec
 from tracer.schema import Duration, Model, Secret
 from tracer.synthetic import SyntheticSpec
 from tracer.verdict import VERDICTS
@@ -41,6 +42,17 @@ def _chosen(obj: Model, names: tuple[str, ...]) -> list[str]:
     return [s for s in names if getattr(obj, s) is not None]
 
 
+class ObjectiveSpec(Model):
+    """What ``check`` must show for a hop: its ``quantile`` lag within target, with ``confidence``
+    (exact binomial order statistics, no distribution assumed); optionally a loss rate bound."""
+
+    quantile: float = Field(0.95, gt=0, lt=1, description="0.95: the hop's p95 is within its target")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    max_loss: float | None = Field(
+        None, gt=0, lt=1, description="also show the loss rate (lost probes) is at most this"
+    )
+
+
 class _Hop(Model):
     """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
@@ -53,6 +65,25 @@ class _Hop(Model):
         None, description="measure from this earlier hop's observation, not from injection"
     )
     expect: Literal["present", "absent"] = "present"
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="check: the claim to show (default p95 at 95 %)"
+    )
+    late_grace: Duration = Field(
+        0.0, ge=0, description="a probe seen this long after its deadline is late (with its lag), not lost"
+    )
+
+    def objective_for(
+        self, quantile: float | None = None, confidence: float | None = None
+    ) -> stats.Objective:
+        """The hop's objective, with the command line's overrides; a negative probe that appears
+        fails outright (``strict``)."""
+        o = self.objective
+        return stats.Objective(
+            quantile=quantile if quantile is not None else o.quantile,
+            confidence=confidence if confidence is not None else o.confidence,
+            max_loss=o.max_loss,
+            strict=self.expect == "absent",
+        )
 
     @model_validator(mode="after")
     def _one_sink(self) -> _Hop:
@@ -108,6 +139,12 @@ class StepSpec(Model):
     spacing: Duration = Field(1.0, description="check: pause between a step's samples")
     max_in_flight: int | None = Field(
         None, gt=0, description="canary: cap for this step (default canary.max_in_flight_per_step)"
+    )
+    concurrency: int | None = Field(
+        None, gt=0, description="check: probes in flight at once (default: target / spacing, at most 10)"
+    )
+    rate: float | None = Field(
+        None, gt=0, description="check: at most this many probes started per second (default 1 / spacing)"
     )
 
     @model_validator(mode="after")
@@ -208,6 +245,9 @@ class FunnelSpec(Model):
     collectors: CollectorsSpec = CollectorsSpec()
     steps: dict[str, StepSpec] = Field(min_length=1)
     canary: CanarySpec = CanarySpec()
+    gauges: dict[str, GaugeSpec] = Field(
+        default_factory=dict, description="levels, not lags (DLQ depth, failure counts), with thresholds"
+    )
 
     @model_validator(mode="after")
     def _collectors_configured(self) -> FunnelSpec:
@@ -218,7 +258,7 @@ class FunnelSpec(Model):
                     raise _PathError(f"collectors.{name}.{need.field}", need.why)
         for step_name, step in self.steps.items():
             for i, hop in enumerate(step.hops):
-                if getattr(self.collectors, hop.sink) is None:
+                if getattr(self.collectors, hop.sink) is None and not SINK_PLUGINS[hop.sink].implicit:
                     raise _PathError(
                         f"steps.{step_name}.hops[{i}].{hop.sink}",
                         f"this hop needs a 'collectors.{hop.sink}' section",
@@ -243,7 +283,31 @@ class FunnelSpec(Model):
         chain: dict[str, float] = {}
         for hop in step.hops:
             chain[hop.name] = self.deadline(hop) + (chain[hop.after] if hop.after else 0.0)
-        return getattr(step.inject.config, "timeout", 5.0) + max(chain.values())
+        return (
+            getattr(step.inject.config, "timeout", 5.0)
+            + max(chain.values())
+            + max(h.late_grace for h in step.hops)
+        )
+
+    def collector_config(self, sink: str) -> Any:
+        """A sink's ``collectors.<sink>`` section; an implicit sink (``response``) may omit it."""
+        config = getattr(self.collectors, sink)
+        if config is None and SINK_PLUGINS[sink].implicit:
+            config = SINK_PLUGINS[sink].config()
+        return config
+
+    def check_concurrency(self, step_name: str) -> int:
+        """check: probes of a step in flight at once. Default: what the spacing keeps busy over
+        the longest target, at most 10 (a launch gate is no load test; early stop needs few)."""
+        step = self.steps[step_name]
+        if step.concurrency is not None:
+            return step.concurrency
+        return max(1, min(10, math.ceil(max(h.target for h in step.hops) / self.check_interval(step_name))))
+
+    def check_interval(self, step_name: str) -> float:
+        """check: least time between two starts of a step's probes (the rate limit)."""
+        step = self.steps[step_name]
+        return 1.0 / step.rate if step.rate is not None else step.spacing
 
     def step_cap(self, step_name: str) -> int:
         """Per-step cap on probes in flight: explicit, else twice the steady state."""

@@ -62,6 +62,10 @@ class Watch:
     # Sources the collector will report (e.g. {"push", "poll"} for PostHog with a realtime
     # destination); empty means any one sighting settles the hop.
     expect_sources: set[str] = field(default_factory=set)
+    # Nothing more can be seen (a collector that judges the injection itself has looked, see
+    # tracer.plugins.ObservesInjection); ``settled_reason`` says why it was not seen, if it was not.
+    settled: bool = False
+    settled_reason: str | None = None
     _hit: bool = field(default=False, repr=False)  # seen at least once
     _event: asyncio.Event | None = field(default=None, repr=False)  # see _seen
     _waiter: asyncio.Future[bool] | None = field(default=None, repr=False)
@@ -104,6 +108,12 @@ class Watch:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
 
+    def settle(self, reason: str | None = None) -> None:
+        """The collector has looked for good: stop waiting for this watch."""
+        self.settled, self.settled_reason = True, reason
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(self._hit)
+
     def missing_sources(self) -> set[str]:
         return self.expect_sources - {o.source for o in self.observations}
 
@@ -121,10 +131,11 @@ class Watch:
         self._seen.set()
 
     async def wait_seen(self, timeout: float, coverage: Coverage | None = None) -> bool:
-        """True once seen; False at ``timeout``, or at once when ``coverage`` is broken (a
-        permanent error: waiting longer cannot produce evidence)."""
-        if self._hit:
-            return True
+        """True once seen; False at ``timeout``, or at once when the watch is settled (nothing
+        more can be seen) or ``coverage`` is broken (a permanent error: waiting longer cannot
+        produce evidence)."""
+        if self._hit or self.settled:
+            return self._hit
         if coverage is not None and coverage.broken:
             return False
         if timeout > 0 and self._waiter is None:

@@ -15,6 +15,7 @@ funnel.collector.query_budget_used     funnel_collector_query_budget_used{sink,w
 funnel.collector.queries counter       funnel_collector_queries_total{sink,outcome}
 funnel.collector.rejected counter      funnel_collector_rejected_total{sink,reason}   receivers: turned away
 funnel.ledger.up         gauge         funnel_ledger_up{kind}
+funnel.gauge.value       gauge         funnel_gauge_value{step,gauge}                 a gauge's last good reading
 funnel.alerts.sent       counter       funnel_alerts_sent_total{kind,type,outcome}
 =====================================  ============================================  =================
 
@@ -158,6 +159,13 @@ class CanaryMetrics:
             unit="1",
             description="1 when the ledger (Redis) is reachable",
         )
+        meter.create_observable_gauge(
+            "funnel.gauge.value",
+            [self._obs_gauges],
+            unit="1",
+            description="last good reading of each gauge (DLQ depth, failure counts); thresholds in the spec",
+        )
+        self._gauges: dict[str, float] = {}
         self._budget_samples: dict[str, deque[tuple[float, int]]] = {}
 
     # -- events from the canary ---------------------------------------------------------------
@@ -265,6 +273,14 @@ class CanaryMetrics:
             for s, e in self._snap["collectors"].items()
             for reason, n in (e.get("rejected") or {}).items()
         ]
+
+    def gauge(self, name: str, value: float) -> None:
+        """A good reading; a failed one keeps no value (the series goes stale, never reads 0)."""
+        self._gauges[name] = value
+
+    def _obs_gauges(self, _: CallbackOptions) -> Iterable[Observation]:
+        # ``step`` is the gauge's name: a gauge is a step of its own kind (nothing is injected).
+        return [Observation(v, {"step": n, "gauge": n}) for n, v in self._gauges.items()]
 
     def _obs_ledger(self, _: CallbackOptions) -> Iterable[Observation]:
         led = self._snap["ledger"]

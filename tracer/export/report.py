@@ -1,8 +1,13 @@
 """Reports of a check: the JSON contract, a terminal table, JUnit XML, and the exit code.
 
-Exit codes: 0 every hop within target; 1 any hop late, lost or breach; 2 config or usage error
-(raised before a report exists); 3 no breach seen but some hop unknown or inject_failed, i.e.
-the tracer could not vouch for freshness.
+Each hop carries a ``claim`` (``tracer.stats``): its objective (e.g. p95 within target with 95 %
+confidence), the outcome ``pass`` / ``fail`` / ``inconclusive`` with the Clopper-Pearson bounds,
+and a sentence saying it. Gauges (levels with thresholds) are reported beside the hops.
+
+Exit codes: 0 every claim passes and every gauge is ok; 1 some claim fails (disproven, or a
+negative probe appeared) or a gauge is over its threshold; 2 config or usage error (raised before
+a report exists); 3 nothing failed but some claim is inconclusive (too few samples, too many
+``unknown`` / ``inject_failed``) or a gauge could not be read.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from tracer import clock
+from tracer import clock, stats
 from tracer.durations import fmt_duration
 from tracer.verdict import BREACH, FAILING, INJECT_FAILED, LATE, LOST, OK, UNKNOWN, HopResult
 
@@ -22,7 +27,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from tracer.engine import ProbeResult
-    from tracer.spec import FunnelSpec
+    from tracer.gauges import Reading
+    from tracer.spec import FunnelSpec, HopSpec
 
 COUNTED = (OK, LATE, LOST, UNKNOWN, INJECT_FAILED, BREACH)
 DEFAULT_JAEGER_UI_URL = "http://localhost:16686"
@@ -64,8 +70,16 @@ def rounded(x: float | None) -> float | None:
 
 
 def summarize(
-    spec: FunnelSpec, results: Iterable[ProbeResult], trace_url: str | None = None
+    spec: FunnelSpec,
+    results: Iterable[ProbeResult],
+    trace_url: str | None = None,
+    *,
+    quantile: float | None = None,
+    confidence: float | None = None,
+    gauges: dict[str, list[Reading]] | None = None,
+    planned: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    results = list(results)
     by_hop: dict[tuple[str, str], list[HopResult]] = {}
     for res in results:
         for h in res.hops:
@@ -90,9 +104,11 @@ def summarize(
                     "samples": len(rows),
                     "verdicts": verdicts,
                     "verdict": _hop_verdict(verdicts),
+                    "claim": claim_of(hop, verdicts, quantile, confidence, (planned or {}).get(step_name)),
                     "lag_s": {
                         "p50": rounded(percentile(lags, 50)),
                         "p95": rounded(percentile(lags, 95)),
+                        "p99": rounded(percentile(lags, 99)),
                         "max": rounded(max(lags) if lags else None),
                     },
                     "probes": [
@@ -101,13 +117,116 @@ def summarize(
                 }
             )
         steps.append({"step": step_name, "hops": hops})
-    code = exit_code_of(steps)
+    gauge_rows = [gauge_row(name, spec.gauges[name], r) for name, r in (gauges or {}).items()]
+    code = exit_code_of(steps, gauge_rows)
     return {
         "ok": code == 0,
         "exit_code": code,
         "service": spec.service,
         "steps": steps,
+        "gauges": gauge_rows,
         "generated_at": clock.iso(time.time()),
+    }
+
+
+def _pct(x: float) -> str:
+    """0.0495 -> '4.95 %', 1e-5 -> '0.001 %'."""
+    return f"{x * 100:.3g} %"
+
+
+def claim_of(
+    hop: HopSpec,
+    verdicts: dict[str, int],
+    quantile: float | None = None,
+    confidence: float | None = None,
+    planned: int | None = None,
+) -> dict[str, Any]:
+    """The hop's claim after these verdict counts, as numbers and as a sentence.
+
+    ``unknown`` and ``inject_failed`` are evidence neither way: they are left out of n."""
+    obj = hop.objective_for(quantile, confidence)
+    exceeded = verdicts.get(LATE, 0) + verdicts.get(LOST, 0) + verdicts.get(BREACH, 0)
+    lost = verdicts.get(LOST, 0)
+    ignored = verdicts.get(UNKNOWN, 0) + verdicts.get(INJECT_FAILED, 0)
+    n = verdicts.get(OK, 0) + exceeded
+    c = stats.judge(obj, n, exceeded, lost, ignored)
+    return {
+        "objective": {"quantile": obj.quantile, "confidence": obj.confidence, "max_loss": obj.max_loss},
+        "outcome": c.outcome,
+        "statement": _statement(hop, obj, c),
+        "n": c.n,
+        "within": c.n - c.exceeded,
+        "exceeded": c.exceeded,
+        "lost": c.lost,
+        "ignored": c.ignored,
+        "needed": c.needed,
+        "planned": planned,
+        "exceed_upper": round(c.exceed_upper, 6),
+        "exceed_lower": round(c.exceed_lower, 6),
+        "loss_upper": round(c.loss_upper, 6),
+        "loss_lower": round(c.loss_lower, 6),
+    }
+
+
+def _statement(hop: HopSpec, obj: stats.Objective, c: stats.Claim) -> str:
+    conf = _pct(obj.confidence).replace(".0 %", " %")
+    if hop.expect == "absent":
+        what = f"rejected in at least {_pct(obj.quantile)} of attempts (and never accepted)"
+        counts = f"{c.n - c.exceeded}/{c.n} rejected"
+    else:
+        what = f"{stats.quantile_name(obj.quantile)} ≤ {fmt_duration(hop.target)}"
+        counts = f"{c.n - c.exceeded}/{c.n} within target"
+    if obj.max_loss is not None:
+        what += f", loss ≤ {_pct(obj.max_loss)}"
+    if c.ignored:
+        counts += f", {c.ignored} not counted (unknown or inject_failed)"
+    bounds = f"P(over target) ≤ {_pct(c.exceed_upper)}, loss ≤ {_pct(c.loss_upper)} ({conf} upper bounds)"
+    if c.outcome == stats.PASS:
+        return f"{what} with {conf} confidence: {counts}; {bounds}"
+    if c.outcome == stats.FAIL:
+        why = (
+            "a negative probe was accepted"
+            if obj.strict and c.exceeded
+            else f"P(over target) ≥ {_pct(c.exceed_lower)}"
+            + (f", loss ≥ {_pct(c.loss_lower)}" if obj.max_loss is not None else "")
+            + f" ({conf} lower bounds)"
+        )
+        return f"{what} disproven: {counts}; {why}"
+    return f"{what} not shown at {conf} confidence: {counts}, {c.needed} needed with none over; {bounds}"
+
+
+def gauge_row(name: str, gauge: Any, readings: list[Reading]) -> dict[str, Any]:
+    """A gauge's readings and outcome: pass when every reading is below ``ok_below``, fail when
+    one is not, inconclusive when some could not be read (and none failed)."""
+    from tracer.gauges import OK as G_OK
+    from tracer.gauges import UNKNOWN as G_UNKNOWN
+
+    values = [r.value for r in readings if r.value is not None]
+    states = [gauge.state(r.value) for r in readings]
+    peak = max(values) if values else None
+    if any(st not in (G_OK, G_UNKNOWN) for st in states):
+        outcome = stats.FAIL
+    elif G_UNKNOWN in states or not states:
+        outcome = stats.INCONCLUSIVE
+    else:
+        outcome = stats.PASS
+    alert = gauge.alert_above if gauge.alert_above is not None else gauge.ok_below
+    shown = f"max {peak:g} over {len(values)} reading(s)" if peak is not None else "no reading"
+    errors = [r.error for r in readings if r.error]
+    statement = f"{name} < {gauge.ok_below:g} (alert above {alert:g}): {shown}"
+    if errors:
+        statement += f"; {len(errors)} reading(s) failed: {errors[0]}"
+    return {
+        "gauge": name,
+        "kind": gauge.kind,
+        "ok_below": gauge.ok_below,
+        "alert_above": alert,
+        "values": values,
+        "max": peak,
+        "state": gauge.state(peak) if peak is not None else G_UNKNOWN,
+        "outcome": outcome,
+        "statement": statement,
+        "errors": errors,
     }
 
 
@@ -137,9 +256,9 @@ def _probe_row(h: HopResult, trace_id: str, trace_url: str | None) -> dict[str, 
 
 
 VERDICT_HEADLINE = {
-    0: ("PASS", "every hop within target"),
-    1: ("FAIL", "freshness breached"),
-    3: ("UNKNOWN", "no breach seen, but some hops could not be measured"),
+    0: ("PASS", "every claim shown (each hop's objective, with its confidence) and every gauge ok"),
+    1: ("FAIL", "an objective was disproven, a negative probe appeared, or a gauge is over its threshold"),
+    3: ("INCONCLUSIVE", "nothing failed, but some claims lack the evidence (too few or unmeasured samples)"),
 }
 
 
@@ -174,17 +293,18 @@ def _hop_verdict(verdicts: dict[str, int]) -> str:
     return OK
 
 
-def exit_code_of(steps: list[dict[str, Any]]) -> int:
-    counts = {v: 0 for v in COUNTED}
-    for step in steps:
-        for hop in step["hops"]:
-            for v, n in hop["verdicts"].items():
-                counts[v] += n
-    if any(counts[v] for v in FAILING):
+def exit_code_of(steps: list[dict[str, Any]], gauges: list[dict[str, Any]] = ()) -> int:  # type: ignore[assignment]
+    """From the claims (and gauges): 1 any fail, else 3 any inconclusive, else 0."""
+    outcomes = [hop["claim"]["outcome"] for step in steps for hop in step["hops"]]
+    outcomes += [g["outcome"] for g in gauges]
+    if stats.FAIL in outcomes:
         return 1
-    if counts[UNKNOWN] or counts[INJECT_FAILED]:
+    if stats.INCONCLUSIVE in outcomes:
         return 3
     return 0
+
+
+_OUTCOME_STYLE = {stats.PASS: "green", stats.FAIL: "red", stats.INCONCLUSIVE: "magenta"}
 
 
 _STYLE = {
@@ -213,7 +333,7 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
         ("target", "right"),
         ("± error", "right"),
         ("verdicts", "left"),
-        ("", "left"),
+        ("claim", "left"),
     ]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for step in summary["steps"]:
@@ -233,9 +353,37 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
                 fmt_duration(hop["target_s"]),
                 fmt_duration(hop["error_bar_s"]),
                 counts or "-",
-                f"[{_STYLE[hop['verdict']]}]{hop['verdict'].upper()}[/]",
+                _styled_outcome(hop["claim"]["outcome"]),
             )
+    for g in summary.get("gauges", []):
+        table.add_row(
+            "gauge",
+            g["gauge"],
+            g["kind"],
+            str(len(g["values"])),
+            "",
+            "",
+            "-" if g["max"] is None else f"{g['max']:g}",
+            f"<{g['ok_below']:g}",
+            "",
+            g["state"],
+            _styled_outcome(g["outcome"]),
+        )
     console.print(table)
+    for step in summary["steps"]:
+        for hop in step["hops"]:
+            c = hop["claim"]
+            console.print(
+                f"  {_styled_outcome(c['outcome'])} {escape(step['step'])}/{escape(hop['hop'])}: {escape(c['statement'])}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    for g in summary.get("gauges", []):
+        console.print(
+            f"  {_styled_outcome(g['outcome'])} gauge {escape(g['statement'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
     reasons = [
         (s["step"], h["hop"], p)
         for s in summary["steps"]
@@ -252,11 +400,8 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
         console.print(line, highlight=False, soft_wrap=True)
     if len(reasons) > 10:
         console.print(f"  [dim]... and {len(reasons) - 10} more (use --format json)[/]")
-    verdict = {
-        0: "[green]PASS[/]: every hop within target",
-        1: "[red]FAIL[/]: freshness breached",
-        3: "[magenta]UNKNOWN[/]: no breach seen, but some hops could not be measured",
-    }[summary["exit_code"]]
+    word, meaning = VERDICT_HEADLINE[summary["exit_code"]]
+    verdict = f"[{ {0: 'green', 1: 'red', 3: 'magenta'}[summary['exit_code']] }]{word}[/]: {meaning}"
     console.print(
         f"{verdict} (exit {summary['exit_code']}). Lags are upper bounds; '± error' is the widest error bar."
     )
@@ -266,8 +411,13 @@ def _figure(x: float | None) -> str:
     return "–" if x is None else f"{x:g}"
 
 
+def _styled_outcome(outcome: str) -> str:
+    return f"[{_OUTCOME_STYLE.get(outcome, 'white')}]{outcome.upper()}[/]"
+
+
 def write_junit(summary: dict[str, Any], path: str) -> None:
-    """One testcase per hop, failing on late/lost/breach and skipped when it could not be measured."""
+    """One testcase per hop (and per gauge), failing when its claim fails and skipped when the
+    claim is inconclusive."""
     suites = ET.Element("testsuites", name=f"funnel-tracer: {summary['service']}")
     for step in summary["steps"]:
         suite = ET.SubElement(suites, "testsuite", name=step["step"], tests=str(len(step["hops"])))
@@ -281,23 +431,38 @@ def write_junit(summary: dict[str, Any], path: str) -> None:
                 time=f"{hop['lag_s']['max'] or 0:.3f}",
             )
             counts = ", ".join(f"{n} {v}" for v, n in hop["verdicts"].items() if n)
+            claim = hop["claim"]
             lag = {k: _figure(v) for k, v in hop["lag_s"].items()}
             text = (
-                f"target {hop['target_s']}s, p50 {lag['p50']}, p95 {lag['p95']}, "
-                f"max {lag['max']}, error bar {_figure(hop['error_bar_s'])}s; {counts}"
+                f"{claim['statement']}. target {hop['target_s']}s, p50 {lag['p50']}, "
+                f"p95 {lag['p95']}, max {lag['max']}, error bar {_figure(hop['error_bar_s'])}s; {counts}"
             )
             reasons = list(dict.fromkeys(p["reason"] for p in hop["probes"] if p.get("reason")))
             if reasons:
                 text += "\n" + "\n".join(reasons[:10])
-            if hop["verdict"] in FAILING:
+            if claim["outcome"] == stats.FAIL:
                 failures += 1
                 ET.SubElement(
-                    case, "failure", message=f"{hop['verdict']}: {counts}", type=hop["verdict"]
+                    case, "failure", message=f"{claim['statement']} ({counts})", type=hop["verdict"]
                 ).text = text
-            elif hop["verdict"] != OK:
+            elif claim["outcome"] == stats.INCONCLUSIVE:
                 skipped += 1
-                ET.SubElement(case, "skipped", message=f"could not measure: {counts}")
+                ET.SubElement(case, "skipped", message=f"inconclusive: {claim['statement']}")
             ET.SubElement(case, "system-out").text = text
+        suite.set("failures", str(failures))
+        suite.set("skipped", str(skipped))
+    gauges = summary.get("gauges", [])
+    if gauges:
+        suite = ET.SubElement(suites, "testsuite", name="gauges", tests=str(len(gauges)))
+        failures = sum(g["outcome"] == stats.FAIL for g in gauges)
+        skipped = sum(g["outcome"] == stats.INCONCLUSIVE for g in gauges)
+        for g in gauges:
+            case = ET.SubElement(suite, "testcase", classname="funnel.gauges", name=g["gauge"], time="0")
+            if g["outcome"] == stats.FAIL:
+                ET.SubElement(case, "failure", message=g["statement"], type=g["state"])
+            elif g["outcome"] == stats.INCONCLUSIVE:
+                ET.SubElement(case, "skipped", message=f"inconclusive: {g['statement']}")
+            ET.SubElement(case, "system-out").text = g["statement"]
         suite.set("failures", str(failures))
         suite.set("skipped", str(skipped))
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

@@ -3,6 +3,12 @@
 Every route module (``leads``, ``payments``, ``approvals``) contributes ``routes(ctx)``; knobs
 live on ``FunnelContext`` and can be changed while the app runs, which is how tests inject delay,
 loss and faults.
+
+The SLO's API latency rows are per endpoint category (``CATEGORIES``): ``Knobs.api_delay`` holds
+back a category's responses and ``Knobs.error_rate`` answers a fraction of them with a 503, so
+response hops have something to find. ``/api/v1/admin/dlq`` reports the DLQ's depth (a gauge's
+http_json source) and ``POST /api/v1/admin/dlq/fill`` parks entries that are not due for a day,
+so a DLQ-depth gauge can be tripped.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ import asyncio
 import contextvars
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from posthog import Posthog
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tracer.sandbox.approvals import approval_routes
+from tracer.sandbox.dlq import new_entry
 from tracer.sandbox.payments import payment_routes
 from tracer.sandbox.telemetry import TracedPosthog, tracer
 
@@ -33,6 +42,39 @@ class Knobs:
 
     lead_delay: float = 0.0  # seconds between accepting a lead and emitting lead_captured
     drop_rate: float = 0.0  # fraction of leads whose event is never emitted
+    api_delay: dict[str, float] = field(default_factory=dict)  # category -> seconds before answering
+    error_rate: dict[str, float] = field(default_factory=dict)  # category -> fraction answered 503
+
+
+# The SLO's endpoint categories, by path prefix.
+CATEGORIES = {
+    "/api/v1/health": "health",
+    "/api/v1/pricing": "pricing",
+    "/api/v1/leads": "leads",
+    "/api/v1/webhooks/": "webhooks",
+}
+
+
+def category_of(path: str) -> str | None:
+    return next((c for prefix, c in CATEGORIES.items() if path.startswith(prefix)), None)
+
+
+class CategoryFaults:
+    """ASGI middleware: the per-category delay and 5xx knobs, read on every request."""
+
+    def __init__(self, app: Any, knobs: Knobs) -> None:
+        self.app, self.knobs = app, knobs
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        category = category_of(scope.get("path", "")) if scope["type"] == "http" else None
+        if category is not None:
+            delay = self.knobs.api_delay.get(category, 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if random.random() < self.knobs.error_rate.get(category, 0.0):
+                await JSONResponse({"detail": "injected fault"}, status_code=503)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -113,8 +155,51 @@ async def health(_: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+PLANS = [
+    {"id": "starter", "price": 4900, "currency": "SAR", "interval": "month"},
+    {"id": "growth", "price": 14900, "currency": "SAR", "interval": "month"},
+]
+
+
+async def pricing(_: Request) -> JSONResponse:
+    return JSONResponse({"plans": PLANS})
+
+
+def admin_routes(ctx: FunnelContext) -> list[Route]:
+    async def dlq_depth(_: Request) -> JSONResponse:
+        dlq = ctx.extra.get("dlq")
+        if dlq is None:
+            return JSONResponse({"detail": "no DLQ (start the sandbox with Redis)"}, status_code=404)
+        pending, dead = await dlq.entries(), await dlq.dead()
+        return JSONResponse({"queues": {"webhooks": {"depth": len(pending), "dead": len(dead)}}})
+
+    async def dlq_fill(request: Request) -> JSONResponse:
+        dlq = ctx.extra.get("dlq")
+        body = await _json_object(request) or {}
+        n = body.get("n", 1)
+        if dlq is None or not isinstance(n, int) or not 0 < n <= 10_000:
+            return JSONResponse({"detail": 'needs a DLQ and {"n": 1..10000}'}, status_code=422)
+        later = time.time() + 86_400  # not due for a day: the entries stay and count
+        for _ in range(n):
+            entry = new_entry("payments", {"filler": True}, "sandbox fill", max_attempts=5, now=later)
+            await dlq.put(entry)
+        return JSONResponse({"parked": n})
+
+    return [
+        Route("/api/v1/admin/dlq", dlq_depth),
+        Route("/api/v1/admin/dlq/fill", dlq_fill, methods=["POST"]),
+    ]
+
+
 def create_app(ctx: FunnelContext) -> Starlette:
-    routes = [Route("/api/v1/health", health), *lead_routes(ctx), *payment_routes(ctx), *approval_routes(ctx)]
-    app = Starlette(routes=routes)
+    routes = [
+        Route("/api/v1/health", health),
+        Route("/api/v1/pricing", pricing),
+        *lead_routes(ctx),
+        *payment_routes(ctx),
+        *approval_routes(ctx),
+        *admin_routes(ctx),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(CategoryFaults, knobs=ctx.knobs)])
     app.state.ctx = ctx
     return app
