@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from tests.e2e_stack import COLLECTOR_CONFIG, JAEGER_CONFIG, Collector, Jaeger, binary, validate, wait_for
@@ -211,7 +212,9 @@ def test_lost_probe_kept_and_ok_probe_dropped_at_share_zero(jaeger: Jaeger, stri
     assert tags(one(trace, TRACER_SERVICE, name="probe lead"))["funnel.verdict"] == "lost"
     # The funnel's server span for the lost lead is in the kept trace too (sampled-cache hit or
     # same decision): the story of a lost probe is whole.
-    wait_for(lambda: complete(jaeger, lost["trace_id"], {TRACER_SERVICE, "sandbox-funnel"}, 4), 10)
+    whole = wait_for(lambda: complete(jaeger, lost["trace_id"], {TRACER_SERVICE, "sandbox-funnel"}, 4), 15)
+    assert whole, f"the funnel's spans of lost trace {lost['trace_id']} never reached Jaeger"
+    assert one(whole, "sandbox-funnel", **{"span.kind": "server"})["operationName"] == "POST /api/v1/leads"
     # The ok probe finished first, so its decision (2 s after its root) came before the lost one's.
     assert jaeger.trace(ok["trace_id"]) is None, "an ok trace reached Jaeger at ok share 0"
 
@@ -235,5 +238,8 @@ def test_span_metrics_histogram_has_slo_buckets(jaeger: Jaeger, collector: Colle
     hist = wait_for(lambda: _histogram(httpx.get(collector.prometheus_url, timeout=5).text), 40, 1.0)
     assert hist, httpx.get(collector.prometheus_url, timeout=5).text[:3000]
     ((name, bounds),) = hist.items()
-    assert set(SLO_BOUNDS_S) <= bounds, (name, sorted(bounds))
-    assert name.endswith("_seconds_bucket") or "seconds" in name or "duration" in name
+    assert name == "traces_span_metrics_duration_seconds_bucket", name
+    assert set(SLO_BOUNDS_S) <= bounds, sorted(bounds)
+    # Exactly the configured bounds: the real connector parsed the `1s`-style list as seconds.
+    cfg = yaml.safe_load(COLLECTOR_CONFIG.read_text())["connectors"]["span_metrics"]["histogram"]
+    assert bounds == {float(b.rstrip("s")) for b in cfg["explicit"]["buckets"]}, sorted(bounds)
