@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.canary_load import SPEC, STEP, Proc, cpu_seconds, rss_mb, sandbox  # noqa: E402
+from bench.canary_load import SPEC, STEP, cpu_seconds, rss_mb, sandbox  # noqa: E402
 from tests.e2e_stack import Collector, Jaeger  # noqa: E402
 
 
@@ -100,7 +100,9 @@ def first_trace(duration_limit: float = 120.0) -> float:
     canary = with_otel(["canary", "-c", str(spec_file(fn, ph, "5s", "5s", "10s"))], col)
     try:
         while time.monotonic() - t0 < duration_limit:
-            r = httpx.get(f"{jaeger.query_url}/api/traces", params={"service": "funnel-tracer", "limit": 1}, timeout=5)
+            r = httpx.get(
+                f"{jaeger.query_url}/api/traces", params={"service": "funnel-tracer", "limit": 1}, timeout=5
+            )
             if r.status_code == 200 and r.json().get("data"):
                 return time.monotonic() - t0
             time.sleep(0.2)
@@ -127,7 +129,11 @@ def load(jaeger: Jaeger, duration: float) -> dict[str, float]:
             rss_samples.append(rss_mb(pid)[0])
         cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - w0)
         _, peak = rss_mb(pid)
-        return {"cpu_share_of_one_core": cpu, "rss_mb_median": statistics.median(rss_samples), "rss_mb_peak": peak}
+        return {
+            "cpu_share_of_one_core": cpu,
+            "rss_mb_median": statistics.median(rss_samples),
+            "rss_mb_peak": peak,
+        }
     finally:
         canary.terminate()
         canary.wait(30)

@@ -86,7 +86,9 @@ class Process:
 
 
 def _base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "JAEGER_", "OTELCOL_", "FUNNEL_"))}
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "JAEGER_", "OTELCOL_", "FUNNEL_"))
+    }
 
 
 @dataclass
@@ -193,5 +195,3 @@ def wait_for(fn: Any, timeout: float, interval: float = 0.5) -> Any:
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
-
-

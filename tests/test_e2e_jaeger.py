@@ -87,7 +87,18 @@ def run_check(sb: Sandbox, collector: Collector, samples: int = 1) -> list[dict[
         "OTEL_SERVICE_NAME": TRACER_SERVICE,
     }
     out = subprocess.run(
-        [sys.executable, "-m", "tracer.cli", "check", "-c", str(spec), "-n", str(samples), "--format", "json"],
+        [
+            sys.executable,
+            "-m",
+            "tracer.cli",
+            "check",
+            "-c",
+            str(spec),
+            "-n",
+            str(samples),
+            "--format",
+            "json",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -122,7 +133,8 @@ def one(trace: dict[str, Any], svc: str, **match: Any) -> dict[str, Any]:
     def ok(s: dict[str, Any]) -> bool:
         t = tags(s)
         return service(trace, s) == svc and all(
-            (s["operationName"] if k == "name" else t.get(k.replace("__", "."))) == v for k, v in match.items()
+            (s["operationName"] if k == "name" else t.get(k.replace("__", "."))) == v
+            for k, v in match.items()
         )
 
     found = [s for s in trace["spans"] if ok(s)]
@@ -190,13 +202,17 @@ def test_ok_probe_trace_in_jaeger_has_every_span(jaeger: Jaeger, collector: Coll
     emit = one(trace, "sandbox-funnel", name="emit lead_captured")
     assert parent(emit) == server["spanID"]
     # The hop span links back to the context the matched PostHog event carried.
-    assert any(r["spanID"] == inject["spanID"] for r in hop.get("references") or [] if r["refType"] == "FOLLOWS_FROM")
+    assert any(
+        r["spanID"] == inject["spanID"] for r in hop.get("references") or [] if r["refType"] == "FOLLOWS_FROM"
+    )
     # Jaeger's clock-skew adjuster (on in deploy/jaeger.yaml) found nothing to fix.
     warnings = [w for s in trace["spans"] for w in s.get("warnings") or []] + (trace.get("warnings") or [])
     assert not [w for w in warnings if "skew" in w.lower()], warnings
 
 
-def test_lost_probe_kept_and_ok_probe_dropped_at_share_zero(jaeger: Jaeger, strict_collector: Collector) -> None:
+def test_lost_probe_kept_and_ok_probe_dropped_at_share_zero(
+    jaeger: Jaeger, strict_collector: Collector
+) -> None:
     """At ok share 0 the tail sampler keeps the lost probe (ERROR hop span) and drops the ok one;
     the lost trace arriving is also the proof that the sampler decided for this batch."""
     with sandbox_for(strict_collector) as sb:
@@ -223,7 +239,7 @@ def _histogram(text: str) -> dict[str, set[float]]:
     """{metric name: set of `le` bounds} for duration-histogram buckets of hop spans."""
     out: dict[str, set[float]] = {}
     for line in text.splitlines():
-        m = re.match(r'^(\w*duration\w*_bucket)\{(.*)\}\s', line)
+        m = re.match(r"^(\w*duration\w*_bucket)\{(.*)\}\s", line)
         if m and 'funnel_hop="posthog_event"' in m.group(2):
             le = re.search(r'le="([^"]+)"', m.group(2))
             if le and le.group(1) != "+Inf":
