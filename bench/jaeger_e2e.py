@@ -122,23 +122,40 @@ def load(jaeger: Jaeger, duration: float) -> dict[str, float]:
     try:
         time.sleep(15)  # warm-up: probes in flight, sampler and span metrics steady
         pid = col.process.proc.pid  # type: ignore[union-attr]
-        c0, w0 = cpu_seconds(pid), time.monotonic()
+        c0, w0, s0 = cpu_seconds(pid), time.monotonic(), accepted_spans(col)
         rss_samples = []
         while time.monotonic() - w0 < duration:
             time.sleep(5)
             rss_samples.append(rss_mb(pid)[0])
-        cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - w0)
+        wall = time.monotonic() - w0
+        cpu = (cpu_seconds(pid) - c0) / wall
+        spans_per_s = (accepted_spans(col) - s0) / wall  # proof the load reached the Collector
         _, peak = rss_mb(pid)
         return {
             "cpu_share_of_one_core": cpu,
             "rss_mb_median": statistics.median(rss_samples),
             "rss_mb_peak": peak,
+            "accepted_spans_per_s": spans_per_s,
         }
     finally:
         canary.terminate()
         canary.wait(30)
         sb.stop()
         col.stop()
+
+
+def accepted_spans(col: Collector) -> float:
+    """otelcol_receiver_accepted_spans total, from the Collector's own telemetry endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{col.telemetry_port}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("otelcol_receiver_accepted_spans") and not line.startswith("#")
+    )
+
+
+class _Skip(Exception):
+    """--only load: leave the latency part out."""
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -149,17 +166,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--only", choices=["first", "latency", "load"])
     args = ap.parse_args()
-    results: dict[str, object] = {"first_trace_s": first_trace()}
+    results: dict[str, object] = {}
+    if args.only in (None, "first"):
+        results["first_trace_s"] = first_trace()
+    if args.only == "first":
+        print(json.dumps(results, indent=2))
+        return
     jaeger = Jaeger().start()
     try:
         col = Collector(jaeger.otlp_grpc, ok_sampling_percent=100).start()
         try:
+            if args.only == "load":
+                raise _Skip
             results["ok"] = summary(verdict_to_visible(jaeger, col, 0.0, args.samples))
             results["lost"] = summary(verdict_to_visible(jaeger, col, 1.0, args.samples))
+        except _Skip:
+            pass
         finally:
             col.stop()
-        results["load_10_per_s"] = load(jaeger, args.duration)
+        if args.only in (None, "load"):
+            results["load_10_per_s"] = load(jaeger, args.duration)
     finally:
         jaeger.stop()
     print(json.dumps(results, indent=2))

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 TRACER_SERVICE = "funnel-tracer-e2e"
 SLO_BOUNDS_S = (5.0, 10.0, 60.0, 300.0)
-# The trace reaches Jaeger decision_wait_after_root_received (2 s) + batch timeout (2 s) after the
+# The trace reaches Jaeger decision_wait_after_root_received (1 s) + batch timeout (1 s) after the
 # root span is exported; the funnel's own spans follow the sandbox SDK's 5 s batch delay.
 VISIBLE_WITHIN_S = 30.0
 
