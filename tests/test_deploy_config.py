@@ -35,16 +35,19 @@ DEPLOY_DOC = ROOT / "docs" / "DEPLOY.md"
 # ---------------------------------------------------------------------------------------------
 # What the pinned OpenTelemetry Collector Contrib release contains.
 #
-# Source: the v0.159.0 contrib distribution manifest,
-#   https://github.com/open-telemetry/opentelemetry-collector-releases/blob/v0.159.0/distributions/otelcol-contrib/manifest.yaml
-# and, for each module, the `type:` / `deprecated_type:` of its metadata.yaml at v0.159.0
-# (core: github.com/open-telemetry/opentelemetry-collector, contrib: ...-collector-contrib).
+# The release is the one deploy/otelcol builds (deploy/build-binaries.sh); the real binary
+# validates otel-collector.yaml in tests/test_e2e_jaeger.py, these static checks stay as the fast
+# first line. Source: the v0.161.0 contrib distribution manifest,
+#   https://github.com/open-telemetry/opentelemetry-collector-releases/blob/v0.161.0/distributions/otelcol-contrib/manifest.yaml
+# and, for each module, the `type:` / `deprecated_type:` of its metadata.yaml at v0.161.0 (core:
+# github.com/open-telemetry/opentelemetry-collector, contrib: ...-collector-contrib); the types of the
+# components deploy/otelcol builds were read in those modules' generated_status.go at v0.161.0.
 # This is the subset this stack uses or may plausibly use; every entry's module is listed in that
 # manifest. Before using another component, add it here after checking both files at the pinned
 # version (component types are being renamed to snake_case: `otlp` exporter -> `otlp_grpc` in
 # v0.144.0, `spanmetrics` -> `span_metrics`), and bump CONTRIB_VERSION with the image tag.
 # ---------------------------------------------------------------------------------------------
-CONTRIB_VERSION = "0.159.0"
+CONTRIB_VERSION = "0.161.0"
 CONTRIB_MANIFEST_URL = (
     "https://github.com/open-telemetry/opentelemetry-collector-releases/blob/"
     f"v{CONTRIB_VERSION}/distributions/otelcol-contrib/manifest.yaml"
@@ -352,6 +355,10 @@ def test_pinned_versions_match_what_was_checked(services: dict[str, dict[str, An
     assert repo == "jaegertracing/jaeger" and tag and tag.split(".")[0] == "2", (
         "Jaeger must be a pinned v2 image"
     )
+    # Both images are the releases deploy/build-binaries.sh builds (what the e2e tests ran).
+    script = (ROOT / "deploy" / "build-binaries.sh").read_text(encoding="utf-8")
+    assert re.search(rf"^OTELCOL_VERSION={re.escape(CONTRIB_VERSION)}\b", script, re.M)
+    assert re.search(rf"^JAEGER_VERSION=v{re.escape(tag)}\b", script, re.M), f"jaeger image {tag}"
 
 
 def test_canary_environment(services: dict[str, dict[str, Any]]) -> None:
