@@ -104,7 +104,9 @@ def run_check(sb: Sandbox, collector: Collector, samples: int = 1) -> list[dict[
         text=True,
         timeout=90,
     )
-    assert out.returncode in (0, 1), out.stdout + out.stderr  # 1: a probe was not ok (lost tests)
+    # These tests are about traces, not claims: 1 when a probe was lost (the lost tests), 3 when
+    # every probe was ok but too few to prove an objective (inconclusive); never 2.
+    assert out.returncode in (0, 1, 3), out.stdout + out.stderr
     assert "Failed to export" not in out.stderr, out.stderr
     return json.loads(out.stdout)["steps"][0]["hops"][0]["probes"]
 
