@@ -23,7 +23,7 @@ from tracer.engine import Engine
 from tracer.export.report import percentile
 from tracer.probe import Probe
 from tracer.sandbox.funnel import Knobs
-from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.runner import Sandbox
 from tracer.spec import HopSpec, parse_spec
 from tracer.watch import Watch
