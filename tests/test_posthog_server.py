@@ -173,25 +173,34 @@ def test_ingest_delay_hides_the_event_until_ingested(ph: tuple[PostHogState, str
 
 
 def test_equals_and_contains_matching(ph: tuple[PostHogState, str]) -> None:
+    """The query narrows ``contains`` hops by trace id; the collector then keeps only rows holding
+    the rendered value (LIKE metacharacters, quotes and backslashes are plain text there).
+    Values come back as PostHog's raw JSON text: the backslash is escaped."""
     _, url = ph
     eq = watch("paid", "ref", "equals", "ord_{trace_id}")
-    like = watch("paid", "note", "contains", "50%_off'\\{trace_id}")  # LIKE and quoting metacharacters
+    like = watch("paid", "note", "contains", "50%_off'\\{trace_id}")
     client = sdk(url)
-    for props in (
-        {"ref": f"ord_{eq.trace_id}"},  # equals hit
-        {"ref": f"xord_{eq.trace_id}"},  # a superstring is no equals hit
-        {"note": f"got 50%_off'\\{like.trace_id} today"},  # contains hit
-        {"note": f"got 50%Xoff'\\{like.trace_id} today"},  # '_' must not be a wildcard
-        {"note": f"got 50X_off'\\{like.trace_id} today"},  # '%' must not be a wildcard
-    ):
+    uuids = [
         client.capture("paid", distinct_id="d", properties=props)
+        for props in (
+            {"ref": f"ord_{eq.trace_id}"},  # equals hit
+            {"ref": f"xord_{eq.trace_id}"},  # a superstring is no equals hit
+            {"note": f"got 50%_off'\\{like.trace_id} today"},  # contains hit
+            {"note": f"got 50%Xoff'\\{like.trace_id} today"},  # '_' must not be a wildcard
+            {"note": f"got 50X_off'\\{like.trace_id} today"},  # '%' must not be a wildcard
+        )
+    ]
 
     found = rows(query(url, tracer_query([eq, like])))
-
     assert {(r["m0"], r["m1"]) for r in found} == {
         (f"ord_{eq.trace_id}", None),
-        (None, f"got 50%_off'\\{like.trace_id} today"),
+        (None, f"got 50%_off'\\\\{like.trace_id} today"),
+        (None, f"got 50%Xoff'\\\\{like.trace_id} today"),
+        (None, f"got 50X_off'\\\\{like.trace_id} today"),
     }
+    for w, hit in ((eq, uuids[0]), (like, uuids[2])):
+        delay, _ = collector_poll(url, w)
+        assert delay is None and [o.detail["uuid"] for o in w.observations] == [hit]
 
 
 def test_nested_property_path_and_non_string_values(ph: tuple[PostHogState, str]) -> None:

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from tracer.sandbox.posthog import query
 from tracer.sandbox.posthog.capture import Capture
+from tracer.sandbox.posthog.parser import ParserPool
 from tracer.sandbox.posthog.state import PostHogState, StoredEvent
 
 __all__ = ["PostHogState", "StoredEvent", "create_app"]
@@ -39,9 +40,10 @@ def create_app(state: PostHogState) -> Starlette:
     """The sandbox PostHog as an ASGI app. Run it with lifespan on so destination tasks are
     cancelled and their HTTP client closed at shutdown."""
     capture = Capture(state)
+    parser = ParserPool()
 
     async def run_query(request: Request) -> JSONResponse:
-        return await query.handle(state, request)
+        return await query.handle(state, request, parser)
 
     routes = [Route("/_health", _health, methods=["GET"])]
     for path in _LEGACY_CAPTURE:  # trailing slash optional, without a redirect (the SDK POSTs)
@@ -58,6 +60,7 @@ def create_app(state: PostHogState) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await parser.start()
         yield
         await capture.aclose()
 

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tracer.sandbox.posthog.parser import HogQLSyntaxError, parse_select
+from tracer.sandbox.posthog.parser import HogQLSyntaxError, ParserPool, parse_select
 from tracer.sandbox.posthog.state import (
     DEFAULT_LIMIT,
     EventStore,
@@ -372,9 +372,10 @@ def _column_type(item: dict[str, Any]) -> str:
     return "Nullable(String)"
 
 
-def prepare(text: str) -> tuple[_Query, int | None]:
-    """Parse with PostHog's parser and check the served subset; (query, explicit LIMIT or None)."""
-    tree = parse_select(text)
+def prepare(text: str | dict[str, Any]) -> tuple[_Query, int | None]:
+    """Check a query (text, or PostHog's parser's AST of it) against the served subset;
+    (query, explicit LIMIT or None)."""
+    tree = parse_select(text) if isinstance(text, str) else text
     if tree.get("node") != "SelectQuery":
         raise Unsupported("UNION and other set operations are not supported")
     for key, clause in _CLAUSES.items():
@@ -434,7 +435,7 @@ def _render(q: _Query, item: dict[str, Any], ev: StoredEvent) -> Any:
     return iso(got) if is_time and isinstance(got, float) else got
 
 
-async def handle(state: PostHogState, request: Request) -> JSONResponse:
+async def handle(state: PostHogState, request: Request, parser: ParserPool) -> JSONResponse:
     """The query endpoint: auth, body shape, faults, then parse-and-run."""
     st = state
     st.queries += 1
@@ -474,7 +475,7 @@ async def handle(state: PostHogState, request: Request) -> JSONResponse:
         return error(400, "validation_error", "invalid_input", detail)
     text = spec["query"]
     try:
-        q, explicit = prepare(text)
+        q, explicit = prepare(await parser.parse(text))
     except (HogQLSyntaxError, Unsupported) as exc:
         return error(400, "validation_error", "query_error", str(exc))
     except RecursionError:
