@@ -50,6 +50,7 @@ class PostHogConfig(Model):
     min_interval: Duration = Field(1.0, gt=0)
     max_backoff: Duration = 60.0
     timeout: Duration = 10.0
+    max_rows: int = Field(50_000, ge=100, le=50_000, description="the largest LIMIT PostHog serves")
     clock_skew: Duration = Field(120.0, description="slack around the timestamp window for client clock skew")
     push_path: str | None = Field(
         None,
@@ -126,7 +127,11 @@ def trace_id_windows(text: str) -> set[str]:
 
 
 def build_query(
-    watches: list[Watch], lo_epoch: float, hi_epoch: float, limit: int | None = None
+    watches: list[Watch],
+    lo_epoch: float,
+    hi_epoch: float,
+    limit: int | None = None,
+    max_rows: int = MAX_ROWS,
 ) -> tuple[str, dict[str, Any]]:
     """HogQL for every watch, and a lookup from (event, property, raw value) to the watches.
 
@@ -166,7 +171,7 @@ def build_query(
     # The emitter's trace context, when it copied one into the event: the hop span links to it.
     cols += f", {property_field('traceparent')} AS traceparent"
     if limit is None:
-        limit = min(MAX_ROWS, max(100, 4 * len(watches)))
+        limit = min(max_rows, max(100, 4 * len(watches)))
     query = (
         f"SELECT uuid, event, timestamp, created_at, {cols} FROM events "
         f"WHERE timestamp >= toDateTime({_lit(_ch_time(lo_epoch))}, 'UTC') "
@@ -312,7 +317,7 @@ class PostHogCollector:
         first_sent: float | None = None
         received = now
         for page in range(MAX_PAGES + 1):
-            query, lookup = build_query(watches, lo, hi, limit)
+            query, lookup = build_query(watches, lo, hi, limit, self.config.max_rows)
             limit = lookup["limit"]
             sent = clock.now()
             first_sent = sent if first_sent is None else first_sent
@@ -327,8 +332,8 @@ class PostHogCollector:
             last = clock.parse_iso(str(data["results"][-1][data["columns"].index("timestamp")]))
             if page == MAX_PAGES:
                 return self._fail(first_sent, f"truncated answer after {page + 1} looks", None)
-            if limit < MAX_ROWS:
-                limit = min(MAX_ROWS, limit * 8)
+            if limit < self.config.max_rows:
+                limit = min(self.config.max_rows, limit * 8)
             elif last is not None and math.floor(last) > lo:
                 lo = math.floor(last)  # rows before this second are all seen; ties are looked at again
             else:

@@ -27,7 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from tracer.sandbox.posthog.parser import HogQLSyntaxError, ParserPool, parse_select
 from tracer.sandbox.posthog.state import (
@@ -452,6 +452,8 @@ async def handle(state: PostHogState, request: Request, parser: ParserPool) -> J
         return error(401, "authentication_error", "authentication_failed", detail)
     if request.path_params["project_id"] != st.project_id:
         return error(404, "invalid_request", "not_found", "Not found.")
+    if st.query_raw is not None:
+        return Response(st.query_raw, media_type="application/json")
     if st.query_body is not None:  # a broken or maintenance answer behind a 200
         return JSONResponse(st.query_body)
     try:

@@ -103,6 +103,7 @@ class PostHogState:
     query_fault: int | None = None  # answer every query with this status (429, 500, 503, ...)
     retry_after: float | None = None  # Retry-After seconds on a faulted query
     query_body: Any = None  # when set: answer every query 200 with this JSON body (garbage, maintenance)
+    query_raw: bytes | None = None  # when set: answer every query 200 with these bytes (e.g. b"null")
     force_cached: bool = False  # real results, but flagged is_cached (no evidence to the tracer)
     max_limit: int = MAX_LIMIT  # the silent cap on a query's LIMIT
     destinations: list[str] = field(default_factory=list)  # realtime webhook destination URLs
