@@ -1,10 +1,15 @@
 """Benchmark the PostHog poller against the sandbox's PostHog-compatible server.
 
 (a) HogQL queries per poll cycle with 1, 100 and 1,000 probes in flight (must stay 1).
-(b) Measured lag minus true lag over N probes with a known funnel delay: the sandbox stamps
-    ``created_at`` when an event becomes queryable, on the same clock, so it is the truth.
+(b) Measured lag minus ``created_at`` lag over N probes with a known funnel delay. Since the
+    sandbox stamps ``created_at`` at capture (as PostHog does), before the row is queryable, this
+    error now includes the 0.5 s ingest delay.
 
-    python bench/posthog_poller.py [--probes 60]
+(c) Parse time of the collector's query with PostHog's own parser (``hogql-parser``) for 1, 100,
+    1,000 and 10,000 probes in flight, both match modes; the old one-LIKE-per-probe shape for
+    comparison (at 1,000 only: it grows quadratically).
+
+    python bench/posthog_poller.py [--probes 60] [--parse-only]
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import time
 
 import yaml
 
-from collectors.posthog import PostHogCollector, PostHogConfig
+from collectors.posthog import PostHogCollector, PostHogConfig, build_query
 from tracer import clock
 from tracer.engine import Engine
 from tracer.export.report import percentile
 from tracer.probe import Probe
 from tracer.sandbox.funnel import Knobs
-from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.runner import Sandbox
 from tracer.spec import HopSpec, parse_spec
 from tracer.watch import Watch
@@ -90,11 +95,50 @@ def lag_error(sb: Sandbox, probes: int) -> dict[str, float]:
     }
 
 
+def parse_times() -> None:
+    """Median of 3 parses per shape, PostHog's parser in this process (no HTTP)."""
+    from statistics import median
+
+    from tracer.sandbox.posthog.parser import parse_select
+
+    def watches(n: int, match: str) -> list[Watch]:
+        value = "{trace_id}" if match == "equals" else "canary+{trace_id}@"
+        hop = HopSpec(
+            name="h",
+            target=5,
+            posthog={"event": "lead_captured", "property": "email", "match": match, "value": value},
+        )
+        return [Watch(Probe("lead"), hop, since=clock.now()) for _ in range(n)]
+
+    def timed(text: str) -> float:
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            parse_select(text)
+            runs.append(time.perf_counter() - t)
+        return median(runs)
+
+    now = time.time()
+    print("\n(c) parse time with PostHog's parser (hogql-parser), median of 3\n")
+    print("| probes in flight | match | query size | parse time |\n|---:|---|---:|---:|")
+    for n in (1, 100, 1000, 10_000):
+        for match in ("equals", "contains"):
+            text = build_query(watches(n, match), now - 60, now + 60)[0]
+            print(f"| {n:,} | {match} | {len(text) / 1024:.1f} KiB | {timed(text) * 1000:.0f} ms |")
+    old = " OR ".join(f"properties.email LIKE '%canary+{w.trace_id}@%'" for w in watches(1000, "contains"))
+    text = f"SELECT uuid FROM events WHERE event = 'lead_captured' AND ({old}) LIMIT 4000"
+    print(f"| 1,000 | old `LIKE … OR` chain | {len(text) / 1024:.1f} KiB | {timed(text) * 1000:.0f} ms |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probes", type=int, default=60)
+    ap.add_argument("--parse-only", action="store_true", help="only (c), no sandbox")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    parse_times()
+    if args.parse_only:
+        return
     with Sandbox(knobs=Knobs(lead_delay=0.5), posthog=PostHogState(ingest_delay=0.5)) as sb:
         print("\n(a) queries per poll cycle (server-side count / collector cycles)\n")
         print(

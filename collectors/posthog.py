@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +30,6 @@ from pydantic import Field, model_validator
 from tracer import clock
 from tracer.payload import value_at
 from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
-from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
@@ -52,6 +52,7 @@ class PostHogConfig(Model):
     min_interval: Duration = Field(1.0, gt=0)
     max_backoff: Duration = 60.0
     timeout: Duration = 10.0
+    max_rows: int = Field(50_000, ge=100, le=50_000, description="the largest LIMIT PostHog serves")
     clock_skew: Duration = Field(120.0, description="slack around the timestamp window for client clock skew")
     push_path: str | None = Field(
         None,
@@ -82,54 +83,104 @@ def poll_interval(cfg: PostHogConfig) -> float:
     return max(cfg.min_interval, 1.0 / per_s)
 
 
+MAX_ROWS = 50_000  # PostHog's largest LIMIT
+MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
+_HEX_RUN = re.compile(r"[0-9a-f]{32,}")
+_SEPARATORS = ",|;~^# \t"  # splitByChar needs one character absent from every value
+
+
 def _lit(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _like(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return _lit(f"%{escaped}%")
+def raw_json_text(value: str) -> str:
+    """A string as PostHog compares it: the property's raw JSON text without the outer quotes
+    (``JSONExtractRaw``), so a quote, backslash or newline stays escaped."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
-def build_query(watches: list[Watch], lo_epoch: float, hi_epoch: float) -> tuple[str, dict[str, Any]]:
-    """HogQL for every watch, and a lookup from (event, property, value) to the watches.
+def property_field(path: str) -> str:
+    """``properties.<path>`` with every segment back-quoted: valid HogQL for any segment,
+    including keywords such as ``null`` that are syntax errors unquoted."""
+    quoted = ("`" + seg.replace("\\", "\\\\").replace("`", "\\`") + "`" for seg in path.split("."))
+    return "properties." + ".".join(quoted)
 
-    Shape (the sandbox's PostHog server answers exactly this subset)::
 
-        SELECT uuid, event, timestamp, created_at, properties.<p0> AS m0, ...,
-               properties.traceparent AS traceparent
+def _one_of(values: list[str], expr: str) -> str:
+    """``expr`` is one of ``values``, as one string constant split once by PostHog: parse time and
+    query size stay flat in the number of values (an IN list of 10,000 literals takes seconds)."""
+    sep = next((c for c in _SEPARATORS if not any(c in v for v in values)), None)
+    if sep is None:
+        return f"{expr} IN ({', '.join(_lit(v) for v in values)})"
+    return f"has(splitByChar({_lit(sep)}, {_lit(sep.join(values))}), {expr})"
+
+
+def _contains_trace_id(trace_ids: list[str], field: str) -> str:
+    """The property holds one of ``trace_ids``: every 32-character window of every hex run of
+    its lower-cased text is looked up, so hex characters next to the id do not hide it."""
+    windows = "arrayExists(k -> " + _one_of(trace_ids, "substring(r, k, 32)") + ", range(1, length(r) - 30))"
+    return f"arrayExists(r -> {windows}, extractAll(lower({field}), '[0-9a-f]{{32,}}'))"
+
+
+def trace_id_windows(text: str) -> set[str]:
+    """Every 32-hex-character window of ``text`` (lower-cased): the trace ids it may hold."""
+    low = text.lower()
+    return {m.group()[i : i + 32] for m in _HEX_RUN.finditer(low) for i in range(len(m.group()) - 31)}
+
+
+def build_query(
+    watches: list[Watch],
+    lo_epoch: float,
+    hi_epoch: float,
+    limit: int | None = None,
+    max_rows: int = MAX_ROWS,
+) -> tuple[str, dict[str, Any]]:
+    """HogQL for every watch, and a lookup from (event, property, raw value) to the watches.
+
+    Shape (the sandbox's PostHog server parses it with PostHog's own parser)::
+
+        SELECT uuid, event, timestamp, created_at, properties.`p0` AS m0, ...,
+               properties.`traceparent` AS traceparent
         FROM events
         WHERE timestamp >= toDateTime('…', 'UTC') AND timestamp <= toDateTime('…', 'UTC')
-          AND ((event = '…' AND properties.<p0> IN ('…', …))
-            OR (event = '…' AND (properties.<p1> LIKE '%…%' OR …)))
+          AND ((event = '…' AND has(splitByChar(',', 'v1,v2,…'), properties.`p0`))
+            OR (event = '…' AND arrayExists(r -> arrayExists(k -> has(splitByChar(',', 'id1,…'),
+                   substring(r, k, 32)), range(1, length(r) - 30)),
+                   extractAll(lower(properties.`p1`), '[0-9a-f]{32,}'))))
         ORDER BY timestamp ASC
         LIMIT n
+
+    ``equals`` values are compared on PostHog's raw JSON text of the property; ``contains``
+    narrows by trace id in the query and the collector then checks the rendered value.
     """
     props: dict[str, str] = {}
     groups: dict[tuple[str, str, str], dict[str, list[Watch]]] = {}
     for w in watches:
         hop: PostHogHop = w.sink_spec
         props.setdefault(hop.property, f"m{len(props)}")
-        value = str(w.probe.render(hop.value))
+        value = raw_json_text(str(w.probe.render(hop.value)))
         groups.setdefault((hop.event, hop.property, hop.match), {}).setdefault(value, []).append(w)
     clauses = []
     for (event, prop, match), values in groups.items():
+        field = property_field(prop)
         if match == "equals":
-            cond = f"properties.{prop} IN ({', '.join(_lit(v) for v in values)})"
+            cond = _one_of(list(values), field)
         else:
-            cond = "(" + " OR ".join(f"properties.{prop} LIKE {_like(v)}" for v in values) + ")"
+            ids = sorted({w.trace_id for ws in values.values() for w in ws})
+            cond = _contains_trace_id(ids, field)
         clauses.append(f"(event = {_lit(event)} AND {cond})")
-    cols = ", ".join(f"properties.{p} AS {alias}" for p, alias in props.items())
+    cols = ", ".join(f"{property_field(p)} AS {alias}" for p, alias in props.items())
     # The emitter's trace context, when it copied one into the event: the hop span links to it.
-    cols += ", properties.traceparent AS traceparent"
-    limit = min(50_000, max(100, 4 * len(watches)))
+    cols += f", {property_field('traceparent')} AS traceparent"
+    if limit is None:
+        limit = min(max_rows, max(100, 4 * len(watches)))
     query = (
         f"SELECT uuid, event, timestamp, created_at, {cols} FROM events "
         f"WHERE timestamp >= toDateTime({_lit(_ch_time(lo_epoch))}, 'UTC') "
         f"AND timestamp <= toDateTime({_lit(_ch_time(hi_epoch))}, 'UTC') "
         f"AND ({' OR '.join(clauses)}) ORDER BY timestamp ASC LIMIT {limit}"
     )
-    return query, {"props": props, "groups": groups}
+    return query, {"props": props, "groups": groups, "limit": limit}
 
 
 def _ch_time(epoch: float) -> str:
@@ -157,6 +208,11 @@ class PostHogCollector:
         self.last_error: str | None = None
         self.last_cycle_gap = self.interval
         self._backoff = 0.0
+        self._retry_after: str | None = None
+        self.malformed_answers = 0  # 200s that were not a complete result set
+        self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
+        self.internal_errors = 0  # unexpected exceptions caught by the poll loop
+        self._crash_kinds: set[str] = set()
 
     # -- Collector protocol -------------------------------------------------
     @property
@@ -168,7 +224,7 @@ class PostHogCollector:
             self._client = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"})
         # Nothing was in flight before start, so there is nothing to have missed.
         self.coverage.looked(clock.now())
-        self._task = asyncio.create_task(self._run(), name="posthog-poller")
+        self._task = asyncio.create_task(self._supervise(), name="posthog-poller")
 
     async def close(self) -> None:
         if self._task:
@@ -199,11 +255,25 @@ class PostHogCollector:
             "queries": self.queries,
             "failed_queries": self.failed_queries,
             "cached_results_ignored": self.cached_results,
+            "malformed_answers": self.malformed_answers,
+            "truncated_answers": self.truncated_answers,
+            "internal_errors": self.internal_errors,
             "in_flight": len(self._index),
             "last_error": self.last_error,
         }
 
     # -- polling ------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """The poller never dies silently: whatever escapes a cycle is counted, makes the collector
+        blind (so hops read ``unknown``, never ``lost``) and the loop starts again after a backoff."""
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await asyncio.sleep(self._crash(exc))
+
     async def _run(self) -> None:
         delay = 0.0
         while True:
@@ -216,67 +286,120 @@ class PostHogCollector:
             elif delay > 0:
                 await asyncio.sleep(delay)
             started = clock.now()
-            delay = await self.poll_once()
+            try:
+                delay = await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self._crash(exc)
             if delay is None:
                 delay = self.interval
             delay = max(0.0, delay - (clock.now() - started))
 
+    def _crash(self, exc: Exception) -> float:
+        """An unexpected error in a cycle: blind from now, logged once per kind, counted."""
+        kind = type(exc).__name__
+        self.internal_errors += 1
+        if kind not in self._crash_kinds:
+            self._crash_kinds.add(kind)
+            log.error("posthog poller: unexpected %s (blind until the next good look)", kind, exc_info=exc)
+        return self._fail(clock.now(), f"internal error: {kind}", None, quiet=True)
+
     async def poll_once(self) -> float | None:
-        """One query for every in-flight watch. Returns a forced delay before the next one
-        (backoff) or None for the normal interval."""
+        """One look for every in-flight watch. Returns a forced delay before the next one
+        (backoff) or None for the normal interval.
+
+        A look certifies the window only when the answer is a complete result set that was not
+        cut by its LIMIT; a truncated answer is looked at again with a higher LIMIT, then with the
+        window narrowed past the rows already seen (keyset on ``timestamp``)."""
         watches = list(self._index)
         if not watches:
             return None
         self.cycles += 1
         now = clock.now()
         lo = clock.wall(min(w.since for w in watches)) - self.config.clock_skew
-        hi = clock.wall(now) + self.config.clock_skew
-        query, lookup = build_query(watches, lo, hi)
-        self.last_query_bytes = len(query)
+        # The future bound only has to cover clock skew; rounded up to 10 s, the query text stays
+        # the same between changes of the watch set, so the server parses one text, not one a second.
+        hi = math.ceil((clock.wall(now) + self.config.clock_skew) / 10) * 10
+        limit: int | None = None
+        first_sent: float | None = None
+        received = now
+        for page in range(MAX_PAGES + 1):
+            query, lookup = build_query(watches, lo, hi, limit, self.config.max_rows)
+            limit = lookup["limit"]
+            sent = clock.now()
+            first_sent = sent if first_sent is None else first_sent
+            data = await self._ask(query)
+            if isinstance(data, str):
+                return self._fail(first_sent, data, self._retry_after)
+            received = clock.now()
+            self._match(data, lookup, received)  # rows seen are real sightings, cut or not
+            if not self._truncated(data, limit):
+                break
+            self.truncated_answers += 1
+            last = clock.parse_iso(str(data["results"][-1][data["columns"].index("timestamp")]))
+            if page == MAX_PAGES:
+                return self._fail(first_sent, f"truncated answer after {page + 1} looks", None)
+            if limit < self.config.max_rows:
+                limit = min(self.config.max_rows, limit * 8)
+            elif last is not None and math.floor(last) > lo:
+                lo = math.floor(last)  # rows before this second are all seen; ties are looked at again
+            else:
+                return self._fail(first_sent, f"truncated answer: over {limit} rows in one second", None)
+        prev = self._last_good_sent
+        self._last_good_sent = first_sent
+        self.last_cycle_gap = (received - prev) if prev is not None else self.interval
+        self.last_error = None
+        self._backoff = 0.0
+        # Everything ingested before the first request left is visible in these answers.
+        self.coverage.looked(first_sent)
+        return None
+
+    @staticmethod
+    def _truncated(data: dict[str, Any], limit: int) -> bool:
+        return len(data["results"]) >= limit or data.get("hasMore") is True
+
+    async def _ask(self, query: str) -> dict[str, Any] | str:
+        """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
         assert self._client is not None
-        sent = clock.now()
+        self.last_query_bytes = len(query)
         self.queries += 1
+        self._retry_after = None
         try:
             resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
         except httpx.TimeoutException:
-            return self._fail(sent, f"timeout after {self.config.timeout:g}s", None)
+            return f"timeout after {self.config.timeout:g}s"
         except httpx.HTTPError as exc:
-            return self._fail(sent, f"{type(exc).__name__}", None)
-        received = clock.now()
+            return f"{type(exc).__name__}"
         if resp.status_code == 429 or resp.status_code >= 500:
-            return self._fail(sent, f"HTTP {resp.status_code}", resp.headers.get("Retry-After"))
+            self._retry_after = resp.headers.get("Retry-After")
+            return f"HTTP {resp.status_code}"
         if resp.status_code != 200:
             # 202 (still running), 400 (query rejected), 401/403 (key): no evidence either way.
             detail = _error_detail(resp)
-            return self._fail(sent, f"HTTP {resp.status_code}{': ' + detail if detail else ''}", None)
+            return f"HTTP {resp.status_code}{': ' + detail if detail else ''}"
         try:
             data = resp.json()
         except ValueError:
-            return self._fail(sent, "response is not JSON", None)
-        if data.get("is_cached"):
-            self.cached_results += 1
-            return self._fail(sent, "cached result (no evidence)", None)
-        if data.get("error"):
-            return self._fail(sent, f"query error: {str(data['error'])[:200]}", None)
-        self._match(data, lookup, received)
-        prev = self._last_good_sent
-        self._last_good_sent = sent
-        self.last_cycle_gap = (received - prev) if prev is not None else self.interval
-        self.last_error = None
-        self._backoff = 0.0
-        # Everything ingested before the request left is visible in this answer.
-        self.coverage.looked(sent)
-        return None
+            return "response is not JSON"
+        problem = incomplete(data)
+        if problem:
+            if problem.startswith("cached"):
+                self.cached_results += 1
+            else:
+                self.malformed_answers += 1
+            return problem
+        return data
 
     def _match(self, data: dict[str, Any], lookup: dict[str, Any], received: float) -> None:
-        columns = data.get("columns") or []
+        columns = data["columns"]
         alias_of = lookup["props"]
         groups = lookup["groups"]
-        for row in data.get("results") or []:
-            rec = dict(zip(columns, row, strict=False))
+        for row in data["results"]:
+            rec = dict(zip(columns, row, strict=True))
             event = rec.get("event")
             for (g_event, prop, match), values in groups.items():
                 if g_event != event:
@@ -284,18 +407,18 @@ class PostHogCollector:
                 got = rec.get(alias_of[prop])
                 if got is None:
                     continue
-                got = str(got)
+                got = str(got)  # PostHog's raw JSON text of the property
                 if match == "equals":
                     hits = values.get(got, [])
-                else:  # contains: the value template holds {trace_id}; look the ids up, never scan
+                else:  # contains: candidate ids from the row's hex runs, then the rendered value
                     hits = [
                         w
-                        for tid in set(TRACE_ID.findall(got.lower()))
+                        for tid in trace_id_windows(got)
                         for w in self._index.get(tid)
                         if w.sink_spec.event == g_event
                         and w.sink_spec.property == prop
                         and w.sink_spec.match == "contains"
-                        and str(w.probe.render(w.sink_spec.value)) in got
+                        and raw_json_text(str(w.probe.render(w.sink_spec.value))) in got
                     ]
                 for w in hits:
                     self._observe(w, rec, received)
@@ -362,7 +485,7 @@ class PostHogCollector:
         if w.expect_sources <= {o.source for o in w.observations}:
             self._index.discard(w)
 
-    def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
+    def _fail(self, sent: float, error: str, retry_after: str | None, quiet: bool = False) -> float:
         self.failed_queries += 1
         self.last_error = error
         self.coverage.failed(sent)
@@ -371,7 +494,8 @@ class PostHogCollector:
         if retry_after:
             with contextlib.suppress(ValueError):  # an HTTP-date Retry-After: keep our own backoff
                 delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
-        log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
+        if not quiet:
+            log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
         return delay
 
 
@@ -381,6 +505,40 @@ def _error_detail(resp: httpx.Response) -> str:
     except ValueError:
         return ""
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
+
+
+_REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")
+
+
+def incomplete(data: Any) -> str | None:
+    """Why a 200 body is not a complete result set (so no evidence), or None when it is.
+
+    PostHog answers 200 with other things than results: a pending async query, a maintenance or
+    error notice, a cached copy. Only a JSON object with a ``results`` list whose rows match its
+    ``columns`` (and a finished ``query_status`` when one is present) says what is there."""
+    if not isinstance(data, dict):
+        return f"answer is not a JSON object ({type(data).__name__})"
+    if data.get("is_cached"):
+        return "cached result (no evidence)"
+    if data.get("error"):
+        return f"query error: {str(data['error'])[:200]}"
+    status = data.get("query_status")
+    if status is not None and (
+        not isinstance(status, dict) or status.get("complete") is not True or status.get("error")
+    ):
+        return "query not complete (query_status)"
+    results, columns = data.get("results"), data.get("columns")
+    if not isinstance(results, list):
+        detail = f": {str(data['detail'])[:200]}" if data.get("detail") else ""
+        return f"answer has no results list{detail}"
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        return "answer has no columns list"
+    missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        return f"answer lacks columns {missing}"
+    if any(not isinstance(r, list) or len(r) != len(columns) for r in results):
+        return "answer rows do not match its columns"
+    return None
 
 
 def _needs(config: PostHogConfig) -> list[Need]:

@@ -28,7 +28,7 @@ from collectors.posthog import PostHogCollector, PostHogConfig, build_query
 from tests.support import free_port
 from tracer import clock
 from tracer.probe import Probe
-from tracer.sandbox.posthog_server import PostHogState, create_app
+from tracer.sandbox.posthog import PostHogState, create_app
 from tracer.sandbox.runner import bind
 from tracer.spec import HopSpec
 from tracer.watch import Watch
@@ -129,7 +129,9 @@ def test_sdk_capture_is_found_by_the_tracers_query(ph: tuple[PostHogState, str])
     assert [r["uuid"] for r in found] == [sent_uuid]
     assert data["columns"] == ["uuid", "event", "timestamp", "created_at", "m0", "traceparent"]
     assert data["types"][2] == ["timestamp", "DateTime64(6, 'UTC')"]
-    assert data["is_cached"] is False and data["hasMore"] is False and data["error"] is None
+    assert data["is_cached"] is False and data["error"] is None
+    # PostHog paginates only queries without their own LIMIT: a full page says nothing here.
+    assert not {"hasMore", "limit", "offset"} & data.keys()
     assert found[0]["m0"] == f"canary+{w.trace_id}@x.io"
     for key in ("timestamp", "created_at"):
         assert re.match(ISO_Z, found[0][key]), found[0][key]
@@ -159,35 +161,46 @@ def test_ingest_delay_hides_the_event_until_ingested(ph: tuple[PostHogState, str
     (stored,) = state.events()
 
     assert rows(query(url, text)) == []
-    assert time.time() < stored["created_at"], "too slow to observe the hidden window"
-    time.sleep(max(0.0, stored["created_at"] - time.time()) + 0.05)
+    assert time.time() < stored["visible_at"], "too slow to observe the hidden window"
+    time.sleep(max(0.0, stored["visible_at"] - time.time()) + 0.05)
     found = rows(query(url, text))
 
     assert len(found) == 1
-    assert stored["created_at"] - stored["received_at"] == pytest.approx(1.0, abs=0.01)
+    # created_at is stamped at capture, before the row is queryable (as PostHog's worker does).
+    assert stored["visible_at"] - stored["created_at"] == pytest.approx(1.0, abs=0.01)
+    assert stored["created_at"] == pytest.approx(stored["received_at"], abs=1e-5)
     assert clock.parse_iso(found[0]["created_at"]) == pytest.approx(stored["created_at"], abs=1e-5)
 
 
 def test_equals_and_contains_matching(ph: tuple[PostHogState, str]) -> None:
+    """The query narrows ``contains`` hops by trace id; the collector then keeps only rows holding
+    the rendered value (LIKE metacharacters, quotes and backslashes are plain text there).
+    Values come back as PostHog's raw JSON text: the backslash is escaped."""
     _, url = ph
     eq = watch("paid", "ref", "equals", "ord_{trace_id}")
-    like = watch("paid", "note", "contains", "50%_off'\\{trace_id}")  # LIKE and quoting metacharacters
+    like = watch("paid", "note", "contains", "50%_off'\\{trace_id}")
     client = sdk(url)
-    for props in (
-        {"ref": f"ord_{eq.trace_id}"},  # equals hit
-        {"ref": f"xord_{eq.trace_id}"},  # a superstring is no equals hit
-        {"note": f"got 50%_off'\\{like.trace_id} today"},  # contains hit
-        {"note": f"got 50%Xoff'\\{like.trace_id} today"},  # '_' must not be a wildcard
-        {"note": f"got 50X_off'\\{like.trace_id} today"},  # '%' must not be a wildcard
-    ):
+    uuids = [
         client.capture("paid", distinct_id="d", properties=props)
+        for props in (
+            {"ref": f"ord_{eq.trace_id}"},  # equals hit
+            {"ref": f"xord_{eq.trace_id}"},  # a superstring is no equals hit
+            {"note": f"got 50%_off'\\{like.trace_id} today"},  # contains hit
+            {"note": f"got 50%Xoff'\\{like.trace_id} today"},  # '_' must not be a wildcard
+            {"note": f"got 50X_off'\\{like.trace_id} today"},  # '%' must not be a wildcard
+        )
+    ]
 
     found = rows(query(url, tracer_query([eq, like])))
-
     assert {(r["m0"], r["m1"]) for r in found} == {
         (f"ord_{eq.trace_id}", None),
-        (None, f"got 50%_off'\\{like.trace_id} today"),
+        (None, f"got 50%_off'\\\\{like.trace_id} today"),
+        (None, f"got 50%Xoff'\\\\{like.trace_id} today"),
+        (None, f"got 50X_off'\\\\{like.trace_id} today"),
     }
+    for w, hit in ((eq, uuids[0]), (like, uuids[2])):
+        delay, _ = collector_poll(url, w)
+        assert delay is None and [o.detail["uuid"] for o in w.observations] == [hit]
 
 
 def test_nested_property_path_and_non_string_values(ph: tuple[PostHogState, str]) -> None:
@@ -210,14 +223,19 @@ def test_hand_written_queries_in_the_subset(ph: tuple[PostHogState, str]) -> Non
     client = sdk(url)
     for i in range(3):
         client.capture("step", distinct_id=f"d{i}", properties={"n": f"v{i}", "q": "it's a \\ test"})
-    # Other AND order, keyword case, escapes, NOT IN, DESC, LIMIT with hasMore.
+    # Other AND order, keyword case, escapes, NOT IN, DESC. Properties compare on their raw JSON
+    # text, as in PostHog: the stored backslash is the two characters '\\\\' there.
     text = (
-        "SELECT distinct_id, properties.n AS n FROM events where properties.q = 'it\\'s a \\\\ test' "
+        "SELECT distinct_id, properties.n AS n FROM events where properties.q = 'it\\'s a \\\\\\\\ test' "
         "and event = 'step' AND properties.n NOT IN ('v0') order by timestamp DESC limit 1"
     )
+    decoded = text.replace("\\\\\\\\", "\\\\")
     resp = query(url, text)
     assert [r["n"] for r in rows(resp)] == ["v2"]
-    assert resp.json()["hasMore"] is True and resp.json()["limit"] == 1
+    assert rows(query(url, decoded)) == []
+    assert "hasMore" not in resp.json()
+    unlimited = query(url, "SELECT uuid FROM events WHERE event = 'step'").json()
+    assert (unlimited["hasMore"], unlimited["limit"], unlimited["offset"]) == (False, 100, 0)
 
 
 # --------------------------------------------------------------------------- refusals and faults
@@ -245,7 +263,11 @@ def test_query_auth_and_project_errors(ph: tuple[PostHogState, str]) -> None:
     assert state.queries == 3
 
 
-def test_wrong_project_key_is_refused(ph: tuple[PostHogState, str]) -> None:
+def test_unknown_project_key_is_accepted_and_dropped_malformed_key_refused(
+    ph: tuple[PostHogState, str],
+) -> None:
+    """PostHog answers 200 to a well-formed key of no project and drops the events: the SDK sees
+    success, only the missing event tells. A missing or personal key is a 401."""
     state, url = ph
     errors: list[Exception] = []
     client = sdk(url, key="phc_wrong", sync_mode=False, on_error=lambda exc, _batch: errors.append(exc))
@@ -253,10 +275,13 @@ def test_wrong_project_key_is_refused(ph: tuple[PostHogState, str]) -> None:
     client.flush()
     client.shutdown()
     raw = httpx.post(f"{url}/i/v0/e/", json={"event": "x", "distinct_id": "d"})  # no token at all
+    personal = httpx.post(f"{url}/i/v0/e/", json={"event": "x", "distinct_id": "d", "api_key": "phx_sandbox"})
 
-    assert errors and getattr(errors[0], "status", None) == 401
+    assert errors == []
     assert raw.status_code == 401 and raw.json()["code"] == "invalid_api_key"
+    assert personal.status_code == 401
     assert state.events() == [] and state.captured == 0 and state.rejected == 2
+    assert state.dropped_unknown_key == 1
 
 
 def test_unsupported_query_is_a_400_with_posthogs_error_body(ph: tuple[PostHogState, str]) -> None:

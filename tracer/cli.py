@@ -380,7 +380,7 @@ def demo(
     """
     from tracer.sandbox.approvals import ApprovalSettings
     from tracer.sandbox.funnel import Knobs
-    from tracer.sandbox.posthog_server import PostHogState
+    from tracer.sandbox.posthog import PostHogState
     from tracer.sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
     from tracer.sandbox.runner import Sandbox
 
@@ -532,7 +532,7 @@ def sandbox(
     from tracer.net import redact_url as redact
     from tracer.sandbox.approvals import ApprovalSettings
     from tracer.sandbox.funnel import Knobs
-    from tracer.sandbox.posthog_server import PostHogState
+    from tracer.sandbox.posthog import PostHogState
     from tracer.sandbox.runner import Sandbox
 
     stop = threading.Event()

@@ -19,8 +19,8 @@ from tracer.sandbox import payments, telemetry
 from tracer.sandbox.approvals import ApprovalSettings
 from tracer.sandbox.dlq import DlqWorker
 from tracer.sandbox.funnel import FunnelContext, Knobs, create_app
-from tracer.sandbox.posthog_server import PostHogState
-from tracer.sandbox.posthog_server import create_app as create_posthog_app
+from tracer.sandbox.posthog import PostHogState
+from tracer.sandbox.posthog import create_app as create_posthog_app
 
 
 def bind(host: str, port: int) -> socket.socket:
