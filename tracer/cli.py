@@ -250,6 +250,7 @@ def demo(
     Needs nothing beyond the install. The spec used is examples/sandbox.yaml.
     """
     from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.auth import AuthSettings
     from tracer.sandbox.funnel import Knobs
     from tracer.sandbox.posthog_server import PostHogState
     from tracer.sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
@@ -277,6 +278,8 @@ def demo(
                 redis_url=redis_url,
                 dlq_retry_interval=1.0,
                 approvals=approvals,
+                # Leads and approvals need a short-lived login token: the spec logs in (auth.sandbox).
+                auth=AuthSettings(required=True, token_ttl=300.0),
             )
         )
         os.environ.update(
@@ -356,6 +359,13 @@ def demo(
     show_default=True,
     help="host:port approval emails go to.",
 )
+@click.option(
+    "--require-auth/--no-require-auth",
+    default=False,
+    show_default=True,
+    help="Leads and approvals need a token from POST /api/v1/auth/login (user canary, password sandbox-password).",
+)
+@click.option("--token-ttl", default=1800.0, show_default=True, help="Seconds a login token lives.")
 def sandbox(
     host: str,
     port: int,
@@ -367,6 +377,8 @@ def sandbox(
     dlq_retry_interval: float,
     slack_url: str,
     smtp_addr: str,
+    require_auth: bool,
+    token_ttl: float,
 ) -> None:
     """Run the reference funnel and a PostHog-compatible server until Ctrl-C."""
     import signal
@@ -374,6 +386,7 @@ def sandbox(
 
     from tracer.net import redact_url as redact
     from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.auth import AuthSettings
     from tracer.sandbox.funnel import Knobs
     from tracer.sandbox.posthog_server import PostHogState
     from tracer.sandbox.runner import Sandbox
@@ -392,6 +405,7 @@ def sandbox(
         posthog=PostHogState(ingest_delay=ingest_delay),
         redis_url=redis_url,
         dlq_retry_interval=dlq_retry_interval,
+        auth=AuthSettings(required=require_auth, token_ttl=token_ttl),
     ) as sb:
         click.echo(f"funnel   {sb.url}  (POST /api/v1/leads, /api/v1/webhooks/payments, /api/v1/approvals)")
         click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
