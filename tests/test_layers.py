@@ -41,7 +41,10 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.status",
         ],
     ),
-    ("applications", ["tracer.canary", "tracer.cli", "tracer.sandbox", "tracer.sandbox.*"]),
+    (
+        "applications",
+        ["tracer.canary", "tracer.cli", "tracer.reference", "tracer.starter", "tracer.sandbox", "tracer.sandbox.*"],
+    ),
 ]
 
 

@@ -483,5 +483,50 @@ def canary(
     sys.exit(run_canary(spec, location=location, instance=instance, http_host=http_host, http_port=http_port))
 
 
+@main.command()
+@click.option("--markdown", is_flag=True, help="Render the reference (docs/REFERENCE.md) instead of JSON Schema.")
+@click.option(
+    "--builtin-only", is_flag=True, help="Leave out third-party sinks and injectors (for the committed docs)."
+)
+def schema(markdown: bool, builtin_only: bool) -> None:
+    """Print the JSON Schema of the funnel spec (for editors: `# yaml-language-server: $schema=<file>`).
+
+    \b
+      funnel-tracer schema > funnel-spec.schema.json
+      funnel-tracer schema --builtin-only --markdown > docs/REFERENCE.md
+    """
+    from tracer import reference
+
+    click.echo(reference.markdown(builtin_only) if markdown else reference.schema_text(builtin_only), nl=False)
+
+
+@main.command()
+@click.option("--posthog", is_flag=True, help="A lead step observed in PostHog.")
+@click.option("--redis-dlq", "redis_dlq", is_flag=True, help="A DLQ step: synthetic entry -> first retry.")
+@click.option("--webhook", is_flag=True, help="An approval step notified by webhook (Slack-style).")
+@click.option("--smtp", is_flag=True, help="An approval step notified by e-mail.")
+@click.option(
+    "-o", "--output", default="funnel.yaml", show_default=True, type=click.Path(dir_okay=False), help="'-': stdout."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(posthog: bool, redis_dlq: bool, webhook: bool, smtp: bool, output: str, force: bool) -> None:
+    """Write a commented starter spec for the sinks named (default: --posthog); valid once its ${VARS} are set."""
+    from pathlib import Path
+
+    from tracer.starter import starter_spec
+
+    name = "funnel.yaml" if output == "-" else Path(output).name
+    text = starter_spec(posthog=posthog, redis_dlq=redis_dlq, webhook=webhook, smtp=smtp, name=name)
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(output)
+    if path.exists() and not force:
+        err.print(f"[red]{escape(output)} exists[/] (use --force to overwrite)")
+        sys.exit(2)
+    path.write_text(text, encoding="utf-8")
+    err.print(f"wrote {escape(output)}: set the variables listed at its top, then `funnel-tracer validate -c {escape(output)}`")
+
+
 if __name__ == "__main__":
     main()

@@ -53,7 +53,7 @@ def _chosen(obj: Model, names: tuple[str, ...]) -> list[str]:
 class _Hop(Model):
     """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the hop's name in reports, spans and metrics")
     target: Duration = Field(description="freshness target: lag at or under this is ok")
     deadline: Duration | None = Field(
         None, description="give up after this; default deadline_factor x target"
@@ -61,7 +61,9 @@ class _Hop(Model):
     after: str | None = Field(
         None, description="measure from this earlier hop's observation, not from injection"
     )
-    expect: Literal["present", "absent"] = "present"
+    expect: Literal["present", "absent"] = Field(
+        "present", description="absent: a negative probe, seeing it is a breach (e.g. a forged webhook)"
+    )
 
     @model_validator(mode="after")
     def _one_sink(self) -> _Hop:
@@ -111,8 +113,8 @@ CollectorsSpec = _with_sections(
 
 
 class StepSpec(Model):
-    inject: InjectSpec
-    hops: list[HopSpec] = Field(min_length=1)
+    inject: InjectSpec = Field(description="how each probe enters the funnel: exactly one injector")
+    hops: list[HopSpec] = Field(min_length=1, description="where each probe must be seen, and how soon")
     cleanup: list[CleanupRequest] = Field(  # type: ignore[valid-type]
         default_factory=list,
         description="requests sent after the probe resolved (check and canary), e.g. DELETE the lead "
@@ -233,10 +235,10 @@ class FunnelSpec(Model):
         description="named credentials for injection, used by a request's `auth: <name>`: "
         "a static token, a login request, OAuth2 client credentials or a token command",
     )
-    deadline_factor: float = Field(3.0, ge=1.0)
-    collectors: CollectorsSpec = CollectorsSpec()
-    steps: dict[str, StepSpec] = Field(min_length=1)
-    canary: CanarySpec = CanarySpec()
+    deadline_factor: float = Field(3.0, ge=1.0, description="a hop without deadline gives up at this x target")
+    collectors: CollectorsSpec = Field(CollectorsSpec(), description="how to reach each sink the hops use")
+    steps: dict[str, StepSpec] = Field(min_length=1, description="the funnel's steps by name: one probe kind each")
+    canary: CanarySpec = Field(CanarySpec(), description="settings of `funnel-tracer canary`")
 
     @model_validator(mode="after")
     def _collectors_configured(self) -> FunnelSpec:

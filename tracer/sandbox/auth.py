@@ -9,10 +9,12 @@ knob (``token_ttl``) so a test can run a canary across several expiries in secon
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -75,7 +77,7 @@ def auth_routes(ctx: FunnelContext) -> list[Route]:
     async def login(request: Request) -> JSONResponse:
         cfg, st = settings(ctx), stats(ctx)
         if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-            creds = dict(await request.form())
+            creds = _form(await request.body())
         else:
             try:
                 creds = await request.json()
@@ -88,13 +90,37 @@ def auth_routes(ctx: FunnelContext) -> list[Route]:
         ):
             st.failed_logins += 1
             return JSONResponse({"detail": "invalid credentials"}, status_code=401)
-        now = time.monotonic()
-        for t, exp in list(st.tokens.items()):  # forget long-dead tokens
-            if exp < now - 3600:
-                del st.tokens[t]
-        token = secrets.token_urlsafe(24)
-        st.tokens[token] = now + cfg.token_ttl
-        st.logins += 1
-        return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": cfg.token_ttl})
+        return issue(cfg, st)
 
-    return [Route("/api/v1/auth/login", login, methods=["POST"])]
+    async def oauth_token(request: Request) -> JSONResponse:
+        """OAuth2 client credentials: HTTP Basic ``username:password`` as client id and secret."""
+        cfg, st = settings(ctx), stats(ctx)
+        form = _form(await request.body())
+        want = "Basic " + base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
+        if form.get("grant_type") != "client_credentials" or not secrets.compare_digest(
+            request.headers.get("authorization", ""), want
+        ):
+            st.failed_logins += 1
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        return issue(cfg, st)
+
+    return [
+        Route("/api/v1/auth/login", login, methods=["POST"]),
+        Route("/oauth/token", oauth_token, methods=["POST"]),
+    ]
+
+
+def _form(raw: bytes) -> dict[str, str]:
+    """A urlencoded body, parsed without python-multipart (not a dependency)."""
+    return dict(parse_qsl(raw.decode(errors="replace")))
+
+
+def issue(cfg: AuthSettings, st: AuthStats) -> JSONResponse:
+    now = time.monotonic()
+    for t, exp in list(st.tokens.items()):  # forget long-dead tokens
+        if exp < now - 3600:
+            del st.tokens[t]
+    token = secrets.token_urlsafe(24)
+    st.tokens[token] = now + cfg.token_ttl
+    st.logins += 1
+    return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": cfg.token_ttl})
