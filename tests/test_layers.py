@@ -43,7 +43,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     (
         "applications",
-        ["tracer.canary", "tracer.cli", "tracer.reference", "tracer.starter", "tracer.sandbox", "tracer.sandbox.*"],
+        [
+            "tracer.canary",
+            "tracer.cli",
+            "tracer.reference",
+            "tracer.starter",
+            "tracer.sandbox",
+            "tracer.sandbox.*",
+        ],
     ),
 ]
 

@@ -139,7 +139,7 @@ def test_oauth2_and_token_command_authenticate(authed: Sandbox) -> None:
     login = (
         "import json, urllib.request;"
         f"r = urllib.request.urlopen(urllib.request.Request('{authed.url}/api/v1/auth/login',"
-        " data=b'{\"username\": \"canary\", \"password\": \"sandbox-password\"}',"
+        ' data=b\'{"username": "canary", "password": "sandbox-password"}\','
         " headers={'Content-Type': 'application/json'}));"
         "print(json.load(r)['access_token'])"
     )
@@ -151,7 +151,9 @@ auth:
     command: {{argv: {json.dumps([sys.executable, "-c", login])}, timeout: 10s, ttl: 1s}}
 """
     for name in ("m2m", "cmd"):
-        spec = POSTHOG.format(posthog=authed.posthog_url) + auth + LEAD_STEP.format(funnel=authed.url, auth=name)
+        spec = (
+            POSTHOG.format(posthog=authed.posthog_url) + auth + LEAD_STEP.format(funnel=authed.url, auth=name)
+        )
 
         async def main(text: str = spec) -> list[ProbeResult]:
             async with Engine(load(text)) as engine:
@@ -189,10 +191,13 @@ steps:
 def test_a_two_request_probe_uses_its_capture_in_the_next_request_the_matcher_and_cleanup(
     authed: Sandbox,
 ) -> None:
-    cleanup = """
+    cleanup = (
+        """
     cleanup:
       - {method: DELETE, url: "%s/api/v1/leads/{capture.lead_id}", auth: app}
-""" % authed.url
+"""
+        % authed.url
+    )
     exporter = InMemorySpanExporter()
 
     async def main(text: str) -> list[ProbeResult]:
@@ -223,7 +228,9 @@ def test_a_two_request_probe_uses_its_capture_in_the_next_request_the_matcher_an
     # One CLIENT span per request; the start's id is the one its traceparent named.
     spans = exporter.get_finished_spans()
     for r in results:
-        mine = [s for s in spans if f"{s.context.trace_id:032x}" == r.probe.trace_id and s.kind == SpanKind.CLIENT]
+        mine = [
+            s for s in spans if f"{s.context.trace_id:032x}" == r.probe.trace_id and s.kind == SpanKind.CLIENT
+        ]
         ids = sorted(f"{s.context.span_id:016x}" for s in mine)
         assert ids == sorted([r.probe.inject_span_id, r.probe.request_span_id(0, 1)])
 

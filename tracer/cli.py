@@ -484,7 +484,9 @@ def canary(
 
 
 @main.command()
-@click.option("--markdown", is_flag=True, help="Render the reference (docs/REFERENCE.md) instead of JSON Schema.")
+@click.option(
+    "--markdown", is_flag=True, help="Render the reference (docs/REFERENCE.md) instead of JSON Schema."
+)
 @click.option(
     "--builtin-only", is_flag=True, help="Leave out third-party sinks and injectors (for the committed docs)."
 )
@@ -497,7 +499,9 @@ def schema(markdown: bool, builtin_only: bool) -> None:
     """
     from tracer import reference
 
-    click.echo(reference.markdown(builtin_only) if markdown else reference.schema_text(builtin_only), nl=False)
+    click.echo(
+        reference.markdown(builtin_only) if markdown else reference.schema_text(builtin_only), nl=False
+    )
 
 
 @main.command()
@@ -506,7 +510,12 @@ def schema(markdown: bool, builtin_only: bool) -> None:
 @click.option("--webhook", is_flag=True, help="An approval step notified by webhook (Slack-style).")
 @click.option("--smtp", is_flag=True, help="An approval step notified by e-mail.")
 @click.option(
-    "-o", "--output", default="funnel.yaml", show_default=True, type=click.Path(dir_okay=False), help="'-': stdout."
+    "-o",
+    "--output",
+    default="funnel.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="'-': stdout.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(posthog: bool, redis_dlq: bool, webhook: bool, smtp: bool, output: str, force: bool) -> None:
@@ -525,7 +534,9 @@ def init(posthog: bool, redis_dlq: bool, webhook: bool, smtp: bool, output: str,
         err.print(f"[red]{escape(output)} exists[/] (use --force to overwrite)")
         sys.exit(2)
     path.write_text(text, encoding="utf-8")
-    err.print(f"wrote {escape(output)}: set the variables listed at its top, then `funnel-tracer validate -c {escape(output)}`")
+    err.print(
+        f"wrote {escape(output)}: set the variables listed at its top, then `funnel-tracer validate -c {escape(output)}`"
+    )
 
 
 if __name__ == "__main__":

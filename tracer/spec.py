@@ -53,7 +53,9 @@ def _chosen(obj: Model, names: tuple[str, ...]) -> list[str]:
 class _Hop(Model):
     """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the hop's name in reports, spans and metrics")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="the hop's name in reports, spans and metrics"
+    )
     target: Duration = Field(description="freshness target: lag at or under this is ok")
     deadline: Duration | None = Field(
         None, description="give up after this; default deadline_factor x target"
@@ -235,9 +237,13 @@ class FunnelSpec(Model):
         description="named credentials for injection, used by a request's `auth: <name>`: "
         "a static token, a login request, OAuth2 client credentials or a token command",
     )
-    deadline_factor: float = Field(3.0, ge=1.0, description="a hop without deadline gives up at this x target")
+    deadline_factor: float = Field(
+        3.0, ge=1.0, description="a hop without deadline gives up at this x target"
+    )
     collectors: CollectorsSpec = Field(CollectorsSpec(), description="how to reach each sink the hops use")
-    steps: dict[str, StepSpec] = Field(min_length=1, description="the funnel's steps by name: one probe kind each")
+    steps: dict[str, StepSpec] = Field(
+        min_length=1, description="the funnel's steps by name: one probe kind each"
+    )
     canary: CanarySpec = Field(CanarySpec(), description="settings of `funnel-tracer canary`")
 
     @model_validator(mode="after")

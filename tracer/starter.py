@@ -138,7 +138,11 @@ def approval(webhook: bool, smtp: bool) -> str:
 
 
 def starter_spec(
-    posthog: bool = False, redis_dlq: bool = False, webhook: bool = False, smtp: bool = False, name: str = "funnel.yaml"
+    posthog: bool = False,
+    redis_dlq: bool = False,
+    webhook: bool = False,
+    smtp: bool = False,
+    name: str = "funnel.yaml",
 ) -> str:
     """The starter text; with no sink named, PostHog only."""
     if not (posthog or redis_dlq or webhook or smtp):
