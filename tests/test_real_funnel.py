@@ -191,13 +191,10 @@ steps:
 def test_a_two_request_probe_uses_its_capture_in_the_next_request_the_matcher_and_cleanup(
     authed: Sandbox,
 ) -> None:
-    cleanup = (
-        """
+    cleanup = f"""
     cleanup:
-      - {method: DELETE, url: "%s/api/v1/leads/{capture.lead_id}", auth: app}
+      - {{method: DELETE, url: "{authed.url}/api/v1/leads/{{capture.lead_id}}", auth: app}}
 """
-        % authed.url
-    )
     exporter = InMemorySpanExporter()
 
     async def main(text: str) -> list[ProbeResult]:
