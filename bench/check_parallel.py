@@ -21,7 +21,7 @@ import yaml
 from tracer.engine import Engine
 from tracer.export.report import summarize
 from tracer.sandbox.funnel import Knobs
-from tracer.sandbox.posthog_server import PostHogState
+from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.runner import Sandbox
 from tracer.spec import parse_spec
 

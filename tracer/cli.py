@@ -379,6 +379,7 @@ def demo(
     Needs nothing beyond the install. The spec used is examples/sandbox.yaml.
     """
     from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.auth import AuthSettings
     from tracer.sandbox.funnel import Knobs
     from tracer.sandbox.posthog import PostHogState
     from tracer.sandbox.redis_process import HOW_TO_GET_REDIS, PrivateRedis, free_port
@@ -414,6 +415,8 @@ def demo(
                 redis_url=redis_url,
                 dlq_retry_interval=1.0,
                 approvals=approvals,
+                # Leads and approvals need a short-lived login token: the spec logs in (auth.sandbox).
+                auth=AuthSettings(required=True, token_ttl=300.0),
             )
         )
         os.environ.update(
@@ -511,6 +514,13 @@ def demo(
     show_default=True,
     help="Recipient token: approval emails go to approver+<token>@funnel.invalid.",
 )
+@click.option(
+    "--require-auth/--no-require-auth",
+    default=False,
+    show_default=True,
+    help="Leads and approvals need a token from POST /api/v1/auth/login (user canary, password sandbox-password).",
+)
+@click.option("--token-ttl", default=1800.0, show_default=True, help="Seconds a login token lives.")
 def sandbox(
     host: str,
     port: int,
@@ -524,6 +534,8 @@ def sandbox(
     smtp_addr: str,
     receiver_secret: str,
     mail_token: str,
+    require_auth: bool,
+    token_ttl: float,
 ) -> None:
     """Run the reference funnel and a PostHog-compatible server until Ctrl-C."""
     import signal
@@ -531,6 +543,7 @@ def sandbox(
 
     from tracer.net import redact_url as redact
     from tracer.sandbox.approvals import ApprovalSettings
+    from tracer.sandbox.auth import AuthSettings
     from tracer.sandbox.funnel import Knobs
     from tracer.sandbox.posthog import PostHogState
     from tracer.sandbox.runner import Sandbox
@@ -556,6 +569,7 @@ def sandbox(
         posthog=PostHogState(ingest_delay=ingest_delay),
         redis_url=redis_url,
         dlq_retry_interval=dlq_retry_interval,
+        auth=AuthSettings(required=require_auth, token_ttl=token_ttl),
     ) as sb:
         click.echo(f"funnel   {sb.url}  (POST /api/v1/leads, /api/v1/webhooks/payments, /api/v1/approvals)")
         click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
@@ -675,6 +689,62 @@ def canary(
             http_port=http_port,
             preflight=not no_preflight,
         )
+    )
+
+
+@main.command()
+@click.option(
+    "--markdown", is_flag=True, help="Render the reference (docs/REFERENCE.md) instead of JSON Schema."
+)
+@click.option(
+    "--builtin-only", is_flag=True, help="Leave out third-party sinks and injectors (for the committed docs)."
+)
+def schema(markdown: bool, builtin_only: bool) -> None:
+    """Print the JSON Schema of the funnel spec (for editors: `# yaml-language-server: $schema=<file>`).
+
+    \b
+      funnel-tracer schema > funnel-spec.schema.json
+      funnel-tracer schema --builtin-only --markdown > docs/REFERENCE.md
+    """
+    from tracer import reference
+
+    click.echo(
+        reference.markdown(builtin_only) if markdown else reference.schema_text(builtin_only), nl=False
+    )
+
+
+@main.command()
+@click.option("--posthog", is_flag=True, help="A lead step observed in PostHog.")
+@click.option("--redis-dlq", "redis_dlq", is_flag=True, help="A DLQ step: synthetic entry -> first retry.")
+@click.option("--webhook", is_flag=True, help="An approval step notified by webhook (Slack-style).")
+@click.option("--smtp", is_flag=True, help="An approval step notified by e-mail.")
+@click.option(
+    "-o",
+    "--output",
+    default="funnel.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="'-': stdout.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(posthog: bool, redis_dlq: bool, webhook: bool, smtp: bool, output: str, force: bool) -> None:
+    """Write a commented starter spec for the sinks named (default: --posthog); valid once its ${VARS} are set."""
+    from pathlib import Path
+
+    from tracer.starter import starter_spec
+
+    name = "funnel.yaml" if output == "-" else Path(output).name
+    text = starter_spec(posthog=posthog, redis_dlq=redis_dlq, webhook=webhook, smtp=smtp, name=name)
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(output)
+    if path.exists() and not force:
+        err.print(f"[red]{escape(output)} exists[/] (use --force to overwrite)")
+        sys.exit(2)
+    path.write_text(text, encoding="utf-8")
+    err.print(
+        f"wrote {escape(output)}: set the variables listed at its top, then `funnel-tracer validate -c {escape(output)}`"
     )
 
 

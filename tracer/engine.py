@@ -28,10 +28,11 @@ from tracer.evidence import Evidence, blind_json, sentence, window
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.gauges import GaugeError, Reading
 from tracer.gauges import read as read_gauge
-from tracer.inject import Injection
-from tracer.plugins import Collector, Connects, Explains, InjectContext, Injector, ObservesInjection
+from tracer.inject import CleanupOutcome, Injection
+from tracer.inject import auth as inject_auth
+from tracer.plugins import Cleans, Collector, Connects, Explains, InjectContext, Injector, ObservesInjection
 from tracer.probe import Probe
-from tracer.spec import INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
+from tracer.spec import CLEANUP_PLUGIN, INJECTOR_PLUGINS, SINK_PLUGINS, FunnelSpec, HopSpec
 from tracer.verdict import (
     BREACH,
     INJECT_FAILED,
@@ -63,6 +64,7 @@ class ProbeResult:
     injection: Injection
     hops: list[HopResult]
     resumed: bool = False
+    cleanup: list[CleanupOutcome] = field(default_factory=list)  # what was removed after it resolved
 
 
 @dataclass(eq=False)
@@ -95,6 +97,8 @@ class Engine:
         self.collectors: dict[str, Collector] = {}
         self.injectors: dict[str, Injector] = {}  # one per step
         self.http: httpx.AsyncClient | None = None
+        self.auth: dict[str, inject_auth.Authenticator] = {}  # the spec's auth map, one token cache each
+        self.ctx = InjectContext(http=None, synthetic=spec.canary.synthetic)
 
     def sinks(self) -> list[str]:
         """The sinks the steps use, plus those their configs need (PostHog push: the webhook receiver)."""
@@ -105,7 +109,8 @@ class Engine:
 
     async def start(self) -> None:
         self.http = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"}, follow_redirects=False)
-        ctx = InjectContext(http=self.http, synthetic=self.spec.canary.synthetic)
+        self.auth = inject_auth.build(dict(self.spec.auth), self.http)
+        ctx = self.ctx = InjectContext(http=self.http, synthetic=self.spec.canary.synthetic, auth=self.auth)
         for name, step in self.spec.steps.items():
             self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():
@@ -205,8 +210,27 @@ class Engine:
                 if h.verdict == LOST:  # we cannot tell whether the probe ever reached the funnel
                     h.verdict = UNKNOWN
                     h.reason = "not seen, and the canary restarted while injecting: the probe may never have been sent"
+        cleanup = await self.cleanup(inflight.probe)
         emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
-        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed, cleanup=cleanup)
+
+    async def cleanup(self, probe: Probe) -> list[CleanupOutcome]:
+        """Remove what the probe left behind, once it resolved: the step's ``cleanup:`` requests,
+        then the injector's own (``Cleans``). Reported, logged, and never part of a verdict."""
+        step = self.spec.steps[probe.step]
+        injector = self.injectors[probe.step]
+        out: list[CleanupOutcome] = []
+        try:
+            if step.cleanup and CLEANUP_PLUGIN.run_requests is not None:
+                out += await CLEANUP_PLUGIN.run_requests(list(step.cleanup), probe, self.ctx)
+            if isinstance(injector, Cleans):
+                out += await injector.cleanup(probe)
+        except Exception as exc:  # a cleanup bug must not lose the probe's verdict
+            out.append(CleanupOutcome("cleanup", ok=False, error=f"internal error: {type(exc).__name__}"))
+        for o in out:
+            if not o.ok:
+                log.warning("cleanup of probe %s (%s): %s: %s", probe.probe_id, probe.step, o.what, o.error)
+        return out
 
     def block(self, sinks: dict[str, str]) -> None:
         """Preflight found these sinks unable to measure at all (``{sink: why}``): their hops are

@@ -74,19 +74,40 @@ def record_of(inflight: InFlight, instance: str) -> dict[str, Any]:
         "root_span_id": p.root_span_id,
         "inject_span_id": p.inject_span_id,
         "created": clock.stamp(p.created_at),
+        "captures": p.captures,  # for the matchers and cleanup of a resumed probe
         "injection": None,
         "done": {name: _hop_to_json(r) for name, r in inflight.done.items()},
     }
     if inj is not None and not inflight.injection_unknown:
-        rec["injection"] = {
-            "sent": clock.stamp(inj.sent_at),
-            "done": clock.stamp(inj.done_at),
-            "ok": inj.ok,
-            "status": inj.status,
-            "error": inj.error,
-            "attributes": inj.attributes,
-        }
+        rec["injection"] = _injection_to_json(inj)
+        if inj.requests:
+            rec["injection"]["requests"] = [_injection_to_json(r) for r in inj.requests]
+            rec["injection"]["start_index"] = inj.start_index
     return rec
+
+
+def _injection_to_json(inj: Injection) -> dict[str, Any]:
+    return {
+        "sent": clock.stamp(inj.sent_at),
+        "done": clock.stamp(inj.done_at),
+        "ok": inj.ok,
+        "status": inj.status,
+        "error": inj.error,
+        "attributes": inj.attributes,
+    }
+
+
+def _injection_from_json(i: dict[str, Any]) -> Injection:
+    return Injection(
+        sent_at=clock.from_stamp(i["sent"]),
+        done_at=clock.from_stamp(i["done"]),
+        ok=bool(i["ok"]),
+        status=i.get("status"),
+        error=i.get("error"),
+        attributes=dict(i.get("attributes") or {}),
+        requests=[_injection_from_json(r) for r in i.get("requests") or []],
+        start_index=int(i.get("start_index") or 0),
+    )
 
 
 def restore(rec: dict[str, Any]) -> tuple[Probe, Injection | None, dict[str, HopResult]]:
@@ -97,18 +118,9 @@ def restore(rec: dict[str, Any]) -> tuple[Probe, Injection | None, dict[str, Hop
         created_at=clock.from_stamp(rec["created"]),
         root_span_id=rec["root_span_id"],
         inject_span_id=rec["inject_span_id"],
+        captures=dict(rec.get("captures") or {}),
     )
-    injection = None
-    if rec.get("injection"):
-        i = rec["injection"]
-        injection = Injection(
-            sent_at=clock.from_stamp(i["sent"]),
-            done_at=clock.from_stamp(i["done"]),
-            ok=bool(i["ok"]),
-            status=i.get("status"),
-            error=i.get("error"),
-            attributes=dict(i.get("attributes") or {}),
-        )
+    injection = _injection_from_json(rec["injection"]) if rec.get("injection") else None
     done = {name: _hop_from_json(d) for name, d in (rec.get("done") or {}).items()}
     return probe, injection, done
 

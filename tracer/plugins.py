@@ -24,7 +24,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from tracer.evidence import Evidence
-from tracer.inject import Injection
+from tracer.inject import CleanupOutcome, Injection
 from tracer.probe import Probe
 from tracer.schema import Model
 from tracer.watch import Coverage, Watch
@@ -160,12 +160,23 @@ class Injector(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class Cleans(Protocol):
+    """Optional: an injector that leaves something behind (a synthetic DLQ entry) removes it
+    once the probe's hops resolved. Failures are outcomes, never exceptions, and never change a
+    verdict."""
+
+    async def cleanup(self, probe: Probe) -> list[CleanupOutcome]: ...
+
+
 @dataclass(frozen=True)
 class InjectContext:
     """What the engine shares with every injector."""
 
     http: Any  # httpx.AsyncClient, shared connection pool
     synthetic: Any  # tracer.synthetic.SyntheticSpec: the markers every injection carries
+    # name -> tracer.inject.auth.Authenticator: the spec's ``auth:`` map, one token cache each
+    auth: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,14 @@ class InjectorPlugin:
     # checks e-mail addresses against ``canary.synthetic.email_domain``.
     body_strings: Callable[[Any], Iterable[tuple[str, str]]] = field(default=lambda config: ())
     preflight: InjectorPreflight = _nothing_to_check
+    # Names an injection captures (``{capture.<name>}`` in hop matchers and cleanup must be one).
+    captures: Callable[[Any], Iterable[str]] = field(default=lambda config: ())
+    # Every ``auth`` reference, as (path within the section, name): checked against ``auth:``.
+    auth_names: Callable[[Any], Iterable[tuple[str, str]]] = field(default=lambda config: ())
+    # An injector that can also send standalone requests (``http``): the model of one request
+    # and how to send a list of them for a probe. A step's ``cleanup:`` list is made of these.
+    request: type[Model] | None = None
+    run_requests: Callable[[list[Any], Probe, InjectContext], Awaitable[list[CleanupOutcome]]] | None = None
 
 
 class PluginError(Exception):

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, WithJsonSchema
 
 from tracer.durations import parse_duration
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# In the JSON Schema (``funnel-tracer schema``) a duration is what YAML may say: a number of
+# seconds or text such as 5s, 250ms, 1m30s.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?(ms|s|m|h))+)\s*$"},
+    ],
+    "description": "a duration: seconds, or e.g. 5s, 250ms, 5m, 1h",
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 """Seconds; YAML may say ``5s``, ``250ms``, ``5m`` or a plain number."""
 
 Secret = SecretStr

@@ -6,19 +6,25 @@ Every error names its YAML path, e.g. ``steps.lead.hops[0].posthog.event: field 
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import os
 import re
 import stat
+import types
+import typing
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from tracer import plugins, stats
 from tracer.gauges import GaugeSpec
+from tracer.inject.auth import AuthSpec
+from tracer.probe import CAPTURE_REF
 from tracer.schema import Duration, Model, Secret
 from tracer.synthetic import SyntheticSpec
 from tracer.verdict import VERDICTS
@@ -28,6 +34,10 @@ SINK_PLUGINS = plugins.sinks()
 INJECTOR_PLUGINS = plugins.injectors()
 SINKS = tuple(SINK_PLUGINS)
 INJECTORS = tuple(INJECTOR_PLUGINS)
+# A step's ``cleanup:`` requests are the ``http`` injector's requests (``InjectorPlugin.request``).
+CLEANUP_PLUGIN = INJECTOR_PLUGINS["http"]
+assert CLEANUP_PLUGIN.request is not None
+CleanupRequest: Any = CLEANUP_PLUGIN.request
 
 
 def _with_sections(name: str, base: type[Model], sections: dict[str, tuple[type[Model], str]]) -> Any:
@@ -56,7 +66,9 @@ class ObjectiveSpec(Model):
 class _Hop(Model):
     """One expected observation of a probe on one sink (the sink sections are added per plugin)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="the hop's name in reports, spans and metrics"
+    )
     target: Duration = Field(gt=0, description="freshness target: lag at or under this is ok")
     deadline: Duration | None = Field(
         None, description="give up after this; default deadline_factor x target"
@@ -64,7 +76,9 @@ class _Hop(Model):
     after: str | None = Field(
         None, description="measure from this earlier hop's observation, not from injection"
     )
-    expect: Literal["present", "absent"] = "present"
+    expect: Literal["present", "absent"] = Field(
+        "present", description="absent: a negative probe, seeing it is a breach (e.g. a forged webhook)"
+    )
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec, description="check: the claim to show (default p95 at 95 %)"
     )
@@ -133,8 +147,13 @@ CollectorsSpec = _with_sections(
 
 
 class StepSpec(Model):
-    inject: InjectSpec
-    hops: list[HopSpec] = Field(min_length=1)
+    inject: InjectSpec = Field(description="how each probe enters the funnel: exactly one injector")
+    hops: list[HopSpec] = Field(min_length=1, description="where each probe must be seen, and how soon")
+    cleanup: list[CleanupRequest] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="requests sent after the probe resolved (check and canary), e.g. DELETE the lead "
+        "created, templated with {capture.*}; a failure is reported and never changes a verdict",
+    )
     interval: Duration = Field(60.0, ge=0.1, description="canary: one probe every interval (at least 100ms)")
     spacing: Duration = Field(1.0, description="check: pause between a step's samples")
     max_in_flight: int | None = Field(
@@ -155,6 +174,15 @@ class StepSpec(Model):
         for h in self.hops:
             if h.after is not None and h.after not in names[: names.index(h.name)]:
                 raise ValueError(f"hop '{h.name}': after '{h.after}' must name an earlier hop of this step")
+        captured = set(INJECTOR_PLUGINS[self.inject.kind].captures(self.inject.config))
+        for where, items in (("hops", self.hops), ("cleanup", self.cleanup)):
+            for i, item in enumerate(items):
+                used = set(CAPTURE_REF.findall(json.dumps(item.model_dump(mode="json"))))
+                if used - captured:
+                    raise ValueError(
+                        f"{where}[{i}] uses {{capture.{sorted(used - captured)[0]}}}, which the injection does not capture"
+                        + (f" (it captures: {', '.join(sorted(captured))})" if captured else ""),
+                    )
         return self
 
 
@@ -240,11 +268,23 @@ class CanarySpec(Model):
 
 
 class FunnelSpec(Model):
+    """A funnel under test: where probes enter (steps), where they are seen (collectors) and how
+    fresh they must be (hop targets)."""
+
     service: str = Field(min_length=1, description="the funnel under test, as reports name it")
-    deadline_factor: float = Field(3.0, ge=1.0)
-    collectors: CollectorsSpec = CollectorsSpec()
-    steps: dict[str, StepSpec] = Field(min_length=1)
-    canary: CanarySpec = CanarySpec()
+    auth: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], AuthSpec] = Field(
+        default_factory=dict,
+        description="named credentials for injection, used by a request's `auth: <name>`: "
+        "a static token, a login request, OAuth2 client credentials or a token command",
+    )
+    deadline_factor: float = Field(
+        3.0, ge=1.0, description="a hop without deadline gives up at this x target"
+    )
+    collectors: CollectorsSpec = Field(CollectorsSpec(), description="how to reach each sink the hops use")
+    steps: dict[str, StepSpec] = Field(
+        min_length=1, description="the funnel's steps by name: one probe kind each"
+    )
+    canary: CanarySpec = Field(CanarySpec(), description="settings of `funnel-tracer canary`")
     gauges: dict[str, GaugeSpec] = Field(
         default_factory=dict, description="levels, not lags (DLQ depth, failure counts), with thresholds"
     )
@@ -263,6 +303,16 @@ class FunnelSpec(Model):
                         f"steps.{step_name}.hops[{i}].{hop.sink}",
                         f"this hop needs a 'collectors.{hop.sink}' section",
                     )
+        for step_name, step in self.steps.items():
+            kind = step.inject.kind
+            refs = [
+                (f"inject.{kind}.{w}", n) for w, n in INJECTOR_PLUGINS[kind].auth_names(step.inject.config)
+            ]
+            refs += [(f"cleanup[{i}].auth", r.auth) for i, r in enumerate(step.cleanup) if r.auth]
+            for where, name in refs:
+                if name not in self.auth:
+                    known = ", ".join(sorted(self.auth)) or "none declared"
+                    raise _PathError(f"steps.{step_name}.{where}", f"no auth entry '{name}' (auth: {known})")
         domain = self.canary.synthetic.email_domain
         if domain:
             for step_name, step in self.steps.items():
@@ -395,8 +445,48 @@ def _message(err: dict[str, Any]) -> str:
     msg = str(err["msg"])
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if err["type"] == "extra_forbidden":
-        return "unknown field (check the spelling; see examples/)"
+        loc = tuple(err.get("loc") or ())
+        names = _field_names_at(loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1, cutoff=0.6) if loc else []
+        if near:
+            return f"unknown field (did you mean `{near[0]}`?)"
+        return "unknown field (check the spelling; see docs/REFERENCE.md)"
     return msg[:1].lower() + msg[1:]
+
+
+def _field_names_at(loc: tuple[Any, ...]) -> set[str]:
+    """The field names (and aliases) valid at ``loc`` of a FunnelSpec, for "did you mean"."""
+    node: Any = FunnelSpec
+    for part in loc:
+        node = _strip(node)
+        if isinstance(part, int) or typing.get_origin(node) is dict:
+            args = typing.get_args(node)
+            node = args[-1] if args else None
+        elif isinstance(node, type) and issubclass(node, Model) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return set()
+    node = _strip(node)
+    if not (isinstance(node, type) and issubclass(node, Model)):
+        return set()
+    return {n for n in node.model_fields} | {f.alias for f in node.model_fields.values() if f.alias}
+
+
+def _strip(tp: Any) -> Any:
+    """``X | None`` -> X, ``list[X]`` stays (indexed next), ``Annotated[X, ...]`` -> X."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            rest = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else tp
+            if len(rest) != 1:
+                return tp
+        elif origin is list:
+            return tp
+        else:
+            return tp
 
 
 def parse_spec(data: Any, source: str = "") -> FunnelSpec:

@@ -116,7 +116,11 @@ def summarize(
                     ],
                 }
             )
-        steps.append({"step": step_name, "hops": hops})
+        entry: dict[str, Any] = {"step": step_name, "hops": hops}
+        cleanup = _cleanup_summary(step_name, results)
+        if cleanup is not None:
+            entry["cleanup"] = cleanup
+        steps.append(entry)
     gauge_rows = [gauge_row(name, spec.gauges[name], r) for name, r in (gauges or {}).items()]
     code = exit_code_of(steps, gauge_rows)
     return {
@@ -228,6 +232,19 @@ def gauge_row(name: str, gauge: Any, readings: list[Reading]) -> dict[str, Any]:
         "statement": statement,
         "errors": errors,
     }
+
+
+def _cleanup_summary(step_name: str, results: Iterable[ProbeResult]) -> dict[str, Any] | None:
+    """What cleanup did after the step's probes (never part of a verdict): counts, and each
+    failed action under its probe's trace id."""
+    done = [(r.probe.trace_id, o) for r in results if r.probe.step == step_name for o in r.cleanup]
+    if not done:
+        return None
+    failures = [
+        {"trace_id": tid, "what": o.what, "error": o.error, "status": o.status} for tid, o in done if not o.ok
+    ]
+    removed = sum(o.removed or 0 for _, o in done)
+    return {"actions": len(done), "failed": len(failures), "removed": removed, "failures": failures}
 
 
 def _with_trace(rows: list[HopResult], results: Iterable[ProbeResult]) -> list[tuple[HopResult, str]]:

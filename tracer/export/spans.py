@@ -106,7 +106,8 @@ def emit_probe(
     tr: trace.Tracer, probe: Probe, injection: Injection, hops: list[HopResult], service: str
 ) -> None:
     """One trace per probe: a root span for the step, a CLIENT (or PRODUCER) child for the
-    injection with the very span id sent in ``traceparent``, and a child per hop from its start
+    injection (one per request of a multi-request one), each with the very span id its request
+    sent in ``traceparent``, and a child per hop from its start
     to its observation (or deadline). Built after the probe resolved, from its record alone."""
     common = {
         "funnel.step": probe.step,
@@ -125,9 +126,24 @@ def emit_probe(
         root.set_status(Status(StatusCode.ERROR, f"{len(failing)} hop(s) {failing[0].verdict}"))
     ctx = trace.set_span_in_context(root)
 
+    requests = injection.requests or [injection]
+    start = injection.start_index if injection.requests else 0
+    for i, one in enumerate(requests):
+        # The start request's span has the id its traceparent named (``inject_span_id``); in a
+        # multi-request injection every request has its own (``Probe.request_span_id``).
+        _inject_span(tr, one, ctx, common, probe.request_span_id(i, start))
+
+    for r in hops:
+        _hop_span(tr, r, ctx, common)
+    root.end(end_time=clock.wall_ns(end))
+
+
+def _inject_span(
+    tr: trace.Tracer, injection: Injection, ctx: Context, common: dict[str, object], span_id: str
+) -> None:
     kind = SpanKind.CLIENT if "http.request.method" in injection.attributes else SpanKind.PRODUCER
     name = str(injection.attributes.get("http.request.method") or "dlq inject")
-    with forced_ids(None, probe.inject_span_id):
+    with forced_ids(None, span_id):
         span = tr.start_span(
             name,
             context=ctx,
@@ -138,10 +154,6 @@ def emit_probe(
     if not injection.ok:
         span.set_status(Status(StatusCode.ERROR, injection.error))
     span.end(end_time=clock.wall_ns(injection.done_at))
-
-    for r in hops:
-        _hop_span(tr, r, ctx, common)
-    root.end(end_time=clock.wall_ns(end))
 
 
 def _hop_span(tr: trace.Tracer, r: HopResult, ctx: Context, common: dict[str, object]) -> None:

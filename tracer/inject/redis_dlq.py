@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tracer import clock
-from tracer.inject import Injection
+from tracer.inject import CleanupOutcome, Injection
 from tracer.net import check_redis_url, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.plugins import InjectContext, InjectorPlugin
@@ -53,6 +53,14 @@ class DlqInject(Model):
     retry_in: Duration = Field(0.0, ge=0, description="zset: score = now + retry_in (the next retry time)")
     score_unit: Literal["s", "ms"] = "s"
     timeout: Duration = Field(5.0, ge=0.1)
+    cleanup: bool = Field(
+        True, description="remove the probe's synthetic entries once its hops resolved (matched by trace id)"
+    )
+    cleanup_keys: list[str] = Field(
+        default_factory=list,
+        description="more keys swept for the probe's entries at cleanup, e.g. the dead-letter key "
+        "(key itself always is); lists, sorted sets and streams",
+    )
 
     _url = field_validator("url")(check_redis_url)
 
@@ -115,8 +123,56 @@ async def send(spec: DlqInject, probe: Probe, client: Redis | None = None) -> In
     return Injection(sent, clock.now(), ok=True, attributes=attrs)
 
 
+# Cleanup reads at most this many members of a key: a DLQ is short, and a huge one must not
+# stall the canary (entries past it stay, and the outcome says how many were removed).
+CLEANUP_SCAN = 10_000
+
+
+async def remove_entries(spec: DlqInject, probe: Probe, client: Redis | None = None) -> list[CleanupOutcome]:
+    """Remove every member carrying the probe's trace id from ``key`` and ``cleanup_keys``,
+    whatever the retry worker did to it (bumped attempts, moved it to the dead key)."""
+    url = spec.url.get_secret_value()
+    own = client is None
+    r = client or Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=spec.timeout,
+        socket_connect_timeout=spec.timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    out: list[CleanupOutcome] = []
+    tid = probe.trace_id
+    try:
+        for key in dict.fromkeys([spec.key, *spec.cleanup_keys]):
+            try:
+                kind = await r.type(key)
+                removed = 0
+                if kind == "list":
+                    for m in {m for m in await r.lrange(key, 0, CLEANUP_SCAN - 1) if tid in m}:
+                        removed += int(await r.lrem(key, 0, m))
+                elif kind == "zset":
+                    hits = [m for m in await r.zrange(key, 0, CLEANUP_SCAN - 1) if tid in m]
+                    removed = int(await r.zrem(key, *hits)) if hits else 0
+                elif kind == "stream":
+                    rows = await r.xrange(key, "-", "+", count=CLEANUP_SCAN)
+                    ids = [i for i, fields in rows if any(tid in str(v) for v in fields.values())]
+                    removed = int(await r.xdel(key, *ids)) if ids else 0
+                out.append(CleanupOutcome(f"remove synthetic entries from {key}", ok=True, removed=removed))
+            except (RedisError, OSError) as exc:
+                out.append(
+                    CleanupOutcome(
+                        f"remove synthetic entries from {key}", ok=False, error=short_error(exc, url)
+                    )
+                )
+    finally:
+        if own:
+            await r.aclose()
+    return out
+
+
 class DlqInjector:
-    """One step's synthetic DLQ entries; a connection per probe (the canary injects rarely)."""
+    """One step's synthetic DLQ entries; a connection per probe (the canary injects rarely).
+    Removes them again once the probe resolved (``Cleans``)."""
 
     def __init__(self, config: DlqInject, ctx: InjectContext) -> None:
         self.spec = config
@@ -124,6 +180,11 @@ class DlqInjector:
 
     async def send(self, probe: Probe) -> Injection:
         return await send(self.spec, probe)
+
+    async def cleanup(self, probe: Probe) -> list[CleanupOutcome]:
+        if not self.spec.cleanup:
+            return []
+        return await remove_entries(self.spec, probe)
 
     async def close(self) -> None:
         """Nothing held between probes."""

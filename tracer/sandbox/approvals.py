@@ -37,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tracer.sandbox import auth
+
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
@@ -97,8 +99,11 @@ _Sender = Callable[[ApprovalSettings, dict[str, Any]], Awaitable[None]]
 def approval_routes(ctx: FunnelContext) -> list[Route]:
     ctx.extra.setdefault("approvals", ApprovalSettings())
     ctx.extra.setdefault("approval_stats", ApprovalStats())
+    records: dict[str, dict[str, Any]] = ctx.extra.setdefault("approval_records", {})
 
     async def create_approval(request: Request) -> JSONResponse:
+        if (refused := auth.refuse(ctx, request)) is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -121,6 +126,10 @@ def approval_routes(ctx: FunnelContext) -> list[Route]:
             "trace_id": _trace_id(body, request.headers.get("traceparent")),
         }
         stats.requested += 1
+        synthetic = request.headers.get("x-synthetic", "").lower() == "true" or (
+            approval["metadata"].get("synthetic") is True
+        )
+        records[approval["id"]] = {"id": approval["id"], "status": "pending", "synthetic": synthetic}
         for channel, delay, drop, send in (
             ("slack", settings.slack_delay, settings.slack_drop_rate, _send_slack),
             ("webhook", settings.webhook_delay, settings.webhook_drop_rate, _send_webhook),
@@ -146,7 +155,18 @@ def approval_routes(ctx: FunnelContext) -> list[Route]:
             ctx.emit_later(settings.event_delay, "approval_requested", approval["requester"], props)
         return JSONResponse({"id": approval["id"], "status": "pending"}, status_code=201)
 
-    return [Route("/api/v1/approvals", create_approval, methods=["POST"])]
+    async def delete_approval(request: Request) -> JSONResponse:
+        """Withdraw a pending request (a canary's cleanup), so it never trips the app's own SLA alert."""
+        if (refused := auth.refuse(ctx, request)) is not None:
+            return refused
+        if records.pop(request.path_params["approval_id"], None) is None:
+            return JSONResponse({"detail": "no such approval"}, status_code=404)
+        return JSONResponse({"deleted": True})
+
+    return [
+        Route("/api/v1/approvals", create_approval, methods=["POST"]),
+        Route("/api/v1/approvals/{approval_id}", delete_approval, methods=["DELETE"]),
+    ]
 
 
 def _valid(body: Any) -> bool:

@@ -1,6 +1,6 @@
 """The reference funnel: a small web app that turns requests into PostHog events, like a real SaaS API.
 
-Every route module (``leads``, ``payments``, ``approvals``) contributes ``routes(ctx)``; knobs
+Every route module (``leads``, ``payments``, ``approvals``, ``auth``) contributes ``routes(ctx)``; knobs
 live on ``FunnelContext`` and can be changed while the app runs, which is how tests inject delay,
 loss and faults.
 
@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tracer.sandbox import auth
 from tracer.sandbox.approvals import approval_routes
 from tracer.sandbox.dlq import new_entry
 from tracer.sandbox.payments import payment_routes
@@ -128,8 +129,28 @@ async def _json_object(request: Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def is_synthetic(request: Request, body: dict[str, Any]) -> bool:
+    """What a well-behaved funnel keys on to tell canary traffic apart (``tracer.synthetic``)."""
+    meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    return request.headers.get("x-synthetic", "").lower() == "true" or meta.get("synthetic") is True
+
+
+def synthetic_records(ctx: FunnelContext) -> dict[str, int]:
+    """Synthetic records the funnel holds right now: what a cleanup must bring to zero."""
+    leads = ctx.extra.get("leads", {})
+    approvals = ctx.extra.get("approval_records", {})
+    return {
+        "leads": sum(1 for lead in leads.values() if lead["synthetic"]),
+        "approvals": sum(1 for a in approvals.values() if a["synthetic"]),
+    }
+
+
 def lead_routes(ctx: FunnelContext) -> list[Route]:
+    leads: dict[str, dict[str, Any]] = ctx.extra.setdefault("leads", {})
+
     async def create_lead(request: Request) -> JSONResponse:
+        if (refused := auth.refuse(ctx, request)) is not None:
+            return refused
         lead = await _json_object(request)
         if lead is None or not isinstance(lead.get("email"), str) or "@" not in lead["email"]:
             return JSONResponse({"detail": "a JSON lead with an email is required"}, status_code=422)
@@ -144,11 +165,43 @@ def lead_routes(ctx: FunnelContext) -> list[Route]:
         if "traceparent" in request.headers:
             # What an instrumented funnel should do: carry the caller's trace into the event.
             props["traceparent"] = request.headers["traceparent"]
+        leads[lead_id] = {"id": lead_id, "email": lead["email"], "synthetic": is_synthetic(request, lead)}
         if random.random() >= ctx.knobs.drop_rate:
             ctx.emit_later(ctx.knobs.lead_delay, "lead_captured", lead["email"], props)
         return JSONResponse({"id": lead_id, "status": "captured"}, status_code=201)
 
-    return [Route("/api/v1/leads", create_lead, methods=["POST"])]
+    async def qualify_lead(request: Request) -> JSONResponse:
+        """The second step of a two-step creation: emits ``lead_qualified`` with the lead's id
+        (and no trace id, so only a captured id can match it)."""
+        if (refused := auth.refuse(ctx, request)) is not None:
+            return refused
+        lead = leads.get(request.path_params["lead_id"])
+        if lead is None:
+            return JSONResponse({"detail": "no such lead"}, status_code=404)
+        body = await _json_object(request) or {}
+        props: dict[str, Any] = {"lead_id": lead["id"], "score": body.get("score")}
+        if "traceparent" in request.headers:
+            props["traceparent"] = request.headers["traceparent"]
+        lead["status"] = "qualified"
+        ctx.emit_later(ctx.knobs.lead_delay, "lead_qualified", lead["email"], props)
+        return JSONResponse({"id": lead["id"], "status": "qualified"})
+
+    async def delete_lead(request: Request) -> JSONResponse:
+        if (refused := auth.refuse(ctx, request)) is not None:
+            return refused
+        if leads.pop(request.path_params["lead_id"], None) is None:
+            return JSONResponse({"detail": "no such lead"}, status_code=404)
+        return JSONResponse({"deleted": True})
+
+    return [
+        Route("/api/v1/leads", create_lead, methods=["POST"]),
+        Route("/api/v1/leads/{lead_id}/qualify", qualify_lead, methods=["POST"]),
+        Route("/api/v1/leads/{lead_id}", delete_lead, methods=["DELETE"]),
+    ]
+
+
+async def synthetic_count(request: Request) -> JSONResponse:
+    return JSONResponse(synthetic_records(request.app.state.ctx))
 
 
 async def health(_: Request) -> JSONResponse:
@@ -195,6 +248,8 @@ def create_app(ctx: FunnelContext) -> Starlette:
     routes = [
         Route("/api/v1/health", health),
         Route("/api/v1/pricing", pricing),
+        Route("/api/v1/synthetic", synthetic_count),
+        *auth.auth_routes(ctx),
         *lead_routes(ctx),
         *payment_routes(ctx),
         *approval_routes(ctx),

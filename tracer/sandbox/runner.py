@@ -17,8 +17,10 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracer.sandbox import payments, telemetry
 from tracer.sandbox.approvals import ApprovalSettings
+from tracer.sandbox.auth import AuthSettings, AuthStats
+from tracer.sandbox.auth import stats as auth_stats
 from tracer.sandbox.dlq import DlqWorker
-from tracer.sandbox.funnel import FunnelContext, Knobs, create_app
+from tracer.sandbox.funnel import FunnelContext, Knobs, create_app, synthetic_records
 from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.posthog import create_app as create_posthog_app
 
@@ -42,6 +44,7 @@ class Sandbox:
     redis_url: str | None = None  # enables the payment DLQ and its retry worker
     dlq_retry_interval: float = 2.0
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)  # where approval notifications go
+    auth: AuthSettings = field(default_factory=AuthSettings)  # login required for leads/approvals, token TTL
     # Spans go here; default: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, else nowhere (sandbox/telemetry.py).
     exporter: SpanExporter | None = field(default=None, repr=False)
 
@@ -57,6 +60,7 @@ class Sandbox:
             redis_url=self.redis_url,
         )
         self.ctx.extra["approvals"] = self.approvals
+        self.ctx.extra["auth"] = self.auth
         self.dlq: DlqWorker | None = None
         self.tracer_provider = telemetry.make_provider(self.exporter)
         self._servers: list[uvicorn.Server] = []
@@ -71,6 +75,14 @@ class Sandbox:
     @property
     def posthog_url(self) -> str:
         return f"http://{self.host}:{self.posthog_port}"
+
+    def synthetic_records(self) -> dict[str, int]:
+        """Synthetic leads and pending approvals the funnel holds (what cleanup must remove)."""
+        return synthetic_records(self.ctx)
+
+    @property
+    def auth_stats(self) -> AuthStats:
+        return auth_stats(self.ctx)
 
     def start(self) -> Sandbox:
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
