@@ -4,10 +4,10 @@ It runs aiosmtpd's protocol on the engine's own loop (``loop.create_server``), n
 threaded ``Controller``: one loop, one clock, and a sighting is stamped the moment ``DATA``
 completes.
 
-Why parse, not grep: mailers hide the needle. The trace id may sit in an RFC 2047 encoded
-subject, in a quoted-printable part where a soft line break splits it, or in a base64 HTML
-part. Every leaf part is decoded with the stdlib ``email`` package (``policy.default``) before
-matching, and HTML entities are unescaped.
+Why parse, not grep: mailers hide the needle (RFC 2047 subjects, quoted-printable soft line
+breaks, base64 HTML parts). ``tracer.mime`` decodes every part, the same way for the IMAP
+mailbox collector; parsing runs in a worker thread so a large mail never stalls the loop (and
+the sighting is stamped before parsing, when ``DATA`` completed).
 
 Honesty rules are the webhook receiver's: not retroactive (a mail bounced or queued elsewhere
 while we were down may never arrive), a heartbeat certifies coverage while the server listens,
@@ -17,18 +17,13 @@ while we were down may never arrive), a heartbeat certifies coverage while the s
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import getaddresses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import Field, model_validator
 
-from tracer import clock
+from tracer import clock, mime
 from tracer.net import is_loopback
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -37,7 +32,7 @@ from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
 
-Where = Literal["subject", "headers", "body"]
+Where = mime.Where
 
 
 class SmtpConfig(Model):
@@ -76,7 +71,7 @@ class _Handler:
         self._collector = collector
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return self._collector.deliver(envelope.original_content or b"", envelope, clock.now())
+        return await self._collector.deliver(envelope.original_content or b"", envelope, clock.now())
 
 
 class SmtpCollector:
@@ -150,7 +145,7 @@ class SmtpCollector:
                 self.coverage.failed(clock.now())
             await asyncio.sleep(self.config.heartbeat)
 
-    def deliver(self, raw: bytes, envelope: Envelope, received: float) -> str:
+    async def deliver(self, raw: bytes, envelope: Envelope, received: float) -> str:
         """Match one mail against the watches in flight; the SMTP reply to give the sender.
 
         Mail is always accepted (250) once it fits the size limit: a mailer that got a 5xx from
@@ -160,14 +155,13 @@ class SmtpCollector:
         if not len(self._index):
             return "250 OK"
         try:
-            msg = BytesParser(policy=policy.default).parsebytes(raw)
-            sections = {"subject": _subject(msg), "headers": _headers(msg), "body": _body(msg)}
-            rcpts = _recipients(msg, envelope)
+            mail = await asyncio.to_thread(mime.read, raw)
         except Exception as exc:  # the parser is lenient; anything left is a mail we cannot read
             self.counters["unparsable"] += 1
             log.warning("could not parse a received mail: %s", type(exc).__name__)
             return "250 OK"
-        for where, text in sections.items():
+        rcpts = set(mail.recipients) | {addr.lower() for addr in envelope.rcpt_tos}
+        for where, text in mail.sections.items():
             for tid in set(TRACE_ID.findall(text.lower())):
                 for w in list(self._index.get(tid)):
                     hop: SmtpHop = w.sink_spec
@@ -176,50 +170,12 @@ class SmtpCollector:
                     detail = {
                         "where": where,
                         "rcpt": sorted(rcpts),
-                        "message_id": str(msg.get("message-id", "")),
+                        "message_id": mail.message_id,
                     }
                     w.observe(Observation(at=received, not_before=received, source="push", detail=detail))
                     self._index.discard(w)
                     self.counters["matched"] += 1
         return "250 OK"
-
-
-def _subject(msg: EmailMessage) -> str:
-    return str(msg.get("subject", ""))  # policy.default decodes RFC 2047 encoded words
-
-
-def _headers(msg: EmailMessage) -> str:
-    lines = []
-    for name, value in msg.items():
-        if name.lower() != "subject":
-            lines.append(f"{name}: {value}")
-    return "\n".join(lines)
-
-
-def _body(msg: EmailMessage) -> str:
-    """Text of every leaf part, transfer-decoded (base64, quoted-printable) and charset-decoded."""
-    texts = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        try:
-            text = part.get_content() if part.get_content_maintype() == "text" else None
-        except (LookupError, ValueError, UnicodeError):  # unknown charset or a broken encoding
-            text = None
-        if not isinstance(text, str):
-            payload = part.get_payload(decode=True)
-            text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        if part.get_content_subtype() == "html":
-            text = html.unescape(text)
-        texts.append(text)
-    return "\n".join(texts)
-
-
-def _recipients(msg: EmailMessage, envelope: Envelope) -> set[str]:
-    found = {addr.lower() for addr in envelope.rcpt_tos}
-    headers = [str(v) for v in msg.get_all("to", []) + msg.get_all("cc", [])]
-    found.update(addr.lower() for _, addr in getaddresses(headers) if addr)
-    return found
 
 
 plugin = SinkPlugin(
