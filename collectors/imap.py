@@ -11,7 +11,7 @@ results to the loop with ``call_soon_threadsafe``; watches and ``Coverage`` are 
 the loop. Python 3.11's imaplib has no ``idle()`` (3.14 adds one), so IDLE (RFC 2177) is the
 few lines in ``_idle``.
 
-How a look works (the same in both modes): ``UID FETCH <last+1>:* (UID INTERNALDATE
+How a look works (the same in both modes): NOOP (the portable sync point), ``UID FETCH <last+1>:* (UID INTERNALDATE
 RFC822.SIZE)`` lists what is new since the last look, then, only if probes are in flight,
 ``BODY.PEEK[]`` (never sets ``\\Seen``) fetches the new mails, parsed in the worker thread.
 IDLE is only the wake-up: the fetch is the truth, so a missed push costs time, not a sighting.
@@ -41,6 +41,7 @@ import imaplib
 import logging
 import queue
 import re
+import select
 import socket
 import ssl
 import threading
@@ -117,6 +118,57 @@ class Found:
     mail: mime.MailText | None  # None: too large, or not downloaded (nothing in flight)
 
 
+class _Reader:
+    """imaplib's ``file``, replaced: buffered reads that can also *wait* for a line with a
+    timeout (``wait_line``). A timed-out read on the socket's own ``makefile`` poisons it for
+    good ("cannot read from timed out object"), and ``select`` alone misses what TLS or a
+    buffer already holds, so IDLE needs a reader that knows what it has."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self, wait: float | None) -> None:
+        if self.eof:
+            return
+        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+        if wait is not None and not pending and not select.select([self.sock], [], [], wait)[0]:
+            return
+        try:
+            chunk = self.sock.recv(65536)  # blocks at most the socket's command timeout
+        except ssl.SSLWantReadError:  # half a TLS record so far
+            return
+        if not chunk:
+            self.eof = True
+        self.buf += chunk
+
+    def wait_line(self, wait: float) -> bool:
+        if b"\n" not in self.buf and not self.eof:
+            self._fill(wait)
+        return b"\n" in self.buf or self.eof
+
+    def readline(self, limit: int = -1) -> bytes:
+        while b"\n" not in self.buf and not self.eof and (limit < 0 or len(self.buf) < limit):
+            self._fill(None)
+        end = self.buf.find(b"\n") + 1 or len(self.buf)
+        if limit >= 0:
+            end = min(end, limit)
+        line = bytes(self.buf[:end])
+        del self.buf[:end]
+        return line
+
+    def read(self, size: int) -> bytes:
+        while len(self.buf) < size and not self.eof:
+            self._fill(None)
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    def close(self) -> None:
+        self.buf.clear()
+
+
 class ImapError(Exception):
     """The session broke (server said BAD/NO/BYE, or the socket failed): reconnect, blind."""
 
@@ -148,6 +200,7 @@ class ImapCollector:
         self._last_uid: int | None = None  # highest UID looked at (survives reconnects)
         self._uidvalidity: int | None = None
         self._caps: set[str] = set()
+        self._reader: _Reader | None = None
         self.mode = "idle" if config.idle else "poll"
         self.last_error: str | None = None
         self.last_look_rtt = 0.0
@@ -247,6 +300,7 @@ class ImapCollector:
             conn = imaplib.IMAP4(cfg.host, cfg.effective_port, timeout=cfg.timeout)
             if cfg.tls == "starttls":
                 conn.starttls(ssl_context=ctx)
+        conn.file = self._reader = _Reader(conn.sock)  # type: ignore[assignment]  # see _Reader
         if cfg.oauth2_token is not None:
             token = cfg.oauth2_token.get_secret_value()
             blob = f"user={cfg.username}\x01auth=Bearer {token}\x01\x01".encode()
@@ -295,6 +349,11 @@ class ImapCollector:
         """One look for new mail. Returns when it was sent (everything before is covered)."""
         conn.untagged_responses.clear()  # imaplib keeps EXISTS/RECENT lines forever otherwise
         sent = clock.now()
+        # NOOP first: a server only shows new mail at a sync point (Dovecot does not rescan
+        # the maildir for a FETCH), and NOOP is the portable one.
+        typ, _ = conn.noop()
+        if typ != "OK":
+            raise ImapError(f"NOOP answered {typ}")
         typ, data = conn.uid("FETCH", f"{(self._last_uid or 0) + 1}:*", "(UID INTERNALDATE RFC822.SIZE)")
         answered = clock.now()
         self.last_look_rtt = answered - sent
@@ -314,32 +373,37 @@ class ImapCollector:
             else:
                 at, lo = answered, not_before
             want = len(self._index) > 0  # read after the answer: a watch added before is seen
-            for uid, idate, size in sorted(metas):
-                mail = None
-                if want and size <= self.config.max_bytes:
-                    mail = self._read(conn, uid)
-                elif size > self.config.max_bytes:
-                    self.counters["too_large"] += 1
-                found.append(Found(uid, at, min(lo, at), idate, mail))
+            small = [uid for uid, _, size in metas if size <= self.config.max_bytes]
+            self.counters["too_large"] += len(metas) - len(small)
+            mails = self._read(conn, small) if want and small else {}
+            for uid, idate, _ in sorted(metas):
+                found.append(Found(uid, at, min(lo, at), idate, mails.get(uid)))
                 self._last_uid = max(self._last_uid or 0, uid)
             self.counters["mails"] += len(metas)
             self._call(self._on_found, found)
         self._call(self.coverage.looked, sent)
         return sent
 
-    def _read(self, conn: imaplib.IMAP4, uid: int) -> mime.MailText | None:
-        typ, data = conn.uid("FETCH", str(uid), "(BODY.PEEK[])")
-        if typ != "OK":
-            raise ImapError(f"UID FETCH BODY answered {typ}")
-        raw = next((item[1] for item in data if isinstance(item, tuple) and len(item) > 1), None)
-        if raw is None:
-            return None  # expunged between the two fetches
-        try:
-            return mime.read(raw)  # in this worker thread: parsing never holds up the loop
-        except Exception as exc:  # lenient parser; anything left is a mail we cannot read
-            self.counters["unparsable"] += 1
-            log.warning("imap: could not parse mail uid %d: %s", uid, type(exc).__name__)
-            return None
+    def _read(self, conn: imaplib.IMAP4, uids: list[int]) -> dict[int, mime.MailText]:
+        """Download and parse mails, 50 a command (a flood costs a few round trips, not one each)."""
+        out: dict[int, mime.MailText] = {}
+        for i in range(0, len(uids), 50):
+            batch = ",".join(str(u) for u in uids[i : i + 50])
+            typ, data = conn.uid("FETCH", batch, "(UID BODY.PEEK[])")
+            if typ != "OK":
+                raise ImapError(f"UID FETCH BODY answered {typ}")
+            for item in data:
+                if not (isinstance(item, tuple) and len(item) > 1):
+                    continue  # the closing ")" of each item, or a mail expunged meanwhile
+                m = re.search(rb"UID (\d+)", item[0])
+                if m is None:
+                    continue
+                try:
+                    out[int(m.group(1))] = mime.read(item[1])  # in this thread: never on the loop
+                except Exception as exc:  # lenient parser; anything left is a mail we cannot read
+                    self.counters["unparsable"] += 1
+                    log.warning("imap: could not parse a mail: %s", type(exc).__name__)
+        return out
 
     def _idle(self, conn: imaplib.IMAP4, prev: float) -> tuple[tuple[float, float] | None, float]:
         """IDLE until a mail is announced, cleanup is due, or ``idle_refresh`` passed.
@@ -356,26 +420,21 @@ class ImapCollector:
         began = clock.now()
         push_at: float | None = None
         end = time.monotonic() + cfg.idle_refresh
-        sock = conn.sock
-        sock.settimeout(cfg.heartbeat)
-        try:
-            while push_at is None and time.monotonic() < end and not self._stop.is_set() and self._cleanup.empty():
-                try:
-                    line = conn.readline()
-                except (socket.timeout, ssl.SSLWantReadError):
-                    continue  # a line either comes whole or the next parse fails (reconnect)
-                if not line:
-                    raise ImapError("server closed the connection while idling")
-                now = clock.now()
-                if _EXISTS.match(line):
-                    push_at = now
-                    self.counters["pushes"] += 1
-                elif line.startswith(b"* BYE"):
-                    raise ImapError("server said BYE while idling")
-                else:  # "* OK Still here", flag updates...: the link is alive up to now
-                    self._call(self.coverage.looked, now)
-        finally:
-            sock.settimeout(cfg.timeout)
+        while push_at is None and time.monotonic() < end and not self._stop.is_set() and self._cleanup.empty():
+            assert self._reader is not None
+            if not self._reader.wait_line(cfg.heartbeat):
+                continue
+            line = conn.readline()
+            now = clock.now()
+            if not line:  # EOF: imaplib's readline does not raise for it
+                raise ImapError("server closed the connection while idling")
+            if _EXISTS.match(line):
+                push_at = now
+                self.counters["pushes"] += 1
+            elif line.startswith(b"* BYE"):
+                raise ImapError("server said BYE while idling")
+            else:  # "* OK Still here", flag updates...: the link is alive up to now
+                self._call(self.coverage.looked, now)
         done_sent = clock.now()
         conn.send(b"DONE\r\n")
         while True:

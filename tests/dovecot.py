@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -181,6 +182,13 @@ service stats {{
     user = {user}
   }}
 }}
+namespace inbox {{
+  inbox = yes
+  mailbox Trash {{
+    auto = create
+    special_use = \\Trash
+  }}
+}}
 protocol imap {{
   mail_max_userip_connections = 100
 }}
@@ -236,3 +244,14 @@ protocol imap {{
         proc = subprocess.run(args, input=raw, capture_output=True, timeout=20)
         if proc.returncode != 0:
             raise RuntimeError(f"dovecot-lda failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+
+    def write_maildir(self, user: str, raw: bytes) -> None:
+        """Put a mail straight into the user's maildir ``new/``, as an MTA's local delivery does:
+        for mail that lands while the IMAP server is down (dovecot-lda needs its auth service)."""
+        new = self.dir / "mail" / user / "new"
+        tmp = self.dir / "mail" / user / "tmp"
+        name = f"{int(time.time())}.M{os.urandom(4).hex()}P{os.getpid()}.test"
+        (tmp / name).write_bytes(raw)
+        st = self.dir.stat()
+        os.chown(tmp / name, st.st_uid, st.st_gid)
+        os.rename(tmp / name, new / name)
