@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tracer.sandbox.approvals import approval_routes
+from tracer.sandbox.crm import CrmState, capture_lead, crm_routes
 from tracer.sandbox.payments import payment_routes
 from tracer.sandbox.telemetry import TracedPosthog, tracer
 
@@ -42,6 +43,7 @@ class FunnelContext:
     knobs: Knobs = field(default_factory=Knobs)
     redis_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-module state (DLQ worker, approvals, ...)
+    crm: CrmState = field(default_factory=CrmState)  # leads become contacts (sandbox/crm.py)
     _client: Posthog | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -104,6 +106,7 @@ def lead_routes(ctx: FunnelContext) -> list[Route]:
             props["traceparent"] = request.headers["traceparent"]
         if random.random() >= ctx.knobs.drop_rate:
             ctx.emit_later(ctx.knobs.lead_delay, "lead_captured", lead["email"], props)
+        capture_lead(ctx.crm, ctx._tasks, lead, props)  # the CRM sync has its own delay knob
         return JSONResponse({"id": lead_id, "status": "captured"}, status_code=201)
 
     return [Route("/api/v1/leads", create_lead, methods=["POST"])]
@@ -114,7 +117,13 @@ async def health(_: Request) -> JSONResponse:
 
 
 def create_app(ctx: FunnelContext) -> Starlette:
-    routes = [Route("/api/v1/health", health), *lead_routes(ctx), *payment_routes(ctx), *approval_routes(ctx)]
+    routes = [
+        Route("/api/v1/health", health),
+        *lead_routes(ctx),
+        *payment_routes(ctx),
+        *approval_routes(ctx),
+        *crm_routes(ctx.crm),
+    ]
     app = Starlette(routes=routes)
     app.state.ctx = ctx
     return app
