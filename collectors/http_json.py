@@ -62,7 +62,9 @@ class RequestTemplate(Model):
     method: Literal["GET", "POST", "PUT"] = "GET"
     url: str = Field(min_length=1, description="may hold {trace_ids}, {since_iso}, {since_ms}, {since_s}")
     query: dict[str, str] = Field(default_factory=dict, description="query parameters (placeholders allowed)")
-    json_body: Any = Field(None, alias="json", description='JSON body; the string "{trace_ids}" becomes a list')
+    json_body: Any = Field(
+        None, alias="json", description='JSON body; the string "{trace_ids}" becomes a list'
+    )
 
     @field_validator("url")
     @classmethod
@@ -119,7 +121,12 @@ def poll_interval(cfg: HttpJsonConfig, requests_per_cycle: int = 1) -> float:
 def render(template: Any, ids: list[str], since: float) -> Any:
     """Fill the placeholders in a request template (strings, lists and dicts, recursively)."""
     iso = clock.iso(since)
-    subs = {IDS: ",".join(ids), "{since_iso}": iso, "{since_ms}": str(int(since * 1000)), "{since_s}": str(int(since))}
+    subs = {
+        IDS: ",".join(ids),
+        "{since_iso}": iso,
+        "{since_ms}": str(int(since * 1000)),
+        "{since_s}": str(int(since)),
+    }
     if isinstance(template, str):
         if template == IDS:
             return list(ids)
@@ -272,7 +279,9 @@ class HttpJsonCollector:
         received = clock.now()
         if not 200 <= resp.status_code < 300:
             retry = resp.headers.get("Retry-After") if resp.status_code in (429, 503) else None
-            return sent, self._fail(sent, f"HTTP {resp.status_code}", retry or ("1" if resp.status_code == 429 else None))
+            return sent, self._fail(
+                sent, f"HTTP {resp.status_code}", retry or ("1" if resp.status_code == 429 else None)
+            )
         try:
             items = self._items.search(resp.json())
         except ValueError:
@@ -287,7 +296,11 @@ class HttpJsonCollector:
         for item in items:
             if self._path is not None:
                 value = self._path.search(item)
-                texts = [value] if isinstance(value, str) else [s for s in strings_in(value) if isinstance(s, str)]
+                texts = (
+                    [value]
+                    if isinstance(value, str)
+                    else [s for s in strings_in(value) if isinstance(s, str)]
+                )
             else:
                 texts = list(strings_in(item))
             for text in texts:
@@ -303,7 +316,13 @@ class HttpJsonCollector:
         if isinstance(item, dict) and item.get("id") is not None:
             detail["id"] = str(item["id"])[:100]
         w.observe(
-            Observation(at=received, not_before=min(not_before, received), source="poll", sink_time=sink_time, detail=detail)
+            Observation(
+                at=received,
+                not_before=min(not_before, received),
+                source="poll",
+                sink_time=sink_time,
+                detail=detail,
+            )
         )
         self._index.discard(w)
 

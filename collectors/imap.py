@@ -90,7 +90,9 @@ class ImapConfig(Model):
         if (self.password is None) == (self.oauth2_token is None):
             raise ValueError("give exactly one of password (LOGIN) and oauth2_token (XOAUTH2)")
         if self.tls == "none" and not is_loopback(self.host):
-            raise ValueError(f"tls: none sends the password in clear; only allowed for loopback, not {self.host}")
+            raise ValueError(
+                f"tls: none sends the password in clear; only allowed for loopback, not {self.host}"
+            )
         return self
 
     @property
@@ -258,12 +260,25 @@ class ImapCollector:
                 for tid in set(TRACE_ID.findall(text.lower())):
                     for w in list(self._index.get(tid)):
                         hop: ImapHop = w.sink_spec
-                        if where not in hop.where or (hop.to is not None and hop.to.lower() not in f.mail.recipients):
+                        if where not in hop.where or (
+                            hop.to is not None and hop.to.lower() not in f.mail.recipients
+                        ):
                             continue
-                        detail = {"where": where, "uid": f.uid, "folder": self.config.folder,
-                                  "message_id": f.mail.message_id}
-                        w.observe(Observation(at=f.at, not_before=f.not_before, source=self.mode,
-                                              sink_time=f.internaldate, detail=detail))
+                        detail = {
+                            "where": where,
+                            "uid": f.uid,
+                            "folder": self.config.folder,
+                            "message_id": f.mail.message_id,
+                        }
+                        w.observe(
+                            Observation(
+                                at=f.at,
+                                not_before=f.not_before,
+                                source=self.mode,
+                                sink_time=f.internaldate,
+                                detail=detail,
+                            )
+                        )
                         self._index.discard(w)
                         self.counters["matched"] += 1
                         if self.config.cleanup:
@@ -295,7 +310,9 @@ class ImapCollector:
         cfg = self.config
         ctx = ssl.create_default_context(cafile=cfg.ca_file) if cfg.tls != "none" else None
         if cfg.tls == "imaps":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(cfg.host, cfg.effective_port, ssl_context=ctx, timeout=cfg.timeout)
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
+                cfg.host, cfg.effective_port, ssl_context=ctx, timeout=cfg.timeout
+            )
         else:
             conn = imaplib.IMAP4(cfg.host, cfg.effective_port, timeout=cfg.timeout)
             if cfg.tls == "starttls":
@@ -309,7 +326,11 @@ class ImapCollector:
             assert cfg.password is not None
             conn.login(cfg.username, cfg.password.get_secret_value())
         typ, caps = conn.capability()  # after auth: servers add IDLE, MOVE... once logged in
-        self._caps = set(caps[0].decode().upper().split()) if typ == "OK" and caps and caps[0] else set(conn.capabilities)
+        self._caps = (
+            set(caps[0].decode().upper().split())
+            if typ == "OK" and caps and caps[0]
+            else set(conn.capabilities)
+        )
         typ, _ = conn.select(_quote(cfg.folder), readonly=cfg.cleanup is None)
         if typ != "OK":
             raise ImapError(f"cannot open folder {cfg.folder!r}")
@@ -420,7 +441,9 @@ class ImapCollector:
         began = clock.now()
         push_at: float | None = None
         end = time.monotonic() + cfg.idle_refresh
-        while push_at is None and time.monotonic() < end and not self._stop.is_set() and self._cleanup.empty():
+        while (
+            push_at is None and time.monotonic() < end and not self._stop.is_set() and self._cleanup.empty()
+        ):
             assert self._reader is not None
             if not self._reader.wait_line(cfg.heartbeat):
                 continue

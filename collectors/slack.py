@@ -44,7 +44,9 @@ Part = Literal["text", "blocks", "attachments"]
 
 
 class SlackConfig(Model):
-    token: Secret = Field(description="bot token (xoxb-...) with channels:history (groups:history if private)")
+    token: Secret = Field(
+        description="bot token (xoxb-...) with channels:history (groups:history if private)"
+    )
     channels: list[str] = Field(min_length=1, description="channel IDs to read (C0123...), bot is a member")
     api_url: str = Field("https://slack.com/api", description="Web API base URL")
     requests_per_minute: float = Field(50, gt=0, description="conversations.history budget (Tier 3: ~50/min)")

@@ -21,8 +21,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -30,7 +30,9 @@ from urllib.parse import parse_qs
 from tracer.sandbox.redis_process import free_port, wait_port
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
-LDA = next((p for p in ("/usr/lib/dovecot/dovecot-lda", "/usr/lib/dovecot/deliver") if os.path.exists(p)), None)
+LDA = next(
+    (p for p in ("/usr/lib/dovecot/dovecot-lda", "/usr/lib/dovecot/deliver") if os.path.exists(p)), None
+)
 HOW_TO_GET = "Dovecot is not installed: apt-get install dovecot-imapd (CI's .ci/run does)"
 
 

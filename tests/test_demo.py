@@ -34,6 +34,7 @@ def test_demo_runs_every_slo_step_and_passes() -> None:
         ("dlq", "posthog_after_retry"),
         ("approval", "slack"),
         ("approval", "email"),
+        ("approval", "slack_channel"),
     }
     for key, hop in hops.items():
         assert hop["verdicts"]["ok"] == 2, (key, hop)

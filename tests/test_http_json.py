@@ -42,7 +42,13 @@ def search_config(sb: Sandbox, **over: Any) -> HttpJsonConfig:
             "method": "POST",
             "url": f"{sb.url}/crm/v3/objects/contacts/search",
             "json": {
-                "filterGroups": [{"filters": [{"propertyName": "canary_trace_id", "operator": "IN", "values": "{trace_ids}"}]}],
+                "filterGroups": [
+                    {
+                        "filters": [
+                            {"propertyName": "canary_trace_id", "operator": "IN", "values": "{trace_ids}"}
+                        ]
+                    }
+                ],
                 "properties": ["email", "canary_trace_id"],
                 "limit": 100,
             },
@@ -61,7 +67,9 @@ def search_config(sb: Sandbox, **over: Any) -> HttpJsonConfig:
 
 
 def watch(target: float = 5) -> Watch:
-    return Watch(probe=Probe(step="lead"), hop=HopSpec(name="crm", target=target, http_json={}), since=clock.now())
+    return Watch(
+        probe=Probe(step="lead"), hop=HopSpec(name="crm", target=target, http_json={}), since=clock.now()
+    )
 
 
 def run(main: Callable[[HttpJsonCollector], Awaitable[None]], cfg: HttpJsonConfig) -> HttpJsonCollector:
@@ -82,7 +90,11 @@ async def lead(sb: Sandbox, trace_id: str) -> None:
     async with httpx.AsyncClient() as http:
         resp = await http.post(
             f"{sb.url}/api/v1/leads",
-            json={"email": f"canary+{trace_id}@example.com", "name": "Canary", "metadata": {"canary_trace_id": trace_id}},
+            json={
+                "email": f"canary+{trace_id}@example.com",
+                "name": "Canary",
+                "metadata": {"canary_trace_id": trace_id},
+            },
         )
     assert resp.status_code == 201
 
@@ -110,7 +122,11 @@ def test_lead_to_crm_lag_within_delay_plus_error_bar_one_request_per_cycle(sb: S
             assert obs.at - created <= col.error_bar + 0.3
             assert obs.error_bar <= col.error_bar + 0.3
         # ten probes, one search a cycle: requests made == searches the CRM served
-        assert sb.ctx.crm.searches - searches0 == col.requests - requests0 <= (clock.now() - t0) / col.interval + 2
+        assert (
+            sb.ctx.crm.searches - searches0
+            == col.requests - requests0
+            <= (clock.now() - t0) / col.interval + 2
+        )
 
     run(main, search_config(sb))
 
@@ -135,7 +151,7 @@ def test_crm_outage_gives_unknown_not_lost(sb: Sandbox) -> None:
             missing = judge_present(None, start, 0.5, 1.2, col.coverage, certified=True)[0]
             # A search (retroactive) would have found it after the outage: lost is then the truth.
             # A feed that forgets (retroactive: false) cannot say: unknown.
-            assert missing == (LOST if retroactive else UNKNOWN)
+            assert missing == (LOST if col.coverage.retroactive else UNKNOWN)
 
         run(main, search_config(sb, retroactive=retroactive))
 
@@ -190,7 +206,9 @@ def test_templates_budget_and_config_errors() -> None:
     assert render({"v": "{trace_ids}", "l": ["{trace_ids}", "x"], "q": "id:{trace_ids}"}, ["a", "b"], 0) == {
         "v": ["a", "b"], "l": ["a", "b", "x"], "q": "id:a,b"
     }  # fmt: skip
-    cfg = HttpJsonConfig(request={"url": "https://api.example.com/x"}, requests_per_minute=100, budget_share=0.5)
+    cfg = HttpJsonConfig(
+        request={"url": "https://api.example.com/x"}, requests_per_minute=100, budget_share=0.5
+    )
     assert poll_interval(cfg) == pytest.approx(1.2) and poll_interval(cfg, 3) == pytest.approx(3.6)
     with pytest.raises(ValidationError, match="JMESPath"):
         HttpJsonConfig(request={"url": "https://api.example.com/x"}, items="results[")

@@ -55,7 +55,11 @@ def config(d: dovecot.Dovecot, **over: Any) -> ImapConfig:
 
 
 def watch(probe: Probe | None = None, name: str = "email", target: float = 300, **hop: Any) -> Watch:
-    return Watch(probe=probe or Probe(step="approval"), hop=HopSpec(name=name, target=target, imap=hop), since=clock.now())
+    return Watch(
+        probe=probe or Probe(step="approval"),
+        hop=HopSpec(name=name, target=target, imap=hop),
+        since=clock.now(),
+    )
 
 
 def run(main: Callable[[ImapCollector], Awaitable[None]], cfg: ImapConfig) -> ImapCollector:
@@ -79,7 +83,9 @@ def notification(trace_id: str, encoding: str = "quoted-printable") -> bytes:
     return approval_email(settings, a).as_bytes()
 
 
-async def deliver_later(d: dovecot.Dovecot, raw: bytes, delay: float, user: str = "ana") -> tuple[float, float]:
+async def deliver_later(
+    d: dovecot.Dovecot, raw: bytes, delay: float, user: str = "ana"
+) -> tuple[float, float]:
     """Deliver after ``delay`` through dovecot-lda; returns (monotonic start, end) of delivery."""
     await asyncio.sleep(delay)
     t0 = clock.now()
@@ -102,7 +108,9 @@ def test_idle_sees_the_sandbox_notification_within_delivery_plus_error_bar(serve
         assert t0 - injected >= 0.3
         assert t0 <= obs.at <= t1 + 0.5 + col.error_bar + 0.5, (t0, t1, obs)
         assert obs.not_before <= obs.at and obs.error_bar < 0.5
-        assert obs.sink_time is not None and abs(obs.sink_time - clock.wall(t1)) < 2.5  # INTERNALDATE, 1 s grain
+        assert (
+            obs.sink_time is not None and abs(obs.sink_time - clock.wall(t1)) < 2.5
+        )  # INTERNALDATE, 1 s grain
 
     run(main, config(server))
 
@@ -206,7 +214,10 @@ def test_outage_mid_run_gives_unknown_not_lost() -> None:
             assert judge_present(None, start, 1.0, deadline, col.coverage, certified=covered)[0] == UNKNOWN
             await asyncio.sleep(1.0)
             await asyncio.to_thread(d.start)
-            assert await during.wait_seen(10), (col.health(), d.log()[-1500:])  # retroactive: found after the reconnect
+            assert await during.wait_seen(10), (
+                col.health(),
+                d.log()[-1500:],
+            )  # retroactive: found after the reconnect
             obs = during.first
             assert obs is not None
             v, reason = judge_present(obs, start, 1.0, 30.0, col.coverage, certified=True)
@@ -231,7 +242,9 @@ def test_a_thousand_unrelated_mails_match_nothing(server: dovecot.Dovecot) -> No
         target = watched[0]
 
         def flood() -> None:
-            c = imaplib.IMAP4_SSL("127.0.0.1", server.imaps_port, ssl_context=ssl.create_default_context(cafile=server.cert))
+            c = imaplib.IMAP4_SSL(
+                "127.0.0.1", server.imaps_port, ssl_context=ssl.create_default_context(cafile=server.cert)
+            )
             c.login("ana", "ana-secret")
             for i in range(1000):
                 near = target.trace_id[:-1] + ("0" if target.trace_id[-1] != "0" else "1")  # one digit off

@@ -99,7 +99,11 @@ def config(sb: Sandbox, **over: Any) -> SlackConfig:
 
 
 def watch(probe: Probe | None = None, target: float = 300, **hop: Any) -> Watch:
-    return Watch(probe=probe or Probe(step="approval"), hop=HopSpec(name="slack", target=target, slack=hop), since=clock.now())
+    return Watch(
+        probe=probe or Probe(step="approval"),
+        hop=HopSpec(name="slack", target=target, slack=hop),
+        since=clock.now(),
+    )
 
 
 def run(main: Callable[[SlackCollector], Awaitable[None]], cfg: SlackConfig) -> SlackCollector:
@@ -118,7 +122,9 @@ def run(main: Callable[[SlackCollector], Awaitable[None]], cfg: SlackConfig) -> 
 
 def test_sandbox_approval_seen_in_channel_within_delay_plus_error_bar(sb: Sandbox) -> None:
     delay = 0.5
-    sb.ctx.extra["approvals"] = ApprovalSettings(slack_api_url=sb.slack_api_url, slack_api_delay=delay, emit_event=False)
+    sb.ctx.extra["approvals"] = ApprovalSettings(
+        slack_api_url=sb.slack_api_url, slack_api_delay=delay, emit_event=False
+    )
     sb.ctx.extra["approval_stats"] = ApprovalStats()
 
     async def main(col: SlackCollector) -> None:
@@ -128,7 +134,11 @@ def test_sandbox_approval_seen_in_channel_within_delay_plus_error_bar(sb: Sandbo
             t0 = clock.now()
             resp = await http.post(
                 f"{sb.url}/api/v1/approvals",
-                json={"resource": "prod-db", "requester": "ana@example.com", "metadata": {"canary_trace_id": w.trace_id}},
+                json={
+                    "resource": "prod-db",
+                    "requester": "ana@example.com",
+                    "metadata": {"canary_trace_id": w.trace_id},
+                },
             )
         assert resp.status_code == 201
         assert await w.wait_seen(5)
@@ -171,14 +181,27 @@ def test_api_outage_and_429_give_unknown_not_lost_and_obey_retry_after(sb: Sandb
 
 def test_text_blocks_attachments_and_channel_filters(sb: Sandbox) -> None:
     async def main(col: SlackCollector) -> None:
-        in_text, in_att, wrong_chan, text_only = watch(where=["text"]), watch(where=["attachments"]), watch(channel="C0GENERAL"), watch(where=["text"])
+        in_text, in_att, wrong_chan, text_only = (
+            watch(where=["text"]),
+            watch(where=["attachments"]),
+            watch(channel="C0GENERAL"),
+            watch(where=["text"]),
+        )
         for w in (in_text, in_att, wrong_chan, text_only):
             col.watch(w)
         s = sb.slack
         s.post(CHANNEL, f"approval {in_text.trace_id}")
-        s.post(CHANNEL, "see attachment", attachments=[{"fallback": "x", "fields": [{"title": "trace", "value": in_att.trace_id}]}])
+        s.post(
+            CHANNEL,
+            "see attachment",
+            attachments=[{"fallback": "x", "fields": [{"title": "trace", "value": in_att.trace_id}]}],
+        )
         s.post(CHANNEL, f"wrong channel {wrong_chan.trace_id}")
-        s.post(CHANNEL, "blocks only", blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": text_only.trace_id}]}])
+        s.post(
+            CHANNEL,
+            "blocks only",
+            blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": text_only.trace_id}]}],
+        )
         assert await in_text.wait_seen(3) and await in_att.wait_seen(3)
         await asyncio.sleep(0.5)
         assert not wrong_chan.observations and not text_only.observations
@@ -198,7 +221,11 @@ def test_a_thousand_unrelated_messages_match_nothing(sb: Sandbox) -> None:
         for i in range(1000):
             if i == 500:  # in the middle: only following next_cursor reaches it
                 sb.slack.post(CHANNEL, f"the one {target.trace_id}")
-            sb.slack.post(CHANNEL, f"unrelated {i} {new_trace_id()} {near}", blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": near.upper()}}])
+            sb.slack.post(
+                CHANNEL,
+                f"unrelated {i} {new_trace_id()} {near}",
+                blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": near.upper()}}],
+            )
         assert await target.wait_seen(10)
         end = time.monotonic() + 10
         while (col.calls < 6 or col._channels[CHANNEL].cursor) and time.monotonic() < end:
@@ -210,9 +237,13 @@ def test_a_thousand_unrelated_messages_match_nothing(sb: Sandbox) -> None:
 
 
 def test_budget_sets_the_interval_and_one_call_per_channel_per_cycle(sb: Sandbox) -> None:
-    cfg = config(sb, channels=[CHANNEL, "C0GENERAL"], requests_per_minute=50, budget_share=0.5, min_interval="1s")
+    cfg = config(
+        sb, channels=[CHANNEL, "C0GENERAL"], requests_per_minute=50, budget_share=0.5, min_interval="1s"
+    )
     assert poll_interval(cfg) == pytest.approx(2 * 60 / 25)  # 4.8 s: Tier 3 at half share, 2 channels
-    fast = config(sb, channels=[CHANNEL, "C0GENERAL"], requests_per_minute=120, budget_share=1.0, min_interval="100ms")
+    fast = config(
+        sb, channels=[CHANNEL, "C0GENERAL"], requests_per_minute=120, budget_share=1.0, min_interval="100ms"
+    )
 
     async def main(col: SlackCollector) -> None:
         col.watch(watch())

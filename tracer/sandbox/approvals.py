@@ -248,7 +248,9 @@ async def _send_slack_api(settings: ApprovalSettings, a: dict[str, Any]) -> None
     body = {"channel": settings.slack_channel, "text": _summary(a), "blocks": _slack_blocks(a)}
     headers = {"Authorization": f"Bearer {settings.slack_token}"}
     async with httpx.AsyncClient(timeout=5.0) as client:
-        resp = await client.post(f"{settings.slack_api_url.rstrip('/')}/chat.postMessage", json=body, headers=headers)
+        resp = await client.post(
+            f"{settings.slack_api_url.rstrip('/')}/chat.postMessage", json=body, headers=headers
+        )
         resp.raise_for_status()
         if not resp.json().get("ok"):
             raise SlackApiError(str(resp.json().get("error")))

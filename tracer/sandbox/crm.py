@@ -32,12 +32,20 @@ class CrmState:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         props = {k: None if v is None else str(v) for k, v in properties.items()}
         props.update(createdate=now, lastmodifieddate=now, hs_object_id=str(len(self.contacts) + 1))
-        contact = {"id": props["hs_object_id"], "properties": props, "createdAt": now, "updatedAt": now, "archived": False}
+        contact = {
+            "id": props["hs_object_id"],
+            "properties": props,
+            "createdAt": now,
+            "updatedAt": now,
+            "archived": False,
+        }
         self.contacts.append(contact)
         return contact
 
 
-def capture_lead(crm: CrmState, tasks: set[asyncio.Task[None]], lead: dict[str, Any], props: dict[str, Any]) -> None:
+def capture_lead(
+    crm: CrmState, tasks: set[asyncio.Task[None]], lead: dict[str, Any], props: dict[str, Any]
+) -> None:
     """The funnel's CRM sync: the lead becomes a contact after ``crm.delay``."""
     name = str(lead.get("name") or "")
     properties = {
@@ -78,7 +86,11 @@ def crm_routes(crm: CrmState) -> list[Route]:
             return JSONResponse({"status": "error", "message": "internal error"}, status_code=crm.fault)
         if crm.retry_after is not None:
             return JSONResponse(
-                {"status": "error", "message": "You have reached your secondly limit.", "category": "RATE_LIMITS"},
+                {
+                    "status": "error",
+                    "message": "You have reached your secondly limit.",
+                    "category": "RATE_LIMITS",
+                },
                 status_code=429,
                 headers={"Retry-After": f"{crm.retry_after:g}"},
             )

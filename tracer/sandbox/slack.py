@@ -35,7 +35,9 @@ class SlackState:
     bot_token: str = "xoxb-sandbox-0000-token"
     team: str = "funnel-sandbox"
     bot_user: str = "U0FUNNELBOT"
-    channels: dict[str, str] = field(default_factory=lambda: {"C0APPROVALS": "approvals", "C0GENERAL": "general"})
+    channels: dict[str, str] = field(
+        default_factory=lambda: {"C0APPROVALS": "approvals", "C0GENERAL": "general"}
+    )
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # channel -> oldest first
     history_per_minute: int | None = None  # None: no limit (Slack's Tier 3 is ~50)
     retry_after: float | None = None  # every call gets 429 with this Retry-After while set
