@@ -39,7 +39,9 @@ class BareIdle:
 
     def __init__(self, d: Dovecot) -> None:
         self.seen: list[float] = []
-        self.conn = imaplib.IMAP4_SSL("127.0.0.1", d.imaps_port, ssl_context=ssl.create_default_context(cafile=d.cert))
+        self.conn = imaplib.IMAP4_SSL(
+            "127.0.0.1", d.imaps_port, ssl_context=ssl.create_default_context(cafile=d.cert)
+        )
         self.conn.login("ana", "ana-secret")
         self.conn.select("INBOX", readonly=True)
         self.conn.send(b"B1 IDLE\r\n")
@@ -61,9 +63,7 @@ class BareIdle:
 def row(name: str, delays: list[float], n: int) -> str:
     ms = sorted(d * 1000 for d in delays)
     p95 = ms[min(len(ms) - 1, int(0.95 * len(ms)))] if ms else float("nan")
-    return (
-        f"| {name} | {statistics.median(ms):.1f} ms | {p95:.1f} ms | {ms[0]:.1f} ms | {ms[-1]:.1f} ms | {len(ms)}/{n} |"
-    )
+    return f"| {name} | {statistics.median(ms):.1f} ms | {p95:.1f} ms | {ms[0]:.1f} ms | {ms[-1]:.1f} ms | {len(ms)}/{n} |"
 
 
 async def main() -> None:
@@ -74,13 +74,23 @@ async def main() -> None:
         sys.exit("needs Dovecot: apt-get install dovecot-imapd")
     d = Dovecot().start()
     try:
-        base = {"host": "127.0.0.1", "port": d.imaps_port, "ca_file": d.cert, "username": "ana", "password": "ana-secret"}
+        base = {
+            "host": "127.0.0.1",
+            "port": d.imaps_port,
+            "ca_file": d.cert,
+            "username": "ana",
+            "password": "ana-secret",
+        }
         idle = ImapCollector(ImapConfig(**base, idle=True, idle_refresh="10s"))
         poll = ImapCollector(ImapConfig(**base, idle=False, poll_interval="1s"))
         await idle.start()
         await poll.start()
         bare = BareIdle(d)
-        delays: dict[str, list[float]] = {"collector IDLE": [], "bare imaplib IDLE": [], "collector poll 1 s": []}
+        delays: dict[str, list[float]] = {
+            "collector IDLE": [],
+            "bare imaplib IDLE": [],
+            "collector poll 1 s": [],
+        }
         errs: list[float] = []
         for _ in range(args.mails):
             probe = Probe(step="approval")

@@ -257,3 +257,33 @@ protocol imap {{
         st = self.dir.stat()
         os.chown(tmp / name, st.st_uid, st.st_gid)
         os.rename(tmp / name, new / name)
+
+
+class SmtpRelay:
+    """An MTA in front of the Dovecot: accepts SMTP (aiosmtpd, own thread) and hands every mail
+    to ``dovecot-lda`` for each recipient's local part, so the sandbox funnel's approval mail
+    reaches the real mailbox the way it would in production."""
+
+    def __init__(self, d: Dovecot) -> None:
+        from aiosmtpd.controller import Controller
+
+        dove = d
+
+        class Handler:
+            async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+                import asyncio
+
+                raw = envelope.original_content or b""  # type: ignore[attr-defined]
+                for rcpt in envelope.rcpt_tos:  # type: ignore[attr-defined]
+                    user = rcpt.split("@")[0]
+                    if user not in dove.USERS:
+                        return "550 no such user"
+                    await asyncio.to_thread(dove.deliver, user, raw)
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
