@@ -203,6 +203,7 @@ class ImapCollector:
         self._uidvalidity: int | None = None
         self._caps: set[str] = set()
         self._reader: _Reader | None = None
+        self._rescan_floor: float | None = None  # epoch: after a UIDVALIDITY change, skip older mail
         self.mode = "idle" if config.idle else "poll"
         self.last_error: str | None = None
         self.last_look_rtt = 0.0
@@ -337,11 +338,18 @@ class ImapCollector:
         # imaplib files "* OK [UIDVALIDITY n]" under its response code.
         validity = _first_int(conn.untagged_responses.get("UIDVALIDITY", []))
         uidnext = _first_int(conn.untagged_responses.get("UIDNEXT", []))
-        if self._last_uid is None or validity != self._uidvalidity:
-            # First session (or the folder was rebuilt): start from what is there now; probes
-            # are registered before injection, so nothing older can be one of them.
+        if self._last_uid is None:
+            # First session: start from what is there now; probes are registered before
+            # injection, so nothing older can be one of them.
             self._last_uid = (uidnext or 1) - 1
-            self._uidvalidity = validity
+        elif validity != self._uidvalidity:
+            # The folder was rebuilt (new UIDs): read it all again, but download only mail the
+            # server stored after our last certified look (older mail was already seen).
+            log.warning("imap: UIDVALIDITY of %s changed; re-reading the folder", cfg.folder)
+            self._last_uid = 0
+            if self.coverage.certified > float("-inf"):
+                self._rescan_floor = clock.wall(self.coverage.certified) - 120.0
+        self._uidvalidity = validity
         self.mode = "idle" if cfg.idle and "IDLE" in self._caps else "poll"
         self.counters["sessions"] += 1
         return conn
@@ -394,8 +402,10 @@ class ImapCollector:
             else:
                 at, lo = answered, not_before
             want = len(self._index) > 0  # read after the answer: a watch added before is seen
-            small = [uid for uid, _, size in metas if size <= self.config.max_bytes]
-            self.counters["too_large"] += len(metas) - len(small)
+            floor = self._rescan_floor
+            fresh = [m for m in metas if floor is None or m[1] is None or m[1] >= floor]
+            small = [uid for uid, _, size in fresh if size <= self.config.max_bytes]
+            self.counters["too_large"] += sum(1 for m in fresh if m[2] > self.config.max_bytes)
             mails = self._read(conn, small) if want and small else {}
             for uid, idate, _ in sorted(metas):
                 found.append(Found(uid, at, min(lo, at), idate, mails.get(uid)))

@@ -81,10 +81,10 @@ class SlackHop(Model):
     )
 
 
-def poll_interval(cfg: SlackConfig) -> float:
+def poll_interval(cfg: SlackConfig, channels: int | None = None) -> float:
     """Seconds between cycles: one call per channel each, inside the budget share."""
     per_call = 60.0 / (cfg.requests_per_minute * cfg.budget_share)
-    return max(cfg.min_interval, per_call * len(cfg.channels))
+    return max(cfg.min_interval, per_call * (channels or len(cfg.channels)))
 
 
 @dataclass
@@ -135,6 +135,15 @@ class SlackCollector:
             await self._client.aclose()
 
     def watch(self, w: Watch) -> None:
+        channel = w.sink_spec.channel
+        if channel is not None and channel not in self._channels:
+            # A hop names a channel the config does not list: read it too (a hop that could
+            # never be seen would be reported lost), and keep the budget by cycling slower.
+            log.warning(
+                "slack: hop %s reads channel %s, not in collectors.slack.channels", w.hop.name, channel
+            )
+            self._channels[channel] = _Channel()
+            self.interval = poll_interval(self.config, len(self._channels))
         self._index.add(w)
         self._wake.set()
 

@@ -288,3 +288,31 @@ def test_config_rules() -> None:
         ImapConfig(host="imap.example.com", username="a", password="p", tls="none")
     assert ImapConfig(host="imap.example.com", username="a", password="p").effective_port == 993
     assert parse_internaldate(" 7-Jul-2024 02:44:25 -0700") == 1720345465.0
+
+
+def test_folder_rebuilt_while_down_is_read_again() -> None:
+    """A new UIDVALIDITY (the server lost its UID list) must not skip mail that landed meanwhile."""
+    d = dovecot.Dovecot().start()
+    try:
+
+        async def main(col: ImapCollector) -> None:
+            first, during = watch(), watch()
+            col.watch(first)
+            col.watch(during)
+            await deliver_later(d, notification(first.trace_id), 0)
+            assert await first.wait_seen(5)
+            # Dovecot takes a new UIDVALIDITY from the clock (seconds): rebuilding within the
+            # folder's first second would reuse it, which no real outage does.
+            await asyncio.sleep(1.1)
+            await asyncio.to_thread(d.kill)
+            box = d.dir / "mail" / "ana"
+            for p in box.glob("dovecot*"):  # uid list and indexes gone: Dovecot renumbers
+                p.unlink()
+            await asyncio.to_thread(d.write_maildir, "ana", notification(during.trace_id))
+            await asyncio.to_thread(d.start)
+            assert await during.wait_seen(10), col.health()
+            assert col.counters["matched"] == 2  # the old mail was not matched again
+
+        run(main, config(d, max_backoff="300ms"))
+    finally:
+        d.close()

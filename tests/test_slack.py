@@ -259,3 +259,14 @@ def test_state_post_is_what_history_returns() -> None:
     s = SlackState()
     m = s.post(CHANNEL, "x")
     assert s.messages[CHANNEL] == [m] and m["ts"].count(".") == 1
+
+
+def test_a_hop_naming_an_unlisted_channel_is_read_too(sb: Sandbox) -> None:
+    async def main(col: SlackCollector) -> None:
+        w = watch(channel="C0GENERAL")  # the config lists only C0APPROVALS
+        col.watch(w)
+        assert col.interval == pytest.approx(poll_interval(col.config, 2))
+        sb.slack.post("C0GENERAL", f"over here {w.trace_id}")
+        assert await w.wait_seen(3)
+
+    run(main, config(sb))
