@@ -274,7 +274,7 @@ class ImapCollector:
                         w.observe(
                             Observation(
                                 at=f.at,
-                                not_before=f.not_before,
+                                not_before=min(f.at, max(f.not_before, w.since)),
                                 source=self.mode,
                                 sink_time=f.internaldate,
                                 detail=detail,
