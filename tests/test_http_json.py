@@ -110,7 +110,7 @@ def test_lead_to_crm_lag_within_delay_plus_error_bar_one_request_per_cycle(sb: S
         searches0, requests0 = sb.ctx.crm.searches, col.requests
         await asyncio.gather(*(lead(sb, w.trace_id) for w in ws))
         for w in ws:
-            assert await w.wait_seen(5)
+            assert await w.wait_seen(5), col.health()
         offset = clock.wall(t0) - t0  # epoch - monotonic
         for w in ws:
             obs = w.first
@@ -146,7 +146,7 @@ def test_crm_outage_gives_unknown_not_lost(sb: Sandbox) -> None:
             await lead(sb, during.trace_id)  # captured while the CRM API is down
             await asyncio.sleep(0.5)
             sb.ctx.crm.fault = None
-            assert await during.wait_seen(5)
+            assert await during.wait_seen(5), col.health()
             assert judge_present(during.first, start, 0.5, 30, col.coverage, certified=True)[0] == UNKNOWN
             missing = judge_present(None, start, 0.5, 1.2, col.coverage, certified=True)[0]
             # A search (retroactive) would have found it after the outage: lost is then the truth.

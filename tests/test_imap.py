@@ -100,7 +100,7 @@ def test_idle_sees_the_sandbox_notification_within_delivery_plus_error_bar(serve
         col.watch(w)
         injected = clock.now()
         t0, t1 = await deliver_later(server, notification(w.trace_id, "base64"), 0.3)
-        assert await w.wait_seen(5)
+        assert await w.wait_seen(5), col.health()
         obs = w.first
         assert obs is not None and obs.source == "idle" and obs.detail["where"] == "body"
         # Arrival lies in the delivery window; the sighting trails it by Dovecot's own IDLE
@@ -126,7 +126,7 @@ def test_starttls_xoauth2_polling_lag_within_interval(server: dovecot.Dovecot) -
         w = watch()
         col.watch(w)
         t0, t1 = await deliver_later(server, notification(w.trace_id), 0.2, user="bob")
-        assert await w.wait_seen(5)
+        assert await w.wait_seen(5), col.health()
         obs = w.first
         assert obs is not None and obs.source == "poll"
         # The true arrival is in (not_before, at]; the poll cadence bounds how far 'at' trails it.
@@ -151,7 +151,7 @@ def test_subject_headers_recipient_and_encodings(server: dovecot.Dovecot) -> Non
         ).encode()
         assert subj.trace_id.encode() not in raw  # the subject really is encoded
         await deliver_later(server, raw, 0)
-        assert await subj.wait_seen(5) and await hdr.wait_seen(5)
+        assert await subj.wait_seen(10) and await hdr.wait_seen(10), col.health()
         assert subj.first is not None and subj.first.detail["where"] == "subject"
         assert hdr.first is not None and hdr.first.detail["where"] == "headers"
         await asyncio.sleep(0.5)
@@ -182,7 +182,7 @@ def test_cleanup_moves_then_deletes_matched_mail(server: dovecot.Dovecot) -> Non
             col.watch(w)
             await deliver_later(server, notification(w.trace_id), 0)
             await deliver_later(server, notification(new_trace_id()), 0)  # unrelated: stays
-            assert await w.wait_seen(5)
+            assert await w.wait_seen(5), col.health()
             end = time.monotonic() + 5
             while col.counters["cleaned"] < 1 and time.monotonic() < end:
                 await asyncio.sleep(0.05)
@@ -203,7 +203,7 @@ def test_outage_mid_run_gives_unknown_not_lost() -> None:
                 col.watch(w)
             start = clock.now()
             await deliver_later(d, notification(early.trace_id), 0)
-            assert await early.wait_seen(5)
+            assert await early.wait_seen(5), col.health()
             await asyncio.to_thread(d.kill)  # the mailbox server dies mid-run
             await asyncio.sleep(0.5)
             assert col.coverage.blind_now and not col.health()["up"]
@@ -255,7 +255,7 @@ def test_a_thousand_unrelated_mails_match_nothing(server: dovecot.Dovecot) -> No
 
         await asyncio.to_thread(flood)
         await deliver_later(server, notification(target.trace_id), 0)
-        assert await target.wait_seen(10)
+        assert await target.wait_seen(10), col.health()
         await asyncio.sleep(0.3)
         assert [w for w in watched if w.observations] == [target]
         assert col.counters["mails"] >= 1001 and col.counters["matched"] == 1
@@ -300,7 +300,7 @@ def test_folder_rebuilt_while_down_is_read_again() -> None:
             col.watch(first)
             col.watch(during)
             await deliver_later(d, notification(first.trace_id), 0)
-            assert await first.wait_seen(5)
+            assert await first.wait_seen(5), col.health()
             # Dovecot takes a new UIDVALIDITY from the clock (seconds): rebuilding within the
             # folder's first second would reuse it, which no real outage does.
             await asyncio.sleep(1.1)

@@ -141,7 +141,7 @@ def test_sandbox_approval_seen_in_channel_within_delay_plus_error_bar(sb: Sandbo
                 },
             )
         assert resp.status_code == 201
-        assert await w.wait_seen(5)
+        assert await w.wait_seen(5), col.health()
         obs = w.first
         assert obs is not None and obs.detail["where"] == "blocks" and obs.detail["channel"] == CHANNEL
         lag = obs.at - t0
@@ -171,7 +171,7 @@ def test_api_outage_and_429_give_unknown_not_lost_and_obey_retry_after(sb: Sandb
         assert sb.slack.calls.get("conversations.history", 0) - calls <= 1  # waits out Retry-After
         assert col.rate_limited >= 1 and col.coverage.blind_now
         sb.slack.retry_after = None
-        assert await during.wait_seen(8)  # retroactive: the next good read finds it
+        assert await during.wait_seen(10), col.health()  # retroactive: the next good read finds it
         v, reason = judge_present(during.first, start, 0.5, 30, col.coverage, certified=True)
         assert v == UNKNOWN, (v, reason)
         assert "Bearer" not in repr(col.health()) and sb.slack.bot_token not in repr(col.health())
@@ -202,7 +202,7 @@ def test_text_blocks_attachments_and_channel_filters(sb: Sandbox) -> None:
             "blocks only",
             blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": text_only.trace_id}]}],
         )
-        assert await in_text.wait_seen(3) and await in_att.wait_seen(3)
+        assert await in_text.wait_seen(10) and await in_att.wait_seen(10), col.health()
         await asyncio.sleep(0.5)
         assert not wrong_chan.observations and not text_only.observations
         v, _ = judge_present(in_text.first, in_text.since, 300, 360, col.coverage, certified=True)
@@ -226,7 +226,7 @@ def test_a_thousand_unrelated_messages_match_nothing(sb: Sandbox) -> None:
                 f"unrelated {i} {new_trace_id()} {near}",
                 blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": near.upper()}}],
             )
-        assert await target.wait_seen(10)
+        assert await target.wait_seen(10), col.health()
         end = time.monotonic() + 10
         while (col.calls < 6 or col._channels[CHANNEL].cursor) and time.monotonic() < end:
             await asyncio.sleep(0.1)  # let the sweep read all 1,001
@@ -267,6 +267,6 @@ def test_a_hop_naming_an_unlisted_channel_is_read_too(sb: Sandbox) -> None:
         col.watch(w)
         assert col.interval == pytest.approx(poll_interval(col.config, 2))
         sb.slack.post("C0GENERAL", f"over here {w.trace_id}")
-        assert await w.wait_seen(3)
+        assert await w.wait_seen(10), col.health()
 
     run(main, config(sb))
