@@ -27,6 +27,7 @@ def test_demo_runs_every_slo_step_and_passes() -> None:
     hops = {(s["step"], h["hop"]): h for s in report["steps"] for h in s["hops"]}
     assert set(hops) == {
         ("lead", "posthog_event"),
+        ("lead", "crm_contact"),
         ("payment", "posthog_event"),
         ("forged_payment", "not_in_posthog"),
         ("dlq", "parked"),
