@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import html
 import logging
 import math
 import re
@@ -40,13 +39,12 @@ from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from email.utils import getaddresses
 from typing import Any, ClassVar, Literal
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import Field, field_validator, model_validator
 
-from tracer import clock
+from tracer import clock, mime
 from tracer.net import is_loopback
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -241,10 +239,14 @@ def parse_mail(raw: bytes, limits: Limits) -> Parsed:
     msg = BytesParser(policy=policy.default).parsebytes(raw)
     _check(msg, limits)
     out = Parsed(message_id=str(msg.get("message-id", "")))
-    for where, text in (("subject", _subject(msg)), ("headers", _headers(msg)), ("body", _body(msg, limits))):
+    texts = (
+        ("subject", mime.subject(msg)),
+        ("headers", mime.headers(msg)),
+        ("body", mime.body(msg, limits.deadline)),
+    )
+    for where, text in texts:
         out.ids[where] = set(TRACE_ID.findall(text.lower()))
-    headers = [str(v) for v in msg.get_all("to", []) + msg.get_all("cc", [])]
-    out.rcpts = {addr.lower() for _, addr in getaddresses(headers) if addr}
+    out.rcpts = mime.recipients(msg)
     if clock.now() > limits.deadline:
         raise TimeoutError
     return out
@@ -471,39 +473,6 @@ class SmtpCollector:
                     self._index.discard(w)
                     self.counters["matched"] += 1
         return "250 OK"
-
-
-def _subject(msg: EmailMessage) -> str:
-    return str(msg.get("subject", ""))  # policy.default decodes RFC 2047 encoded words
-
-
-def _headers(msg: EmailMessage) -> str:
-    lines = []
-    for name, value in msg.items():
-        if name.lower() != "subject":
-            lines.append(f"{name}: {value}")
-    return "\n".join(lines)
-
-
-def _body(msg: EmailMessage, limits: Limits) -> str:
-    """Text of every leaf part, transfer-decoded (base64, quoted-printable) and charset-decoded."""
-    texts = []
-    for part in msg.walk():
-        if clock.now() > limits.deadline:
-            raise TimeoutError
-        if part.is_multipart():
-            continue
-        try:
-            text = part.get_content() if part.get_content_maintype() == "text" else None
-        except (LookupError, ValueError, UnicodeError):  # unknown charset or a broken encoding
-            text = None
-        if not isinstance(text, str):
-            payload = part.get_payload(decode=True)
-            text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        if part.get_content_subtype() == "html":
-            text = html.unescape(text)
-        texts.append(text)
-    return "\n".join(texts)
 
 
 plugin = SinkPlugin(

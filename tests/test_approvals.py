@@ -151,7 +151,7 @@ def test_every_channel_carries_the_trace_id(sb: Sandbox) -> None:
 
     asyncio.run(with_receivers(main))
     stats: ApprovalStats = sb.ctx.extra["approval_stats"]
-    assert stats.sent == {"slack": 1, "webhook": 1, "email": 1}
+    assert stats.sent == {"slack": 1, "slack_api": 0, "webhook": 1, "email": 1}  # no Slack API configured
 
 
 def test_drop_rate_one_never_sends(sb: Sandbox) -> None:
@@ -173,7 +173,10 @@ def test_drop_rate_one_never_sends(sb: Sandbox) -> None:
 
     asyncio.run(with_receivers(main))
     stats: ApprovalStats = sb.ctx.extra["approval_stats"]
-    assert stats.dropped == {"slack": 3, "webhook": 3, "email": 3} and sum(stats.sent.values()) == 0
+    assert (
+        stats.dropped == {"slack": 3, "slack_api": 0, "webhook": 3, "email": 3}
+        and sum(stats.sent.values()) == 0
+    )
 
 
 def test_signed_webhooks_pass_the_receivers_auth_and_wrong_secrets_do_not(sb: Sandbox) -> None:

@@ -33,6 +33,7 @@ def test_demo_covers_the_whole_slo_table_with_claims_and_passes() -> None:
     }
     freshness = {
         ("lead", "posthog_event"),
+        ("lead", "crm_contact"),
         ("payment", "posthog_event"),
         ("forged_payment", "not_in_posthog"),
         ("dlq", "parked"),
@@ -40,6 +41,7 @@ def test_demo_covers_the_whole_slo_table_with_claims_and_passes() -> None:
         ("dlq", "posthog_after_retry"),
         ("approval", "slack"),
         ("approval", "email"),
+        ("approval", "slack_channel"),
     }
     errors = {("api_health", "no_5xx"), ("api_webhooks", "processed")}
     assert set(hops) == latency | freshness | errors

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.schema",
             "tracer.payload",
             "tracer.net",
+            "tracer.mime",
             "tracer.probe",
             "tracer.synthetic",
             "tracer.ratelog",

@@ -419,10 +419,12 @@ def demo(
                 auth=AuthSettings(required=True, token_ttl=300.0),
             )
         )
+        approvals.slack_api_url = sb.slack_api_url  # approvals also post to the Slack stand-in
         os.environ.update(
             {
                 "FUNNEL_URL": sb.url,
                 "POSTHOG_HOST": sb.posthog_url,
+                "SLACK_API_URL": sb.slack_api_url,
                 "RECEIVER_PORT": str(receiver),
                 "SMTP_PORT": str(mailbox),
                 "RECEIVER_HMAC_SECRET": hook_secret,
@@ -465,6 +467,7 @@ def demo(
 )
 @click.option("--port", default=8000, show_default=True, help="Funnel API port.")
 @click.option("--posthog-port", default=8010, show_default=True, help="Local PostHog port.")
+@click.option("--slack-port", default=8020, show_default=True, help="Slack Web API stand-in port.")
 @click.option(
     "--lead-delay", default=0.0, show_default=True, help="Seconds before the funnel emits lead_captured."
 )
@@ -525,6 +528,7 @@ def sandbox(
     host: str,
     port: int,
     posthog_port: int,
+    slack_port: int,
     lead_delay: float,
     drop_rate: float,
     ingest_delay: float,
@@ -564,6 +568,7 @@ def sandbox(
         host=host,
         port=port,
         posthog_port=posthog_port,
+        slack_port=slack_port,
         knobs=knobs,
         approvals=approvals,
         posthog=PostHogState(ingest_delay=ingest_delay),
@@ -573,7 +578,8 @@ def sandbox(
     ) as sb:
         click.echo(f"funnel   {sb.url}  (POST /api/v1/leads, /api/v1/webhooks/payments, /api/v1/approvals)")
         click.echo(f"dlq      {'on ' + redact(redis_url) if redis_url else 'off (give --redis-url)'}")
-        click.echo(f"notify   {slack_url} and smtp://{smtp_addr}")
+        approvals.slack_api_url = sb.slack_api_url
+        click.echo(f"notify   {slack_url}, smtp://{smtp_addr} and Slack API {sb.slack_api_url} (#approvals)")
         click.echo(
             f"posthog  {sb.posthog_url}  (capture: /batch/ with project key phc_sandbox; query: /api/projects/1/query/ with personal key phx_sandbox)"
         )

@@ -2,7 +2,8 @@
 
 ``POST /api/v1/approvals`` with ``{resource, requester, payload, metadata?}`` answers 201 at
 once and, in the background, notifies the approver the ways real SaaS apps do: a Slack
-incoming-webhook post, a generic JSON webhook and an email (text + HTML). Each channel has its
+incoming-webhook post, a Slack Web API ``chat.postMessage`` (bot token, to a channel), a
+generic JSON webhook and an email (text + HTML). Each channel has its
 own delay and loss knob on ``ApprovalSettings`` (``ctx.extra["approvals"]``, read per request
 so tests can turn knobs while the app runs), which is how tests create a late or lost
 notification with a known ground truth.
@@ -54,7 +55,11 @@ _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 class ApprovalSettings:
     """Where and how the approver is notified. ``None`` URLs/hosts disable a channel."""
 
-    slack_url: str | None = None
+    slack_url: str | None = None  # a Slack incoming webhook
+    # The Slack Web API (chat.postMessage with a bot token), e.g. Sandbox.slack_api_url.
+    slack_api_url: str | None = None
+    slack_token: str = "xoxb-sandbox-0000-token"
+    slack_channel: str = "C0APPROVALS"
     webhook_url: str | None = None
     smtp_host: str | None = None
     smtp_port: int = 25
@@ -62,10 +67,12 @@ class ApprovalSettings:
     approver_email: str = "approver@funnel.invalid"
     # seconds between accepting the request and sending each notification
     slack_delay: float = 0.0
+    slack_api_delay: float = 0.0
     webhook_delay: float = 0.0
     email_delay: float = 0.0
     # fraction of requests whose notification on that channel is never sent
     slack_drop_rate: float = 0.0
+    slack_api_drop_rate: float = 0.0
     webhook_drop_rate: float = 0.0
     email_drop_rate: float = 0.0
     # outgoing webhook auth, so notifications pass the receiver's checks
@@ -83,14 +90,17 @@ class ApprovalSettings:
     event_delay: float = 0.0
 
 
+CHANNELS = ("slack", "slack_api", "webhook", "email")
+
+
 @dataclass
 class ApprovalStats:
     """What the funnel did, for tests: requests accepted, notifications sent/dropped/failed."""
 
     requested: int = 0
-    sent: dict[str, int] = field(default_factory=lambda: {"slack": 0, "webhook": 0, "email": 0})
-    dropped: dict[str, int] = field(default_factory=lambda: {"slack": 0, "webhook": 0, "email": 0})
-    failed: dict[str, int] = field(default_factory=lambda: {"slack": 0, "webhook": 0, "email": 0})
+    sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
+    failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
 
 
 _Sender = Callable[[ApprovalSettings, dict[str, Any]], Awaitable[None]]
@@ -132,6 +142,7 @@ def approval_routes(ctx: FunnelContext) -> list[Route]:
         records[approval["id"]] = {"id": approval["id"], "status": "pending", "synthetic": synthetic}
         for channel, delay, drop, send in (
             ("slack", settings.slack_delay, settings.slack_drop_rate, _send_slack),
+            ("slack_api", settings.slack_api_delay, settings.slack_api_drop_rate, _send_slack_api),
             ("webhook", settings.webhook_delay, settings.webhook_drop_rate, _send_webhook),
             ("email", settings.email_delay, settings.email_drop_rate, _send_email),
         ):
@@ -193,6 +204,7 @@ def _trace_id(body: dict[str, Any], traceparent: str | None) -> str | None:
 def _configured(settings: ApprovalSettings, channel: str) -> bool:
     return {
         "slack": settings.slack_url is not None,
+        "slack_api": settings.slack_api_url is not None,
         "webhook": settings.webhook_url is not None,
         "email": settings.smtp_host is not None,
     }[channel]
@@ -216,7 +228,7 @@ async def _deliver(
     await asyncio.sleep(delay)
     try:
         await send(settings, a)
-    except (httpx.HTTPError, OSError, smtplib.SMTPException) as exc:
+    except (httpx.HTTPError, OSError, smtplib.SMTPException, SlackApiError) as exc:
         stats.failed[channel] += 1
         log.warning("approval notification by %s failed: %s", channel, type(exc).__name__)
         return
@@ -229,7 +241,7 @@ def _summary(a: dict[str, Any]) -> str:
     return f"Approval requested: {a['requester']} wants {a['resource']} [{a['id']}]{trace}"
 
 
-async def _send_slack(settings: ApprovalSettings, a: dict[str, Any]) -> None:
+def _slack_blocks(a: dict[str, Any]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": "Approval requested"}},
         {
@@ -244,8 +256,30 @@ async def _send_slack(settings: ApprovalSettings, a: dict[str, Any]) -> None:
         blocks.append(
             {"type": "context", "elements": [{"type": "mrkdwn", "text": f"trace `{a['trace_id']}`"}]}
         )
+    return blocks
+
+
+async def _send_slack(settings: ApprovalSettings, a: dict[str, Any]) -> None:
     assert settings.slack_url is not None
-    await _post(settings, settings.slack_url, {"text": _summary(a), "blocks": blocks})
+    await _post(settings, settings.slack_url, {"text": _summary(a), "blocks": _slack_blocks(a)})
+
+
+class SlackApiError(Exception):
+    """The Web API answered ``ok: false`` (e.g. ``channel_not_found``)."""
+
+
+async def _send_slack_api(settings: ApprovalSettings, a: dict[str, Any]) -> None:
+    """``chat.postMessage`` with a bot token, as a Slack app posts to a channel."""
+    assert settings.slack_api_url is not None
+    body = {"channel": settings.slack_channel, "text": _summary(a), "blocks": _slack_blocks(a)}
+    headers = {"Authorization": f"Bearer {settings.slack_token}"}
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        resp = await client.post(
+            f"{settings.slack_api_url.rstrip('/')}/chat.postMessage", json=body, headers=headers
+        )
+        resp.raise_for_status()
+        if not resp.json().get("ok"):
+            raise SlackApiError(str(resp.json().get("error")))
 
 
 async def _send_webhook(settings: ApprovalSettings, a: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from tracer.sandbox import auth
 from tracer.sandbox.approvals import approval_routes
+from tracer.sandbox.crm import CrmState, capture_lead, crm_routes
 from tracer.sandbox.dlq import new_entry
 from tracer.sandbox.payments import payment_routes
 from tracer.sandbox.telemetry import TracedPosthog, tracer
@@ -85,6 +86,7 @@ class FunnelContext:
     knobs: Knobs = field(default_factory=Knobs)
     redis_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-module state (DLQ worker, approvals, ...)
+    crm: CrmState = field(default_factory=CrmState)  # leads become contacts (sandbox/crm.py)
     _client: Posthog | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -168,6 +170,7 @@ def lead_routes(ctx: FunnelContext) -> list[Route]:
         leads[lead_id] = {"id": lead_id, "email": lead["email"], "synthetic": is_synthetic(request, lead)}
         if random.random() >= ctx.knobs.drop_rate:
             ctx.emit_later(ctx.knobs.lead_delay, "lead_captured", lead["email"], props)
+        capture_lead(ctx.crm, ctx._tasks, lead, props)  # the CRM sync has its own delay knob
         return JSONResponse({"id": lead_id, "status": "captured"}, status_code=201)
 
     async def qualify_lead(request: Request) -> JSONResponse:
@@ -254,6 +257,7 @@ def create_app(ctx: FunnelContext) -> Starlette:
         *payment_routes(ctx),
         *approval_routes(ctx),
         *admin_routes(ctx),
+        *crm_routes(ctx.crm),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(CategoryFaults, knobs=ctx.knobs)])
     app.state.ctx = ctx

@@ -1,4 +1,4 @@
-"""Run the sandbox (funnel + local PostHog) on loopback ports in a background thread.
+"""Run the sandbox (funnel + local PostHog + a Slack Web API stand-in) on loopback ports in a background thread.
 
 A thread with its own event loop keeps the sandbox's work off the tracer's loop, so the sandbox
 cannot distort the lags the tracer measures.
@@ -23,6 +23,8 @@ from tracer.sandbox.dlq import DlqWorker
 from tracer.sandbox.funnel import FunnelContext, Knobs, create_app, synthetic_records
 from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.posthog import create_app as create_posthog_app
+from tracer.sandbox.slack import SlackState
+from tracer.sandbox.slack import create_app as create_slack_app
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -41,6 +43,8 @@ class Sandbox:
     posthog_port: int = 0
     knobs: Knobs = field(default_factory=Knobs)
     posthog: PostHogState = field(default_factory=PostHogState)
+    slack_port: int = 0
+    slack: SlackState = field(default_factory=SlackState)  # the Slack Web API stand-in
     redis_url: str | None = None  # enables the payment DLQ and its retry worker
     dlq_retry_interval: float = 2.0
     approvals: ApprovalSettings = field(default_factory=ApprovalSettings)  # where approval notifications go
@@ -51,6 +55,8 @@ class Sandbox:
     def __post_init__(self) -> None:
         self._funnel_sock = bind(self.host, self.port)
         self._posthog_sock = bind(self.host, self.posthog_port)
+        self._slack_sock = bind(self.host, self.slack_port)
+        self.slack_port = self._slack_sock.getsockname()[1]
         self.port = self._funnel_sock.getsockname()[1]
         self.posthog_port = self._posthog_sock.getsockname()[1]
         self.ctx = FunnelContext(
@@ -83,6 +89,11 @@ class Sandbox:
     @property
     def auth_stats(self) -> AuthStats:
         return auth_stats(self.ctx)
+
+    @property
+    def slack_api_url(self) -> str:
+        """Base URL of the Slack Web API stand-in (``<url>/chat.postMessage``...)."""
+        return f"http://{self.host}:{self.slack_port}/api"
 
     def start(self) -> Sandbox:
         self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
@@ -127,7 +138,11 @@ class Sandbox:
                 self.redis_url, key="dlq:webhooks", retry_interval=self.dlq_retry_interval, handler=handler
             )
             self.dlq = self.ctx.extra["dlq"] = await worker.start()
-        apps = [(funnel, self._funnel_sock), (create_posthog_app(self.posthog), self._posthog_sock)]
+        apps = [
+            (funnel, self._funnel_sock),
+            (create_posthog_app(self.posthog), self._posthog_sock),
+            (create_slack_app(self.slack), self._slack_sock),
+        ]
         tasks = []
         for app, sock in apps:
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
