@@ -58,6 +58,7 @@ parametrized shapes in ``tests/test_redis_dlq.py``.
 
 from collectors.redis_dlq.collector import RedisDlqCollector
 from collectors.redis_dlq.config import RedisDlqConfig, RedisDlqHop
+from collectors.redis_dlq.preflight import preflight
 from tracer.plugins import SinkPlugin
 
 __all__ = ["RedisDlqCollector", "RedisDlqConfig", "RedisDlqHop", "plugin"]
@@ -68,4 +69,5 @@ plugin = SinkPlugin(
     hop=RedisDlqHop,
     factory=RedisDlqCollector,
     summary="a Redis dead-letter queue (list, sorted set or stream): entries, retries, resolution",
+    preflight=preflight,
 )
