@@ -77,7 +77,10 @@ class RedisDlqCollector:
     async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
         """Where the probe's entry was at the last look (still parked at attempt N, taken, dead,
         removed unretried) and the other entries met in the keys: from state the looks keep."""
-        return explain(self._targets.find(w.sink_spec), w.trace_id, w.sink_spec.event, start, end, base)
+        t = self._targets.find(w.sink_spec)
+        if w.first is not None and (t is None or w.trace_id not in t.traces):
+            return base  # seen (late): its state is forgotten once delivered; the lag says it all
+        return explain(t, w.trace_id, w.sink_spec.event, start, end, base)
 
     def health(self) -> dict[str, Any]:
         s = self._session
