@@ -43,10 +43,24 @@ re-parks it. The first look of a hop's keys happens on the first watch for it, s
 within that first round trip is not guaranteed to be caught. A key or glob pattern's keys are read
 up to ``max_scan`` entries; a longer key makes the look partial, reported as blind.
 
+Side metadata: ``meta_hash`` alone means the members are bare ids and the hash holds each
+entry's JSON; with ``meta_id_path`` the members are JSON entries and the hash field is named by
+``meta_field`` (``{id}`` replaced by the id at that path), holding JSON or a bare attempt count.
+An attempt bumped there while the entry stays put is the retry, at the look after the bump. A
+member carrying a watched trace id whose field is missing twice is warned about once and named
+in the hop's evidence.
+
+Leaving Redis as found: the notify-keyspace-events flags the collector added are removed again
+on close unless ``keep_notifications: true``. ``explain`` says, from the looks' own records, where
+a late or lost probe's entry was (still parked at attempt N, in processing, dead, removed without
+a retry) and how many other entries the keys held in the window; ``preflight`` checks the
+credentials (a wrong password blocks the sink), each key's type against ``shape`` and the
+notification plan, reading only.
+
 How the package is laid out, and how to add a shape. ``collector.py`` is what the engine sees;
 ``session.py`` owns the Redis connection and decides when to look; ``target.py`` holds what is
 known per hop and turns looks into events; ``entries.py`` parses an entry (and ``meta_hash``
-lookups); ``config.py`` is the YAML. A shape is one module implementing the ``Shape`` protocol
+lookups); ``config.py`` is the YAML; ``explain.py`` and ``preflight.py`` the evidence and the doctor's checks. A shape is one module implementing the ``Shape`` protocol
 in ``shape.py``: ``read``/``read_aux`` queue its commands into the look's MULTI, ``parse``/
 ``parse_aux`` turn the replies into hits per trace id, ``new_key`` is its per-key state and
 ``guarded`` says whether it needs the poll-mode WATCH. Lists and zsets share ``members.py`` and
@@ -58,6 +72,7 @@ parametrized shapes in ``tests/test_redis_dlq.py``.
 
 from collectors.redis_dlq.collector import RedisDlqCollector
 from collectors.redis_dlq.config import RedisDlqConfig, RedisDlqHop
+from collectors.redis_dlq.preflight import preflight
 from tracer.plugins import SinkPlugin
 
 __all__ = ["RedisDlqCollector", "RedisDlqConfig", "RedisDlqHop", "plugin"]
@@ -68,4 +83,5 @@ plugin = SinkPlugin(
     hop=RedisDlqHop,
     factory=RedisDlqCollector,
     summary="a Redis dead-letter queue (list, sorted set or stream): entries, retries, resolution",
+    preflight=preflight,
 )

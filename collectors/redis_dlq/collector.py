@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from collectors.redis_dlq.config import RedisDlqConfig
+from collectors.redis_dlq.explain import explain
 from collectors.redis_dlq.session import Session
 from collectors.redis_dlq.target import Targets
+from tracer.evidence import Evidence
 from tracer.net import redact_url
 from tracer.watch import Coverage, Watch
 
@@ -71,6 +73,14 @@ class RedisDlqCollector:
         t = self._targets.find(w.sink_spec)
         if t is not None:
             t.drop(w)
+
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """Where the probe's entry was at the last look (still parked at attempt N, taken, dead,
+        removed unretried) and the other entries met in the keys: from state the looks keep."""
+        t = self._targets.find(w.sink_spec)
+        if w.first is not None and (t is None or w.trace_id not in t.traces):
+            return base  # seen (late): its state is forgotten once delivered; the lag says it all
+        return explain(t, w.trace_id, w.sink_spec.event, start, end, base)
 
     def health(self) -> dict[str, Any]:
         s = self._session

@@ -31,6 +31,11 @@ class RedisDlqConfig(Model):
     max_scan: int = Field(10_000, gt=0, description="entries read per key per look")
     max_keys: int = Field(1_000, gt=0, description="keys a glob pattern may match")
     configure_notifications: bool = Field(True, description="allow CONFIG SET notify-keyspace-events")
+    keep_notifications: bool = Field(
+        False,
+        description="leave the notify-keyspace-events flags funnel-tracer added in place on exit "
+        "(default: they are removed again, so Redis is left as it was found)",
+    )
 
     _url = field_validator("url")(check_redis_url)
 
@@ -50,6 +55,17 @@ class RedisDlqHop(Model):
     processing_key: str | None = Field(None, description="where the worker keeps claimed entries (list/zset)")
     dead_key: str | None = None
     meta_hash: str | None = Field(None, description="hash of entry id -> JSON metadata; members are ids")
+    meta_id_path: str | None = Field(
+        None,
+        pattern=_PATH,
+        description="members are JSON entries and their meta_hash field is named from the id at "
+        "this path inside each member (default: members are bare ids)",
+    )
+    meta_field: str = Field(
+        "{id}",
+        description="template of the meta_hash field holding an entry's metadata, e.g. "
+        "'attempts:{id}'; its value is JSON metadata, or a bare number taken as the attempt",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RedisDlqHop:
@@ -59,6 +75,10 @@ class RedisDlqHop(Model):
             raise ValueError(
                 "a stream keeps claimed entries in its consumer group: no processing_key or meta_hash"
             )
+        if self.meta_id_path is not None and self.meta_hash is None:
+            raise ValueError("meta_id_path needs meta_hash")
+        if "{id}" not in self.meta_field:
+            raise ValueError("meta_field must contain {id}")
         for name in ("processing_key", "dead_key", "meta_hash"):
             value = getattr(self, name)
             if value is not None and GLOB.search(value):

@@ -67,7 +67,8 @@ class MemberShape:
             ks.credit = min(0, removes.get(k, 0) - visible)
             missed = missed or (push and ks.members is not None and unexplained > 0)
             ks.members = now
-            for info in (await t.entries.of_members(r, members, t.traces)).values():
+            for m, info in (await t.entries.of_members(r, members, t.traces)).items():
+                t.saw(k, m, info.traces)
                 for tid in info.traces:
                     if tid in t.traces:
                         main.setdefault(tid, Hit(k, info))

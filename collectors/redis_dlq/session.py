@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from collectors.redis_dlq.config import RedisDlqConfig
 from collectors.redis_dlq.entries import Hit
@@ -69,6 +69,9 @@ class Session:
         self._failed_at = -math.inf  # the latest failure: nothing certifies back past it
         self._closing = False
         self.notifications = "not tried"
+        # The notify-keyspace-events flags this collector added (removed again on close unless
+        # ``keep_notifications``): Redis is left as it was found.
+        self.added_flags = ""
         self.looks = 0
         self.failed_looks = 0
         self.reconnects = 0
@@ -88,6 +91,31 @@ class Session:
         if self._task:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=self.config.timeout + 1)
+        if self.added_flags and not self.config.keep_notifications:
+            await self._restore_notifications()
+
+    async def _restore_notifications(self) -> None:
+        """Remove the flags we added from notify-keyspace-events (anything another client set
+        since is kept). A failure is logged, never raised: exit must not hang on it."""
+        added, self.added_flags = self.added_flags, ""
+        r = self._client()
+        try:
+            current = (await r.config_get("notify-keyspace-events")).get("notify-keyspace-events", "")
+            current = current.replace("A", "g$lshzxetd")  # spelled out, so each flag can be removed
+            restored = "".join(c for c in current if c not in added)
+            if restored != current:
+                await r.config_set("notify-keyspace-events", restored)
+            log.info("redis_dlq: notify-keyspace-events restored to %r", restored)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning(
+                "redis_dlq %s: could not restore notify-keyspace-events (%s); it still has %r added",
+                redact_url(self._url),
+                short_error(exc, self._url),
+                added,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await r.aclose()
 
     # -- connection lifecycle -----------------------------------------------
     async def _run(self) -> None:
@@ -112,9 +140,14 @@ class Session:
             await asyncio.sleep(delay)
 
     def _down(self, exc: BaseException) -> None:
-        self._fail(clock.now())
-        self.failed_looks += 1
         error = short_error(exc, self._url)
+        if isinstance(exc, AuthenticationError):
+            # Retrying cannot fix a wrong password: waits end now, hops become unknown with it.
+            self._failed_at = max(self._failed_at, clock.now())
+            self.coverage.broke(clock.now(), f"Redis {error}")
+        else:
+            self._fail(clock.now(), error)
+        self.failed_looks += 1
         if error != self.last_error:
             log.warning("redis_dlq %s: %s; reconnecting", redact_url(self._url), error)
         self.last_error = error
@@ -219,6 +252,7 @@ class Session:
             )
             return False
         self.notifications = f"on (enabled {''.join(missing)})"
+        self.added_flags += "".join(c for c in missing if c not in self.added_flags)
         return True
 
     # -- push: notifications and XREAD --------------------------------------
@@ -243,9 +277,9 @@ class Session:
         if through > self._failed_at:
             self.coverage.looked(through)
 
-    def _fail(self, at: float) -> None:
+    def _fail(self, at: float, why: str | None = None) -> None:
         self._failed_at = max(self._failed_at, at)
-        self.coverage.failed(at)
+        self.coverage.failed(at, why)
 
     async def _listen(self, ps: PubSub) -> None:
         """Read keyspace notifications; each marks its hop dirty and wakes the look loop."""
@@ -423,6 +457,7 @@ class Session:
         else:
             when = When(done, t.prev_issue, "poll")  # sometime since the previous look
         prev_issue, t.prev_issue = t.prev_issue, issued
+        t.entries.meta_read_at = None
         try:
             main, proc, dead, partial, missed = await self._parse(r, t, keys, res, aux, removes, checks)
         except LookError as exc:
@@ -430,8 +465,12 @@ class Session:
             if str(exc) != self.last_error:
                 log.warning("redis_dlq %s: %s", redact_url(self._url), exc)
             self.last_error = str(exc)
-            self._fail(issued)
+            self._fail(issued, str(exc))
             return False
+        read_at = t.entries.meta_read_at
+        if when.source == "poll" and read_at is not None:
+            # Metadata is read just after the snapshot: a bump it shows may be that recent.
+            when = When(max(when.at, read_at), when.not_before, "poll")
         t.digest(main, proc, dead, when, complete=True)
         if changed and prev_issue is not None:
             missed = True  # poll: the key changed at all since the last snapshot
@@ -443,7 +482,7 @@ class Session:
         if partial:
             self.failed_looks += 1
             self.last_error = f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
-            self._fail(issued)
+            self._fail(issued, self.last_error)
             return False
         return True
 

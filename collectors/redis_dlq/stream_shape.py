@@ -94,7 +94,7 @@ class StreamShape:
             if stream_id(entry_id) > stream_id(ks.cursor):
                 ks.cursor = entry_id
                 ks.fresh.append(entry_id)
-        hits = self.hits(t, key, new)
+        hits = self.hits(t, key, new, main=True)
         for (tid, handle), rows in zip(checks, found, strict=True):
             raise_if_error(rows, key, "stream")
             if rows and tid in t.traces:
@@ -113,12 +113,14 @@ class StreamShape:
             ks.cursor = last_generated  # entries between were deleted before anyone could read them
         return hits, missed
 
-    def hits(self, t: Target, key: str, entries: list[Any]) -> dict[str, list[Hit]]:
+    def hits(self, t: Target, key: str, entries: list[Any], main: bool = False) -> dict[str, list[Hit]]:
         hits: dict[str, list[Hit]] = {}
         for entry_id, fields in entries:
             if not fields:
                 continue
             info = t.entries.of_fields(fields)
+            if main:
+                t.saw(key, entry_id, info.traces)
             for tid in info.traces:
                 if tid in t.traces:
                     hits.setdefault(tid, []).append(Hit(key, info, entry_id))
@@ -134,7 +136,7 @@ class StreamShape:
                 continue
             ks.cursor = entry_id
             ks.fresh.append(entry_id)
-            for tid, hits in self.hits(t, key, [(entry_id, fields)]).items():
+            for tid, hits in self.hits(t, key, [(entry_id, fields)], main=True).items():
                 t.digest({tid: hits[0]}, set(), None, when, complete=False)
 
 

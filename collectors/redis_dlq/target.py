@@ -7,6 +7,7 @@ the probes, the keys' last contents, and the rules that turn a look into ``entry
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from collectors.redis_dlq.members import Guard
 from collectors.redis_dlq.shape import Key, Shape
 from collectors.redis_dlq.stream_shape import STREAM
 from collectors.redis_dlq.zset_shape import ZsetShape
+from tracer import clock
 from tracer.watch import Observation, Watch, WatchIndex
 
 # A hop's ``shape:`` -> how to read it. A new shape is registered here (and in RedisDlqHop.shape).
 SHAPES: dict[str, Shape] = {s.name: s for s in (ListShape(), ZsetShape(), STREAM)}
+SIGHTINGS = 20_000  # distinct entries remembered per target for near misses
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,13 @@ class Trace:
     seen: dict[str, Seen] = field(default_factory=dict)
     attempt0: int | None = None  # attempt at first sight
     lost: bool = False  # Redis restarted since it was present: its absence is no evidence
+    # Where the entry was at the last look, for ``explain``: parked, processing, dead, gone.
+    state: str | None = None
+    attempt: int | None = None  # at the last look that saw it
+    first_at: float | None = None  # first seen parked (or taken)
+    last_at: float | None = None  # last look that saw it where ``state`` says
+    left_at: float | None = None  # the look that found it gone from the DLQ key
+    hit: Hit | None = None  # the last sighting
 
 
 def identity(spec: RedisDlqHop) -> RedisDlqHop:
@@ -82,6 +92,32 @@ class Target:
         self.dirty = True
         self.rescan = True  # glob: SCAN for matching keys at the next look
         self.guard: Guard | None = None
+        # For ``explain``'s near misses: each distinct entry met in a DLQ key, (key, member or
+        # stream id) -> [first seen, last seen, its trace ids]; bounded, oldest dropped first.
+        self.sightings: dict[tuple[str, str], list[Any]] = {}
+        self.sightings_cut = -math.inf  # sightings last seen before this were dropped
+
+    def saw(self, key: str, ident: str, traces: tuple[str, ...]) -> None:
+        now = clock.now()
+        s = self.sightings.get((key, ident))
+        if s is None:
+            self.sightings[(key, ident)] = [now, now, traces]
+            if len(self.sightings) > SIGHTINGS:
+                keep = sorted(self.sightings.items(), key=lambda kv: kv[1][1])[-SIGHTINGS // 2 :]
+                self.sightings_cut = keep[0][1][1]
+                self.sightings = dict(keep)
+        else:
+            s[1] = now
+
+    def others(self, tid: str, start: float, end: float) -> tuple[int, bool]:
+        """Entries in the DLQ key(s) during ``[start, end]`` not carrying ``tid``, and whether
+        the count is only a lower bound (older sightings were dropped)."""
+        n = sum(
+            1
+            for f, last, traces in self.sightings.values()
+            if f <= end and last >= start and tid not in traces
+        )
+        return n, start < self.sightings_cut
 
     def matches(self, key: str) -> str | None:
         """The role ``key`` plays for this target: main, aux or None."""
@@ -140,6 +176,8 @@ class Target:
             hit = main.get(tid)
             if hit is not None:
                 attempt = hit.info.attempt
+                tr.state, tr.attempt, tr.last_at, tr.hit = "parked", attempt, when.at, hit
+                tr.first_at = when.at if tr.first_at is None else tr.first_at
                 if hit.handle is not None:
                     self.handles[(hit.key, hit.handle)] = tid
                 if "entry" not in tr.seen:
@@ -160,6 +198,14 @@ class Target:
             self.present.discard(tid)
             in_proc = tid in proc
             gone = dead.get(tid) if dead else None
+            if in_proc or gone or was:
+                tr.state = "dead" if gone else "processing" if in_proc else "gone"
+                tr.first_at = when.at if tr.first_at is None else tr.first_at
+                tr.last_at = when.at
+                if was or tr.left_at is None:
+                    tr.left_at = when.at
+                if gone is not None:
+                    tr.attempt, tr.hit = gone.info.attempt, gone
             if (in_proc or gone) and "entry" not in tr.seen:  # taken before we saw it parked
                 tr.attempt0 = (gone.info.attempt if gone else None) or first
                 self._emit(tid, "entry", when, gone)
