@@ -217,7 +217,7 @@ def port_finding(where: str, host: str, port: int) -> Finding:
 def auth_finding(where: str, how: str | None) -> Finding:
     """``how`` names the authentication in use (never its value); None: unauthenticated, which
     ``validate`` only lets through with ``allow_unauthenticated`` on loopback: fine, but said."""
-    check = f"{where}: authentication is set"
+    check = f"{where}: authentication"
     if how is None:
         return Finding(
             check, True, "unauthenticated: any process that learns a trace id can forge a sighting"
