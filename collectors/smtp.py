@@ -25,6 +25,10 @@ Under pressure (one hostile mail froze a canary for 70 s once):
   ``rcpt_token`` the funnel must put in the recipient's subaddress (``approver+<token>@...``);
   ``allow_unauthenticated: true`` on loopback only, with a warning at start. The token is
   stripped from every recipient before matching and reporting.
+
+Evidence: the last deliveries (time, recipient, outcome and why, watched trace ids; no bodies, no
+secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its path
+instead (``explain``). The preflight binds the port once and names the authentication in use.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Honesty rules:
   delivery may have been refused becomes ``unknown``, never ``lost``; the log line is
   rate-limited.
 
+Evidence: the last deliveries (time, path, outcome and why, watched trace ids; no bodies, no
+secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its path
+instead (``explain``). The preflight binds the port once and names the authentication in use.
+
 Other collectors can receive pushes here too: ``route(path, on_body)`` hands them every
 accepted body on ``path`` (the PostHog collector uses this for realtime destinations).
 """
