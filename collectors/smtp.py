@@ -27,7 +27,7 @@ Under pressure (one hostile mail froze a canary for 70 s once):
   stripped from every recipient before matching and reporting.
 
 Evidence: the last deliveries (time, recipient, outcome and why, watched trace ids; no bodies, no
-secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its path
+secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its recipient
 instead (``explain``). The preflight binds the port once and names the authentication in use.
 """
 
