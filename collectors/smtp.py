@@ -25,6 +25,10 @@ Under pressure (one hostile mail froze a canary for 70 s once):
   ``rcpt_token`` the funnel must put in the recipient's subaddress (``approver+<token>@...``);
   ``allow_unauthenticated: true`` on loopback only, with a warning at start. The token is
   stripped from every recipient before matching and reporting.
+
+Evidence: the last deliveries (time, recipient, outcome and why, watched trace ids; no bodies, no
+secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its recipient
+instead (``explain``). The preflight binds the port once and names the authentication in use.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ from typing import Any, ClassVar, Literal
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import Field, field_validator, model_validator
 
-from tracer import clock, mime
+from tracer import clock, mime, receipts
+from tracer.evidence import Evidence
 from tracer.net import is_loopback
-from tracer.plugins import SinkPlugin
+from tracer.plugins import Finding, SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
@@ -138,6 +143,7 @@ class _Handler:
     ) -> str:
         if self._collector.config.auth_username is not None and not session.authenticated:
             self._collector._count("unauthenticated")
+            self._collector.receipts.add(clock.now(), (), "unauthenticated: no SMTP AUTH")
             return "530 5.7.0 Authentication required"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -149,6 +155,9 @@ class _Handler:
         token = self._collector.config.rcpt_token
         if token is not None and not _has_token(address, token.get_secret_value()):
             self._collector._count("unauthenticated")
+            self._collector.receipts.add(
+                clock.now(), (_bare(address),), "unauthenticated: recipient without the rcpt_token"
+            )
             return "550 5.7.1 recipient not accepted"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -179,6 +188,15 @@ class _CappedSMTP(SMTP):
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(reader, writer)
         _yielding(reader)
+
+    async def push(self, status: str) -> None:
+        # aiosmtpd refuses an oversized mail itself (SIZE= on MAIL, or too much DATA): record it.
+        if status.startswith("552 Error:"):
+            rcpts = self.envelope.rcpt_tos if self.envelope is not None else []
+            self.collector.receipts.add(
+                clock.now(), [_bare(a) for a in rcpts], "oversized: over data_size_limit"
+            )
+        await super().push(status)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -278,6 +296,15 @@ def _has_token(address: str, token: str) -> bool:
     return any(hmac.compare_digest(tag.encode(), token.encode()) for tag in local.split("+")[1:])
 
 
+def _bare(address: str) -> str:
+    """``approver+anything@x`` -> ``approver@x``, lower case: a refused recipient's subaddress may
+    be a wrong (or old) token, so none is kept."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    return (local.split("+")[0] + (f"@{domain}" if at else "")).lower()
+
+
 def _untoken(address: str, token: str | None) -> str:
     """``approver+<token>@x`` -> ``approver@x``: the token never reaches matching or a report."""
     if not token:
@@ -307,6 +334,7 @@ class SmtpCollector:
         self._parsing = 0
         self._throttle = Throttle(log)
         self._last_refused = -math.inf
+        self.receipts = receipts.Receipts()  # the last mails, for ``explain``
         self.counters = dict.fromkeys(("received", "matched", "unparsable"), 0)
         self.rejected = dict.fromkeys(("unauthenticated", "too_complex", "parse_timeout", "refused"), 0)
 
@@ -344,6 +372,7 @@ class SmtpCollector:
 
         self._server = await loop.create_server(protocol, host=cfg.host, port=cfg.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        receipts.hold(cfg.host, self.port)
         self.coverage.looked(clock.now())
         self._heartbeat = asyncio.create_task(self._beat(), name="smtp-heartbeat")
         log.info("smtp receiver listening on %s:%d", cfg.host, self.port)
@@ -353,6 +382,8 @@ class SmtpCollector:
         if self._heartbeat:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.port is not None:
+            receipts.release(self.config.host, self.port)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -363,6 +394,19 @@ class SmtpCollector:
 
     def unwatch(self, w: Watch) -> None:
         self._index.discard(w)
+
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """What mail reached the hop's recipient (any, without ``to``) in its window: rejections
+        by reason, mails without the trace id, the trace id mailed to someone else. A rejection
+        before any recipient was named (no AUTH) counts for every hop."""
+        hop: SmtpHop = w.sink_spec
+        to = hop.to.lower() if hop.to else None
+        place = to or "the receiver"
+
+        def on_place(r: receipts.Receipt) -> bool:
+            return to is None or not r.where or to in r.where
+
+        return receipts.explain(base, self.receipts, w.trace_id, start, end, place, on_place, WORDING)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -420,6 +464,7 @@ class SmtpCollector:
 
     def _refuse(self, now: float) -> None:
         self._count("refused")
+        self.receipts.add(now, (), "overload: too many connections (421)")
         self._last_refused = now
         self._blind(now, "refused", "refused a connection (421): %d sessions open", len(self._sessions))
 
@@ -431,13 +476,27 @@ class SmtpCollector:
         bound is refused (it is hostile or broken) and leaves the collector blind for that moment."""
         self.coverage.looked(received)
         self.counters["received"] += 1
+        cfg = self.config
+        token = cfg.rcpt_token.get_secret_value() if cfg.rcpt_token else None
+        envelope_rcpts = [_untoken(a, token).lower() for a in envelope.rcpt_tos]
         if not len(self._index):
+            self.receipts.add(received, envelope_rcpts)
             return "250 OK"
+        reply, rejected, ids, matched, rcpts = await self._deliver(raw, envelope, received, token)
+        where = [*envelope_rcpts, *sorted(rcpts - set(envelope_rcpts))]  # envelope first, then To/Cc
+        self.receipts.add(clock.now() if rejected else received, where, rejected, ids, matched)
+        return reply
+
+    async def _deliver(
+        self, raw: bytes, envelope: Envelope, received: float, token: str | None
+    ) -> tuple[str, str | None, set[str], set[str], set[str]]:
+        """(SMTP reply, rejection label or None, watched trace ids carried, those matched, the
+        recipients from the envelope and the To/Cc headers; token-free)."""
         cfg = self.config
         if self._parsing >= 4:  # both workers busy and a queue: ask the sender to come back
             self._count("refused")
             self._blind(received, "busy", "mail parsers busy; a mail was deferred (451)")
-            return "451 4.3.2 busy, try again later"
+            return "451 4.3.2 busy, try again later", "overload: mail parsers busy (451)", set(), set(), set()
         limits = Limits(cfg.max_parts, cfg.max_depth, cfg.max_headers, clock.now() + cfg.parse_timeout)
         loop = asyncio.get_running_loop()
         self._parsing += 1
@@ -447,24 +506,34 @@ class SmtpCollector:
         except TooComplex as exc:
             self._count("too_complex")
             self._blind(clock.now(), "too_complex", "refused a mail: %s", exc)
-            return f"552 5.3.4 message too complex: {exc}"
+            return f"552 5.3.4 message too complex: {exc}", f"too complex: {exc}", set(), set(), set()
         except (TimeoutError, asyncio.TimeoutError):
             self._count("parse_timeout")
             self._blind(
                 clock.now(), "parse_timeout", "a mail took over %gs to parse; deferred", cfg.parse_timeout
             )
-            return "451 4.3.0 message took too long to inspect"
+            return (
+                "451 4.3.0 message took too long to inspect",
+                "parse timeout: over parse_timeout",
+                set(),
+                set(),
+                set(),
+            )
         except Exception as exc:  # the parser is lenient; anything left is a mail we cannot read
             self.counters["unparsable"] += 1
             self._blind(clock.now(), "unparsable", "could not parse a received mail: %s", type(exc).__name__)
-            return "250 OK"
+            return "250 OK", "malformed: unparsable mail", set(), set(), set()
         finally:
             self._parsing -= 1
-        token = cfg.rcpt_token.get_secret_value() if cfg.rcpt_token else None
+        ids: set[str] = set()
+        matched: set[str] = set()
         rcpts = {_untoken(a, token).lower() for a in (*envelope.rcpt_tos, *parsed.rcpts)}
-        for where, ids in parsed.ids.items():
-            for tid in ids:
-                for w in list(self._index.get(tid)):
+        for where, found in parsed.ids.items():
+            for tid in found:
+                watches = list(self._index.get(tid))
+                if watches:
+                    ids.add(tid)
+                for w in watches:
                     hop: SmtpHop = w.sink_spec
                     if where not in hop.where or (hop.to is not None and hop.to.lower() not in rcpts):
                         continue
@@ -472,7 +541,29 @@ class SmtpCollector:
                     w.observe(Observation(at=received, not_before=received, source="push", detail=detail))
                     self._index.discard(w)
                     self.counters["matched"] += 1
-        return "250 OK"
+                    matched.add(tid)
+        return "250 OK", None, ids, matched, rcpts
+
+
+WORDING = receipts.Wording(
+    noun=("mail", "mails"),
+    field="to",
+    outside="outside the hop's where (subject, headers, body)",
+    auth_hint="the funnel's rcpt_token (approver+<token>@...) or SMTP AUTH does not match collectors.smtp",
+)
+
+
+async def _preflight(config: SmtpConfig, hops: list[SmtpHop]) -> list[Finding]:
+    """The port can be bound (see ``receipts.port_finding`` for the canary, where our own
+    receiver holds it already) and the authentication in use, by name only."""
+    where = "collectors.smtp"
+    how = [
+        name for name, on in (("SMTP AUTH", config.auth_username), ("rcpt_token", config.rcpt_token)) if on
+    ]
+    return [
+        receipts.port_finding(where, config.host, config.port),
+        receipts.auth_finding(where, " and ".join(how) or None),
+    ]
 
 
 plugin = SinkPlugin(
@@ -481,4 +572,5 @@ plugin = SinkPlugin(
     hop=SmtpHop,
     factory=SmtpCollector,
     summary="an SMTP server that receives e-mail notifications",
+    preflight=_preflight,
 )

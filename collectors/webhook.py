@@ -29,6 +29,10 @@ Honesty rules:
   delivery may have been refused becomes ``unknown``, never ``lost``; the log line is
   rate-limited.
 
+Evidence: the last deliveries (time, path, outcome and why, watched trace ids; no bodies, no
+secrets) stay in a bounded ring (``tracer.receipts``), so a lost hop says what reached its path
+instead (``explain``). The preflight binds the port once and names the authentication in use.
+
 Other collectors can receive pushes here too: ``route(path, on_body)`` hands them every
 accepted body on ``path`` (the PostHog collector uses this for realtime destinations).
 """
@@ -54,10 +58,11 @@ import uvicorn
 from pydantic import Field, field_validator, model_validator
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from tracer import clock
+from tracer import clock, receipts
+from tracer.evidence import Evidence
 from tracer.net import is_loopback
 from tracer.payload import strings_in, value_at
-from tracer.plugins import SinkPlugin
+from tracer.plugins import Finding, SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
@@ -154,9 +159,10 @@ class WebhookHop(Model):
 class _Rejected(Exception):
     """A request we answer with an error status; never a crash, never a match."""
 
-    def __init__(self, status: int, counter: str, message: str) -> None:
+    def __init__(self, status: int, counter: str, message: str, why: str) -> None:
         super().__init__(message)
         self.status, self.counter, self.message = status, counter, message
+        self.why = f"{counter}: {why}"  # the evidence's label; never names a secret
 
 
 class _Server(uvicorn.Server):
@@ -194,6 +200,7 @@ class _Guard:
             victims = [q for q in self.conns if q.phase in ("idle", "head")]
             if not victims:
                 self.collector._refused(now)
+                self.collector.receipts.add(now, (), "overload: refused (503), every connection busy")
                 p.refused = True
                 p.transport.write(_503)
                 # Closing at once, with the request unread, would reset the connection before
@@ -212,6 +219,7 @@ class _Guard:
                     "shed a connection %.0f ms old under a connection flood",
                     1000 * (now - victim.since),
                 )
+                self.collector.receipts.add(now, (), "overload: shed under a connection flood")
             self.drop(victim)
         self.conns[p] = None
         return True
@@ -225,6 +233,7 @@ class _Guard:
             elif p.phase == "body" and now - p.since > cfg.body_timeout:
                 # The head passed: this may have been a delivery we will never see.
                 self.collector._count("timed_out")
+                self.collector.receipts.add(now, (), "timed out: the body took over body_timeout")
                 self.collector._blind(
                     now, "body_timeout", "a request body took over %gs; dropped", cfg.body_timeout
                 )
@@ -287,6 +296,7 @@ class _GuardedH11(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         self.guard.collector._count("malformed")
+        self.guard.collector.receipts.add(clock.now(), (), "malformed: not valid HTTP")
         super().send_400_response(msg)
 
     def _update(self) -> None:
@@ -334,6 +344,7 @@ class WebhookCollector:
         self._guard = _Guard(self)
         self._throttle = Throttle(log)
         self._last_refused = -math.inf
+        self.receipts = receipts.Receipts()  # the last deliveries, for ``explain``
         self.counters = dict.fromkeys(("accepted", "matched", "routed", "handler_errors"), 0)
         # Requests or connections turned away, by reason (health()["rejected"], /metrics).
         self.rejected = dict.fromkeys(
@@ -353,6 +364,7 @@ class WebhookCollector:
             )
         sock = bind(self.config.host, self.config.port)
         self.port = sock.getsockname()[1]
+        receipts.hold(self.config.host, self.port)
         protocol = type("_ReceiverH11", (_GuardedH11,), {"guard": self._guard})
         uv_config = uvicorn.Config(
             self._app,
@@ -385,6 +397,8 @@ class WebhookCollector:
         if self._heartbeat:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.port is not None:
+            receipts.release(self.config.host, self.port)
         for p in list(self._guard.conns):  # half-sent requests would hold the shutdown up
             if p.phase != "busy":
                 self._guard.drop(p)
@@ -401,6 +415,21 @@ class WebhookCollector:
 
     def unwatch(self, w: Watch) -> None:
         self._index.discard(w)
+
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """What reached the hop's path in its window (``tracer.receipts``): rejections by reason,
+        deliveries without the trace id, and the trace id seen on another path."""
+        path = w.sink_spec.path
+        return receipts.explain(
+            base,
+            self.receipts,
+            w.trace_id,
+            start,
+            end,
+            f"/{path}",
+            lambda r: r.where[:1] == (path,),
+            WORDING,
+        )
 
     def health(self) -> dict[str, Any]:
         return {
@@ -487,6 +516,8 @@ class WebhookCollector:
             status, text = self._handle(scope, await self._read(scope, receive))
         except _Rejected as rej:
             self.rejected[rej.counter] += 1
+            path = scope.get("funnel_tracer.path")
+            self.receipts.add(clock.now(), (path,) if path else (), rej.why)
             status, text = rej.status, rej.message
         except Exception:  # a receiver bug answers 500 and keeps serving
             self.counters["handler_errors"] += 1
@@ -508,37 +539,40 @@ class WebhookCollector:
         """Authenticate the path, then read at most ``max_body`` bytes. Returns the hop path,
         the raw body and when it finished arriving."""
         if scope["method"] != "POST":
-            raise _Rejected(405, "malformed", "POST only\n")
-        path = self._hop_path(scope["path"])
+            raise _Rejected(405, "malformed", "POST only\n", "not a POST")
+        path = scope["funnel_tracer.path"] = self._hop_path(scope)
         limit = self.config.max_body
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise _Rejected(413, "oversized", "body too large\n")
+            raise _Rejected(413, "oversized", "body too large\n", "over max_body")
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _Rejected(400, "malformed", "client went away\n")
+                raise _Rejected(400, "malformed", "client went away\n", "the sender went away mid-body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _Rejected(413, "oversized", "body too large\n")
+                raise _Rejected(413, "oversized", "body too large\n", "over max_body")
             chunks.append(chunk)
             more = message.get("more_body", False)
         return path, b"".join(chunks), clock.now()
 
-    def _hop_path(self, raw: str) -> str:
+    def _hop_path(self, scope: dict[str, Any]) -> str:
         """Strip and check the secret segment; what remains is the hop path."""
-        path = raw.strip("/")
+        path = scope["path"].strip("/")
         if self.config.secret_path is not None:
             first, _, path = path.partition("/")
             expected = self.config.secret_path.get_secret_value()
             if not hmac.compare_digest(first.encode(), expected.encode()):
-                raise _Rejected(401, "unauthenticated", "unauthorized\n")
+                # For the evidence: what follows the (wrong) secret segment, or the one segment
+                # posted without any. The segment itself is never kept.
+                scope["funnel_tracer.path"] = path or first
+                raise _Rejected(401, "unauthenticated", "unauthorized\n", "wrong or missing secret")
         if not path:
-            raise _Rejected(404, "malformed", "no receiver path\n")
+            raise _Rejected(404, "malformed", "no receiver path\n", "no receiver path")
         return path
 
     def _handle(self, scope: dict[str, Any], read: tuple[str, bytes, float]) -> tuple[int, str]:
@@ -547,8 +581,11 @@ class WebhookCollector:
             self._verify(scope, raw)
         body = _parse(raw, _header(scope, b"content-type") or "")
         self.counters["accepted"] += 1
+        ids: set[str] = set()
+        matched: set[str] = set()
         if len(self._index):
-            self._match(path, body, received)
+            ids, matched = self._match(path, body, received)
+        self.receipts.add(received, (path,), None, ids, matched)
         status = 200
         for on_body in self._routes.get(path, ()):
             self.counters["routed"] += 1
@@ -568,22 +605,29 @@ class WebhookCollector:
         if cfg.hmac_scheme == "body":
             want = hmac.new(key, raw, hashlib.sha256).hexdigest()
             if not hmac.compare_digest(got.removeprefix("sha256=").lower().encode(), want.encode()):
-                raise _Rejected(401, "unauthenticated", "bad signature\n")
+                raise _Rejected(401, "unauthenticated", "bad signature\n", "wrong or missing signature")
             return
         ts, sigs = _timestamped(got)
         if ts is None:
-            raise _Rejected(401, "unauthenticated", "bad signature\n")
+            raise _Rejected(401, "unauthenticated", "bad signature\n", "wrong or missing signature")
         want = hmac.new(key, ts.encode() + b"." + raw, hashlib.sha256).hexdigest().encode()
         # Every v1 is compared (senders send several while rotating secrets).
         if not any(hmac.compare_digest(sig.lower().encode(), want) for sig in sigs):
-            raise _Rejected(401, "unauthenticated", "bad signature\n")
+            raise _Rejected(401, "unauthenticated", "bad signature\n", "wrong or missing signature")
         # After the signature: only an authentic but old (or future) delivery counts as a replay.
         if abs(time.time() - int(ts)) > cfg.hmac_tolerance:
-            raise _Rejected(401, "replayed", "timestamp outside tolerance\n")
+            raise _Rejected(401, "replayed", "timestamp outside tolerance\n", "signed outside hmac_tolerance")
 
-    def _match(self, path: str, body: Body, received: float) -> None:
+    def _match(self, path: str, body: Body, received: float) -> tuple[set[str], set[str]]:
+        """Observe the watches this body is a sighting for. Returns the watched trace ids it
+        carried and those it matched (for the evidence)."""
+        watched: set[str] = set()
+        matched: set[str] = set()
         for tid in set(TRACE_ID.findall("\n".join(strings_in(body)).lower())):
-            for w in list(self._index.get(tid)):
+            watches = list(self._index.get(tid))
+            if watches:
+                watched.add(tid)
+            for w in watches:
                 hop: WebhookHop = w.sink_spec
                 if hop.path != path:
                     continue
@@ -595,6 +639,8 @@ class WebhookCollector:
                 w.observe(Observation(at=received, not_before=received, source="push", detail={"path": path}))
                 self._index.discard(w)
                 self.counters["matched"] += 1
+                matched.add(tid)
+        return watched, matched
 
 
 def _timestamped(value: str) -> tuple[str | None, list[str]]:
@@ -640,10 +686,35 @@ def _parse(raw: bytes, content_type: str) -> Body:
             return text
         body = json.loads(text)
     except (ValueError, KeyError, RecursionError) as exc:
-        raise _Rejected(400, "malformed", "malformed body\n") from exc
+        raise _Rejected(400, "malformed", "malformed body\n", "body not JSON, form or text") from exc
     if not isinstance(body, (dict, list, str)):
-        raise _Rejected(400, "malformed", "expected a JSON object, array or string\n")
+        raise _Rejected(
+            400, "malformed", "expected a JSON object, array or string\n", "not an object or array"
+        )
     return body
+
+
+WORDING = receipts.Wording(
+    noun=("delivery", "deliveries"),
+    field="path",
+    outside="outside the hop's json_path",
+    auth_hint="the funnel's webhook secret or URL path does not match collectors.webhook",
+)
+
+
+async def _preflight(config: WebhookConfig, hops: list[WebhookHop]) -> list[Finding]:
+    """The port can be bound (see ``receipts.port_finding`` for the canary, where our own
+    receiver holds it already) and the authentication in use, by name only."""
+    where = "collectors.webhook"
+    how = [
+        name for name, on in (("secret_path", config.secret_path), ("hmac_secret", config.hmac_secret)) if on
+    ]
+    if config.hmac_secret is not None and config.hmac_scheme == "timestamped":
+        how[-1] += " (timestamped)"
+    return [
+        receipts.port_finding(where, config.host, config.port),
+        receipts.auth_finding(where, " and ".join(how) or None),
+    ]
 
 
 plugin = SinkPlugin(
@@ -652,4 +723,5 @@ plugin = SinkPlugin(
     hop=WebhookHop,
     factory=WebhookCollector,
     summary="an HTTP receiver for Slack-style or generic JSON webhook notifications",
+    preflight=_preflight,
 )

@@ -32,7 +32,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     (
         "pipeline contracts",
-        ["tracer.watch", "tracer.verdict", "tracer.evidence", "tracer.inject", "tracer.plugins"],
+        [
+            "tracer.watch",
+            "tracer.verdict",
+            "tracer.evidence",
+            "tracer.inject",
+            "tracer.plugins",
+            "tracer.receipts",
+        ],
     ),
     ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*", "tracer.gauges"]),
     ("the spec", ["tracer.spec"]),
