@@ -42,6 +42,7 @@ from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class HttpJsonCollector:
     def __init__(self, config: HttpJsonConfig, client: httpx.AsyncClient | None = None) -> None:
         self.config = config
         self.coverage = Coverage(retroactive=config.retroactive)
+        self._supervisor = Supervisor("http-json-poller", self.coverage)
         self.interval = poll_interval(config)
         self._items = jmespath.compile(config.items)
         self._path = jmespath.compile(config.match.path) if config.match.path else None
@@ -187,7 +189,7 @@ class HttpJsonCollector:
         if self._client is None:
             self._client = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"})
         self.coverage.looked(clock.now())
-        self._task = asyncio.create_task(self._run(), name="http-json-poller")
+        self._task = self._supervisor.start(self._run)
 
     async def close(self) -> None:
         if self._task:
@@ -209,6 +211,7 @@ class HttpJsonCollector:
             "interval_s": self.interval,
             "requests": self.requests,
             "failed_requests": self.failed_requests,
+            "internal_errors": self._supervisor.crashes,
             "in_flight": len(self._index),
             "last_error": self.last_error,
         }

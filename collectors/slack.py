@@ -36,6 +36,7 @@ from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class SlackCollector:
         self.config = config
         self.interval = poll_interval(config)
         self.coverage = Coverage(retroactive=True)
+        self._supervisor = Supervisor("slack-poller", self.coverage)
         self._index = WatchIndex()
         self._client = client
         self._own_client = client is None
@@ -125,7 +127,7 @@ class SlackCollector:
         if self._client is None:
             self._client = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"})
         self.coverage.looked(clock.now())  # nothing in flight yet, nothing to miss
-        self._task = asyncio.create_task(self._run(), name="slack-poller")
+        self._task = self._supervisor.start(self._run)
 
     async def close(self) -> None:
         if self._task:
@@ -158,6 +160,7 @@ class SlackCollector:
             "calls": self.calls,
             "failed_calls": self.failed_calls,
             "rate_limited": self.rate_limited,
+            "internal_errors": self._supervisor.crashes,
             "in_flight": len(self._index),
             "last_error": self.last_error,
         }

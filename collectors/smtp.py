@@ -55,6 +55,7 @@ from tracer.plugins import Finding, SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class SmtpCollector:
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config
         self.coverage = Coverage(retroactive=False)
+        self._supervisor = Supervisor("smtp-heartbeat", self.coverage)
         self.port: int | None = None
         self._index = WatchIndex()
         self._handler = _Handler(self)
@@ -374,7 +376,7 @@ class SmtpCollector:
         self.port = self._server.sockets[0].getsockname()[1]
         receipts.hold(cfg.host, self.port)
         self.coverage.looked(clock.now())
-        self._heartbeat = asyncio.create_task(self._beat(), name="smtp-heartbeat")
+        self._heartbeat = self._supervisor.start(self._beat)
         log.info("smtp receiver listening on %s:%d", cfg.host, self.port)
 
     async def close(self) -> None:

@@ -66,6 +66,7 @@ from tracer.plugins import Finding, SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,7 @@ class WebhookCollector:
     def __init__(self, config: WebhookConfig) -> None:
         self.config = config
         self.coverage = Coverage(retroactive=False)
+        self._supervisor = Supervisor("webhook-heartbeat", self.coverage)
         self.port: int | None = None  # the bound port, once started
         self._index = WatchIndex()
         self._routes: dict[str, list[OnBody]] = {}
@@ -389,7 +391,7 @@ class WebhookCollector:
             await asyncio.sleep(0.005)
         self._serving.add_done_callback(self._on_server_exit)
         self.coverage.looked(clock.now())
-        self._heartbeat = asyncio.create_task(self._beat(), name="webhook-heartbeat")
+        self._heartbeat = self._supervisor.start(self._beat)
         log.info("webhook receiver listening on %s:%d", self.config.host, self.port)
 
     async def close(self) -> None:

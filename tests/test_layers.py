@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tracer.inject",
             "tracer.plugins",
             "tracer.receipts",
+            "tracer.supervise",
         ],
     ),
     ("plugins: sinks and injectors", ["collectors", "collectors.*", "tracer.inject.*", "tracer.gauges"]),

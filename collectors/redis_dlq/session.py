@@ -35,6 +35,7 @@ from collectors.redis_dlq.target import Target, Targets, When
 from tracer import clock
 from tracer.net import redact_url
 from tracer.net import short_redis_error as short_error
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Session:
     def __init__(self, config: RedisDlqConfig, coverage: Coverage, targets: Targets) -> None:
         self.config = config
         self.coverage = coverage
+        self.supervisor = Supervisor("redis-dlq-collector", coverage)
         self._targets = targets
         self._url = config.url.get_secret_value()
         self._subscribed: set[str] = set()
@@ -79,7 +81,7 @@ class Session:
         self.last_error: str | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="redis-dlq-collector")
+        self._task = self.supervisor.start(self._run)
         # Return once the first look is done (or failed), so coverage means something.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.ready.wait(), self.config.timeout * 2 + 1)
