@@ -7,8 +7,10 @@ cycle costs the same with one probe in flight or a thousand.
 Honesty rules:
 - ``"refresh": "force_blocking"`` and a result with ``is_cached: true`` is no evidence.
 - A match is placed in ``(previous good look, this response]``: that span is the error bar.
-- 429/5xx/timeouts make the collector blind (``Coverage.failed``) and back off, honoring
-  ``Retry-After``. Its window query is retroactive: the next good look still finds events that
+- 429/5xx/timeouts make the collector blind (``Coverage.failed`` with why) and back off, honoring
+  ``Retry-After``. 400/401/403/404 (query rejected, key or scope, project) are permanent: the
+  collector is broken (``Coverage.broke``) so waits end at once with the cause; it keeps looking
+  at its longest backoff, and a later good look clears it. Its window query is retroactive: the next good look still finds events that
   arrived while blind, only their timing is uncertain.
 """
 
@@ -28,6 +30,7 @@ import httpx
 from pydantic import Field, model_validator
 
 from tracer import clock
+from tracer.evidence import excerpt
 from tracer.payload import value_at
 from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
@@ -83,6 +86,7 @@ def poll_interval(cfg: PostHogConfig) -> float:
     return max(cfg.min_interval, 1.0 / per_s)
 
 
+PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
@@ -209,6 +213,7 @@ class PostHogCollector:
         self.last_cycle_gap = self.interval
         self._backoff = 0.0
         self._retry_after: str | None = None
+        self._permanent = False  # the last failed answer was a setup error (see PERMANENT)
         self.malformed_answers = 0  # 200s that were not a complete result set
         self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
         self.internal_errors = 0  # unexpected exceptions caught by the poll loop
@@ -251,6 +256,7 @@ class PostHogCollector:
     def health(self) -> dict[str, Any]:
         return {
             "up": not self.coverage.blind_now,
+            "broken": self.coverage.broken,
             "interval_s": self.interval,
             "queries": self.queries,
             "failed_queries": self.failed_queries,
@@ -331,6 +337,8 @@ class PostHogCollector:
             first_sent = sent if first_sent is None else first_sent
             data = await self._ask(query)
             if isinstance(data, str):
+                if self._permanent:
+                    return self._broke(first_sent, data)
                 return self._fail(first_sent, data, self._retry_after)
             received = clock.now()
             self._match(data, lookup, received)  # rows seen are real sightings, cut or not
@@ -368,6 +376,7 @@ class PostHogCollector:
         self.last_query_bytes = len(query)
         self.queries += 1
         self._retry_after = None
+        self._permanent = False
         try:
             resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
         except httpx.TimeoutException:
@@ -378,8 +387,9 @@ class PostHogCollector:
             self._retry_after = resp.headers.get("Retry-After")
             return f"HTTP {resp.status_code}"
         if resp.status_code != 200:
-            # 202 (still running), 400 (query rejected), 401/403 (key): no evidence either way.
-            detail = _error_detail(resp)
+            # 202 (still running): no evidence; 400/401/403/404: a setup error, no look will succeed.
+            self._permanent = resp.status_code in PERMANENT
+            detail = excerpt(_error_detail(resp), [self.config.personal_api_key.get_secret_value()], 200)
             return f"HTTP {resp.status_code}{': ' + detail if detail else ''}"
         try:
             data = resp.json()
@@ -485,10 +495,22 @@ class PostHogCollector:
         if w.expect_sources <= {o.source for o in w.observations}:
             self._index.discard(w)
 
+    def _broke(self, sent: float, error: str) -> float:
+        """A setup error: every wait on this collector ends now with ``error`` as the cause; the
+        collector keeps looking at its longest backoff (a later good look clears it)."""
+        first = self.coverage.broken is None
+        self.failed_queries += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        self._backoff = self.config.max_backoff
+        if first:
+            log.error("posthog query refused: %s (hops on this sink are unknown until it is fixed)", error)
+        return self._backoff
+
     def _fail(self, sent: float, error: str, retry_after: str | None, quiet: bool = False) -> float:
         self.failed_queries += 1
         self.last_error = error
-        self.coverage.failed(sent)
+        self.coverage.failed(sent, error)
         self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
         delay = self._backoff * (0.8 + 0.4 * random.random())
         if retry_after:
