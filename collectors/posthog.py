@@ -24,13 +24,15 @@ import math
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import Field, model_validator
 
 from tracer import clock
-from tracer.evidence import excerpt
+from tracer.evidence import Evidence, excerpt
 from tracer.payload import value_at
 from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
@@ -86,6 +88,7 @@ def poll_interval(cfg: PostHogConfig) -> float:
     return max(cfg.min_interval, 1.0 / per_s)
 
 
+_REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")  # of a poll answer
 PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
@@ -187,6 +190,65 @@ def build_query(
     return query, {"props": props, "groups": groups, "limit": limit}
 
 
+EXPLAIN_BATCH = 40  # near-miss lookups answered by one query; the rest wait for the next cycle
+EXPLAIN_WAIT = 12.0  # how long explain() waits for its batch (the engine gives it 15 s)
+# Near-miss counts look a little past the hop's window for an emitter's clock skew: 1 s before the
+# injection (its event cannot really precede it), 5 s after the end.
+EXPLAIN_SLACK = (1.0, 5.0)
+SAMPLE_VALUES = 5
+
+
+@dataclass
+class _Ask:
+    """One pending near-miss lookup: an event name, the field it was matched on, a window."""
+
+    event: str
+    field: str  # HogQL expression
+    match: str  # HogQL condition that the probe's own event meets
+    lo: int
+    hi: int
+    answer: asyncio.Future[dict[str, Any] | str] = dc_field(repr=False)
+
+
+def build_explain_query(asks: list[_Ask]) -> str:
+    """One grouped HogQL query for every pending near-miss lookup::
+
+        SELECT event,
+               countIf(W0) AS n0,                          -- events of that name in the window
+               countIf(W0 AND isNull(F0)) AS z0,           -- ... with the field null or missing
+               countIf(W0 AND M0) AS h0,                   -- ... that match the probe (arrived late)
+               groupUniqArrayIf(5)(toString(F0), W0 AND isNotNull(F0)) AS v0,   -- a few values
+               ...
+        FROM events WHERE timestamp >= … AND timestamp <= … AND event IN (…) GROUP BY event
+
+    One query whatever the number of lost probes: near misses fit PostHog's query budget."""
+    cols = ["event"]
+    for i, a in enumerate(asks):
+        win = (
+            f"timestamp >= toDateTime({_lit(_ch_time(a.lo))}, 'UTC') "
+            f"AND timestamp <= toDateTime({_lit(_ch_time(a.hi))}, 'UTC')"
+        )
+        cols += [
+            f"countIf({win}) AS n{i}",
+            f"countIf({win} AND isNull({a.field})) AS z{i}",
+            f"countIf({win} AND {a.match}) AS h{i}",
+            f"groupUniqArrayIf({SAMPLE_VALUES})(toString({a.field}), {win} AND isNotNull({a.field})) AS v{i}",
+        ]
+    events = ", ".join(_lit(e) for e in sorted({a.event for a in asks}))
+    lo, hi = min(a.lo for a in asks), max(a.hi for a in asks)
+    return (
+        f"SELECT {', '.join(cols)} FROM events "
+        f"WHERE timestamp >= toDateTime({_lit(_ch_time(lo))}, 'UTC') "
+        f"AND timestamp <= toDateTime({_lit(_ch_time(hi))}, 'UTC') "
+        f"AND event IN ({events}) GROUP BY event LIMIT {len(asks) + 1}"
+    )
+
+
+def _trim(text: str, trace_id: str, limit: int = 40) -> str:
+    text = text.replace(trace_id, trace_id[:4] + "…")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _ch_time(epoch: float) -> str:
     return clock.iso(math.floor(epoch))[:19].replace("T", " ")
 
@@ -218,6 +280,8 @@ class PostHogCollector:
         self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
         self.internal_errors = 0  # unexpected exceptions caught by the poll loop
         self._crash_kinds: set[str] = set()
+        self._asks: list[_Ask] = []  # near-miss lookups for the next cycle (see explain)
+        self.explain_queries = 0
 
     # -- Collector protocol -------------------------------------------------
     @property
@@ -283,7 +347,7 @@ class PostHogCollector:
     async def _run(self) -> None:
         delay = 0.0
         while True:
-            if not len(self._index):
+            if not len(self._index) and not self._asks:
                 # Idle: spend no budget. Nothing is in flight, so nothing can be missed.
                 self.coverage.looked(clock.now())
                 self._wake.clear()
@@ -294,6 +358,8 @@ class PostHogCollector:
             started = clock.now()
             try:
                 delay = await self.poll_once()
+                if self._asks:  # at most one extra query per cycle, for every pending lookup
+                    await self._explain_batch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -367,7 +433,7 @@ class PostHogCollector:
     def _truncated(data: dict[str, Any], limit: int) -> bool:
         return len(data["results"]) >= limit or data.get("hasMore") is True
 
-    async def _ask(self, query: str) -> dict[str, Any] | str:
+    async def _ask(self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> dict[str, Any] | str:
         """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
@@ -395,7 +461,7 @@ class PostHogCollector:
             data = resp.json()
         except ValueError:
             return "response is not JSON"
-        problem = incomplete(data)
+        problem = incomplete(data, required)
         if problem:
             if problem.startswith("cached"):
                 self.cached_results += 1
@@ -452,6 +518,120 @@ class PostHogCollector:
             )
         )
         self._forget_if_done(w)
+
+    # -- evidence: near misses ------------------------------------------------
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """Events with the hop's name in its window: how many, how many had the field null or
+        missing, a few values found. Lookups are batched: the poller answers every pending one
+        with one query in its next cycle, never one query per probe."""
+        hop: PostHogHop = w.sink_spec
+        if w.first is not None or self.coverage.broken:
+            return base  # seen (late), or no look can succeed: the blind window says why
+        before, after = (min(self.config.clock_skew, s) for s in EXPLAIN_SLACK)
+        field = property_field(hop.property)
+        value = raw_json_text(str(w.probe.render(hop.value)))
+        match = (
+            f"{field} = {_lit(value)}" if hop.match == "equals" else _contains_trace_id([w.trace_id], field)
+        )
+        ask = _Ask(
+            event=hop.event,
+            field=field,
+            match=match,
+            lo=math.floor(clock.wall(start) - before),
+            hi=math.ceil(clock.wall(end) + after),
+            answer=asyncio.get_running_loop().create_future(),
+        )
+        self._asks.append(ask)
+        self._wake.set()
+        try:
+            got = await asyncio.wait_for(asyncio.shield(ask.answer), EXPLAIN_WAIT)
+        except asyncio.TimeoutError:
+            got = f"no near-miss lookup within {EXPLAIN_WAIT:g}s (query budget)"
+        finally:
+            if ask in self._asks:
+                self._asks.remove(ask)
+        if isinstance(got, str):
+            base.summary = f"the near-miss lookup failed ({got})"
+            return base
+        return self._near_misses(base, hop, w, got, ask)
+
+    def _near_misses(
+        self, base: Evidence, hop: PostHogHop, w: Watch, got: dict[str, Any], ask: _Ask
+    ) -> Evidence:
+        n, nulls, hits, values = got["n"], got["z"], got["h"], got["v"]
+        name = f"properties.{hop.property}"
+        want = _trim(str(w.probe.render(hop.value)), w.trace_id)
+        base.near_misses = max(0, n - hits)
+        base.found = {
+            "events": n,
+            "null_or_missing": nulls,
+            "values": [_trim(v, w.trace_id) for v in values][:SAMPLE_VALUES],
+            "matching_now": hits,
+            "window": {"from": clock.iso(ask.lo), "to": clock.iso(ask.hi)},
+        }
+        if n == 0:
+            base.summary = f"no {hop.event} events arrived at all in the window"
+            base.hint = "is the funnel capturing into this project (project key)?"
+            return base
+        cmp = "=" if hop.match == "equals" else "containing"
+        parts = [f"{n} {hop.event} event{'s' if n != 1 else ''} arrived in the window"]
+        if hits:
+            parts.append(f"{hits} with {name} {cmp} {want} (there now: it arrived after the last look)")
+        else:
+            parts.append(f"none with {name} {cmp} {want}")
+        if nulls == n:
+            who = "it" if n == 1 else "both" if n == 2 else f"all {n}"
+            parts[-1] += f"; {who} had it null"
+            base.hint = "Check the property path."
+        else:
+            if nulls:
+                parts[-1] += f"; {nulls} had it null"
+            if base.found["values"]:
+                parts[-1] += "; values found: " + ", ".join(repr(v) for v in base.found["values"])
+        base.summary = ", ".join(parts)
+        return base
+
+    async def _explain_batch(self) -> None:
+        """Answer the pending near-miss lookups (up to ``EXPLAIN_BATCH``) with one query."""
+        asks = [a for a in self._asks if not a.answer.done()][:EXPLAIN_BATCH]
+        for a in asks:
+            self._asks.remove(a)
+        if not asks:
+            return
+        self.explain_queries += 1
+        try:
+            data = await self._ask(build_explain_query(asks), ("event",))
+        finally:
+            self._permanent = False  # a refused lookup costs evidence, never the collector
+        if not isinstance(data, str):
+            data = self._explained(data, len(asks))
+        for i, a in enumerate(asks):
+            if a.answer.done():
+                continue
+            if isinstance(data, str):
+                a.answer.set_result(data)
+            else:
+                row = data.get(a.event, {})
+                a.answer.set_result(
+                    {
+                        "n": int(row.get(f"n{i}") or 0),
+                        "z": int(row.get(f"z{i}") or 0),
+                        "h": int(row.get(f"h{i}") or 0),
+                        "v": [str(v) for v in (row.get(f"v{i}") or [])],
+                    }
+                )
+
+    @staticmethod
+    def _explained(data: dict[str, Any], asks: int) -> dict[str, dict[str, Any]] | str:
+        """The grouped answer by event name, or why it is no evidence."""
+        columns = data["columns"]
+        if "event" not in columns or len(data["results"]) > asks:
+            return "malformed near-miss answer"
+        out = {}
+        for row in data["results"]:
+            rec = dict(zip(columns, row, strict=True))
+            out[str(rec["event"])] = rec
+        return out
 
     # -- push: a PostHog realtime destination posting to the webhook receiver ------------
     def on_push(self, body: Any, received: float) -> None:
@@ -529,10 +709,7 @@ def _error_detail(resp: httpx.Response) -> str:
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
 
 
-_REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")
-
-
-def incomplete(data: Any) -> str | None:
+def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str | None:
     """Why a 200 body is not a complete result set (so no evidence), or None when it is.
 
     PostHog answers 200 with other things than results: a pending async query, a maintenance or
@@ -555,7 +732,7 @@ def incomplete(data: Any) -> str | None:
         return f"answer has no results list{detail}"
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return "answer has no columns list"
-    missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in required if c not in columns]
     if missing:
         return f"answer lacks columns {missing}"
     if any(not isinstance(r, list) or len(r) != len(columns) for r in results):
