@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from tracer import clock
 from tracer.evidence import Evidence, excerpt
 from tracer.payload import value_at
-from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
+from tracer.plugins import Collector, Finding, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
@@ -443,8 +443,10 @@ class PostHogCollector:
         self.queries += 1
         self._retry_after = None
         self._permanent = False
+        self.last_status: int | None = None
         try:
             resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
+            self.last_status = resp.status_code
         except httpx.TimeoutException:
             return f"timeout after {self.config.timeout:g}s"
         except httpx.HTTPError as exc:
@@ -740,6 +742,87 @@ def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str 
     return None
 
 
+PREFLIGHT_DAYS = 7
+_KEY_FIX = "create a personal API key with the query:read scope and set collectors.posthog.personal_api_key"
+_FIXES = {
+    401: _KEY_FIX,
+    403: _KEY_FIX,
+    404: "check collectors.posthog.project_id (the number in the project's URL) and that the key can see it",
+    400: "the query API refused a trivial query: check collectors.posthog.host is the app host",
+}
+
+
+async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Finding]:
+    """PostHog answers, the key has the query scope and the project exists (``SELECT 1``); then one
+    grouped count for every hop's event name over the last 7 days: was it seen, and is each hop's
+    field non-null on it. Two queries in all, whatever the number of hops. Nothing is captured."""
+    where = "collectors.posthog"
+    async with httpx.AsyncClient(headers={"User-Agent": "funnel-tracer doctor"}) as client:
+        c = PostHogCollector(config.model_copy(update={"timeout": min(config.timeout, 10.0)}), client=client)
+        got = await c._ask("SELECT 1", ())
+        check = f"{where}: query API at {config.host} answers for project {config.project_id}"
+        if isinstance(got, str):
+            status = c.last_status
+            return [
+                Finding(
+                    check,
+                    False,
+                    got,
+                    fix=_FIXES.get(
+                        status or 0, "check collectors.posthog.host and that this host can reach it"
+                    ),
+                    blocks=status in PERMANENT,
+                )
+            ]
+        out = [Finding(check, True, "the key has the query scope")]
+        if not hops:
+            return out
+        since = clock.wall(clock.now()) - PREFLIGHT_DAYS * 86400
+        fields = list(dict.fromkeys(property_field(h.property) for h in hops))
+        cols = ["event", "count() AS n"] + [f"countIf(isNotNull({f})) AS f{i}" for i, f in enumerate(fields)]
+        events = sorted({h.event for h in hops})
+        text = (
+            f"SELECT {', '.join(cols)} FROM events WHERE event IN ({', '.join(_lit(e) for e in events)}) "
+            f"AND timestamp >= toDateTime({_lit(_ch_time(since))}, 'UTC') GROUP BY event LIMIT {len(events) + 1}"
+        )
+        data = await c._ask(text, ("event", "n"))
+        if isinstance(data, str):
+            out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
+            return out
+    seen = {str(r[0]): dict(zip(data["columns"], r, strict=True)) for r in data["results"]}
+    for hop in sorted(hops, key=lambda h: (h.event, h.property)):
+        rec = seen.get(hop.event, {})
+        n = int(rec.get("n") or 0)
+        if n == 0:
+            out.append(
+                Finding(
+                    f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days",
+                    False,
+                    "no such event",
+                    fix=f"check the event name (case matters) and that the funnel captures into project "
+                    f"{config.project_id} with that project's key",
+                )
+            )
+            continue
+        out.append(
+            Finding(
+                f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", True, f"{n} events"
+            )
+        )
+        set_on = int(rec.get(f"f{fields.index(property_field(hop.property))}") or 0)
+        name = f"properties.{hop.property}"
+        out.append(
+            Finding(
+                f"{where}: {name} is set on recent {hop.event} events",
+                set_on > 0,
+                f"on {set_on} of {n}",
+                fix=f"check the property path: no {hop.event} event of the last {PREFLIGHT_DAYS} days has "
+                f"{name} (expected only before the first probe if the funnel sets it from the probe)",
+            )
+        )
+    return out
+
+
 def _needs(config: PostHogConfig) -> list[Need]:
     if config.push_path:
         return [Need("push_path", "webhook", "push needs a 'collectors.webhook' receiver to post to")]
@@ -753,4 +836,5 @@ plugin = SinkPlugin(
     factory=PostHogCollector,
     summary="PostHog events, by HogQL query (poll) and optionally a realtime destination (push)",
     needs=_needs,
+    preflight=_preflight,
 )

@@ -5,10 +5,14 @@ mistakes, and matching reaches beyond event properties."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
 
+from tests.support import tmp_yaml
 from tests.test_check import cli_check, spec_text
 from tracer.sandbox.runner import Sandbox
 
@@ -83,3 +87,71 @@ def test_a_capture_key_of_no_project_shows_no_events_of_that_name(sb: Sandbox) -
     assert probe["evidence"]["near_misses"] == 0
     assert "no lead_captured events arrived at all in the window" in probe["reason"]
     assert "project key" in probe["reason"]
+
+
+def doctor(text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "doctor", "-c", str(tmp_yaml(text))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def a_real_lead(sb: Sandbox) -> None:
+    """One lead through the funnel, so lead_captured has been seen (with an email)."""
+    before = len(sb.posthog.events())
+    assert httpx.post(f"{sb.url}/api/v1/leads", json={"email": "someone@example.com"}).status_code == 201
+    deadline = time.monotonic() + 10
+    while len(sb.posthog.events()) == before:
+        assert time.monotonic() < deadline, "the funnel did not emit"
+        time.sleep(0.05)
+
+
+def test_doctor_passes_against_a_healthy_sandbox_and_captures_nothing(sb: Sandbox) -> None:
+    a_real_lead(sb)
+    captured = sb.posthog.captured
+    res = doctor(spec_text(sb))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"ok   collectors.posthog: query API at {sb.posthog_url} answers for project 1" in res.stdout
+    assert "ok   collectors.posthog: event 'lead_captured' seen in the last 7 days" in res.stdout
+    assert "ok   collectors.posthog: properties.email is set on recent lead_captured events" in res.stdout
+    assert sb.posthog.captured == captured
+
+
+def test_doctor_names_a_wrong_key_with_the_scope_fix(sb: Sandbox) -> None:
+    res = doctor(spec_text(sb).replace("personal_api_key: phx_sandbox", "personal_api_key: phx_wrong"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FAIL collectors.posthog: query API" in res.stdout and "HTTP 401" in res.stdout
+    assert "fix: create a personal API key with the query:read scope" in res.stdout
+    assert "phx_wrong" not in res.stdout + res.stderr
+
+
+def test_doctor_names_an_event_never_seen_and_a_path_never_set(sb: Sandbox) -> None:
+    a_real_lead(sb)
+    never = hop_on(sb, "{event: lead_capturd, property: email}")
+    res = doctor(never)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert (
+        "FAIL collectors.posthog: event 'lead_capturd' seen in the last 7 days (no such event)" in res.stdout
+    )
+    assert "fix: check the event name" in res.stdout
+    unset = doctor(hop_on(sb, "{event: lead_captured, property: canary_trace_idd}"))
+    assert unset.returncode == 1, unset.stdout + unset.stderr
+    assert (
+        "FAIL collectors.posthog: properties.canary_trace_idd is set on recent lead_captured events"
+        in unset.stdout
+    )
+    assert "fix: check the property path" in unset.stdout
+
+
+def test_check_with_a_wrong_key_is_blocked_by_the_preflight_at_once(sb: Sandbox) -> None:
+    text = spec_text(sb, deadline="60s").replace(
+        "personal_api_key: phx_sandbox", "personal_api_key: phx_wrong"
+    )
+    started = time.monotonic()
+    proc = cli_check(text, "--samples", "1", "--format", "json")
+    assert proc.returncode == 3 and time.monotonic() - started < 15, proc.stdout + proc.stderr
+    assert "preflight: FAIL collectors.posthog" in proc.stderr
+    probe = first_probe(proc.stdout)
+    assert probe["verdict"] == "unknown" and "HTTP 401" in probe["reason"], probe["reason"]

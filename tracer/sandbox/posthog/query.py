@@ -470,6 +470,8 @@ def prepare(text: str | dict[str, Any]) -> tuple[_Query, int | None]:
         for item in tree["select"]:  # unsupported functions and columns fail before the table check
             _eval(q, item, _NOBODY, {})
     source = tree.get("select_from")
+    if not source and not tree.get("where") and not _has_field(tree["select"]):
+        return q, _constant_int(tree.get("limit"), "LIMIT")  # ``SELECT 1``: a connectivity check
     table = source.get("table") if source else None
     if not source or source.get("next_join") or table != {"node": "Field", "chain": ["events"]}:
         raise Unsupported("only a plain 'FROM events' is served here")
@@ -480,6 +482,8 @@ def prepare(text: str | dict[str, Any]) -> tuple[_Query, int | None]:
 
 def run(q: _Query, store: EventStore, now: float, limit: int) -> tuple[list[list[Any]], bool]:
     """Rows over events visible at ``now``, and whether more rows exist past ``limit``."""
+    if not q.tree.get("select_from"):  # constants only: one row
+        return [[_render(q, s, _NOBODY) for s in q.tree["select"]]][:limit], False
     where = q.tree.get("where")
     lo, hi = _window(q, where)
     order = q.tree.get("order_by") or []
