@@ -40,7 +40,9 @@ from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
 
-_PROPERTY_PATH = r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$"
+_PATH = r"[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*"
+_PROPERTY_PATH = f"^{_PATH}$"
+_FIELD = f"^(distinct_id|uuid|(person\\.)?properties\\.{_PATH})$"
 
 
 class PostHogConfig(Model):
@@ -68,9 +70,28 @@ class PostHogConfig(Model):
 
 class PostHogHop(Model):
     event: str = Field(min_length=1)
-    property: str = Field("canary_trace_id", pattern=_PROPERTY_PATH, description="event property path")
+    property: str | None = Field(
+        "canary_trace_id", pattern=_PROPERTY_PATH, description="event property path (inside properties)"
+    )
+    field: str | None = Field(
+        None,
+        pattern=_FIELD,
+        description="what to match instead of `property`: distinct_id, uuid, properties.<path> "
+        "or person.properties.<path>",
+    )
     match: Literal["equals", "contains"] = "equals"
     value: str = Field("{trace_id}", description="template of the expected property value")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_field_and_property(cls, data: Any) -> Any:
+        """``field`` replaces ``property``: both is an error; with ``field`` the default property
+        is dropped, so what was searched for (evidence) names only the field."""
+        if isinstance(data, dict) and data.get("field") is not None:
+            if data.get("property") is not None:
+                raise ValueError("give either field or property, not both")
+            data = {**data, "property": None}
+        return data
 
     @model_validator(mode="after")
     def _contains_needs_trace_id(self) -> PostHogHop:
@@ -111,6 +132,43 @@ def property_field(path: str) -> str:
     including keywords such as ``null`` that are syntax errors unquoted."""
     quoted = ("`" + seg.replace("\\", "\\\\").replace("`", "\\`") + "`" for seg in path.split("."))
     return "properties." + ".".join(quoted)
+
+
+@dataclass(frozen=True)
+class HopField:
+    """What a hop matches on: its HogQL expression, its name as the user wrote it, and whether
+    PostHog compares it as a property's raw JSON text (properties) or as a plain string."""
+
+    expr: str
+    name: str
+    raw_json: bool
+
+    def text(self, value: str) -> str:
+        """``value`` as PostHog returns this field."""
+        return raw_json_text(value) if self.raw_json else value
+
+
+def hop_field(hop: PostHogHop) -> HopField:
+    name = hop.field or f"properties.{hop.property}"
+    if name == "distinct_id":
+        return HopField("distinct_id", name, False)
+    if name == "uuid":
+        return HopField("toString(uuid)", name, False)
+    if name.startswith("person."):
+        return HopField("person." + property_field(name.removeprefix("person.properties.")), name, True)
+    return HopField(property_field(name.removeprefix("properties.")), name, True)
+
+
+def field_value(hop: PostHogHop, event: Mapping[str, Any], person: Mapping[str, Any]) -> Any:
+    """The hop's field in a pushed event (a realtime destination's ``event`` and ``person``)."""
+    name = hop.field or f"properties.{hop.property}"
+    if name in ("distinct_id", "uuid"):
+        return event.get(name)
+    if name.startswith("person."):
+        props = person.get("properties") if isinstance(person.get("properties"), dict) else {}
+        return value_at(props, name.removeprefix("person.properties."))
+    props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+    return value_at(props, name.removeprefix("properties."))
 
 
 def _one_of(values: list[str], expr: str) -> str:
@@ -164,19 +222,19 @@ def build_query(
     groups: dict[tuple[str, str, str], dict[str, list[Watch]]] = {}
     for w in watches:
         hop: PostHogHop = w.sink_spec
-        props.setdefault(hop.property, f"m{len(props)}")
-        value = raw_json_text(str(w.probe.render(hop.value)))
-        groups.setdefault((hop.event, hop.property, hop.match), {}).setdefault(value, []).append(w)
+        f = hop_field(hop)
+        props.setdefault(f.expr, f"m{len(props)}")
+        value = f.text(str(w.probe.render(hop.value)))
+        groups.setdefault((hop.event, f.expr, hop.match), {}).setdefault(value, []).append(w)
     clauses = []
-    for (event, prop, match), values in groups.items():
-        field = property_field(prop)
+    for (event, field, match), values in groups.items():
         if match == "equals":
             cond = _one_of(list(values), field)
         else:
             ids = sorted({w.trace_id for ws in values.values() for w in ws})
             cond = _contains_trace_id(ids, field)
         clauses.append(f"(event = {_lit(event)} AND {cond})")
-    cols = ", ".join(f"{property_field(p)} AS {alias}" for p, alias in props.items())
+    cols = ", ".join(f"{expr} AS {alias}" for expr, alias in props.items())
     # The emitter's trace context, when it copied one into the event: the hop span links to it.
     cols += f", {property_field('traceparent')} AS traceparent"
     if limit is None:
@@ -494,9 +552,9 @@ class PostHogCollector:
                         for tid in trace_id_windows(got)
                         for w in self._index.get(tid)
                         if w.sink_spec.event == g_event
-                        and w.sink_spec.property == prop
+                        and hop_field(w.sink_spec).expr == prop
                         and w.sink_spec.match == "contains"
-                        and raw_json_text(str(w.probe.render(w.sink_spec.value))) in got
+                        and hop_field(w.sink_spec).text(str(w.probe.render(w.sink_spec.value))) in got
                     ]
                 for w in hits:
                     self._observe(w, rec, received)
@@ -530,8 +588,8 @@ class PostHogCollector:
         if w.first is not None or self.coverage.broken:
             return base  # seen (late), or no look can succeed: the blind window says why
         before, after = (min(self.config.clock_skew, s) for s in EXPLAIN_SLACK)
-        field = property_field(hop.property)
-        value = raw_json_text(str(w.probe.render(hop.value)))
+        f = hop_field(hop)
+        field, value = f.expr, f.text(str(w.probe.render(hop.value)))
         match = (
             f"{field} = {_lit(value)}" if hop.match == "equals" else _contains_trace_id([w.trace_id], field)
         )
@@ -561,7 +619,7 @@ class PostHogCollector:
         self, base: Evidence, hop: PostHogHop, w: Watch, got: dict[str, Any], ask: _Ask
     ) -> Evidence:
         n, nulls, hits, values = got["n"], got["z"], got["h"], got["v"]
-        name = f"properties.{hop.property}"
+        name = hop_field(hop).name
         want = _trim(str(w.probe.render(hop.value)), w.trace_id)
         base.near_misses = max(0, n - hits)
         base.found = {
@@ -584,7 +642,7 @@ class PostHogCollector:
         if nulls == n:
             who = "it" if n == 1 else "both" if n == 2 else f"all {n}"
             parts[-1] += f"; {who} had it null"
-            base.hint = "Check the property path."
+            base.hint = "Check the property path." if hop_field(hop).raw_json else f"Check the {name} field."
         else:
             if nulls:
                 parts[-1] += f"; {nulls} had it null"
@@ -643,9 +701,10 @@ class PostHogCollector:
         if not isinstance(event, dict):
             return
         props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
-        for w in self._index.in_text(json.dumps(event)):
+        person = body.get("person") if isinstance(body.get("person"), dict) else {}
+        for w in self._index.in_text(json.dumps(body)):
             hop: PostHogHop = w.sink_spec
-            value, want = value_at(props, hop.property), str(w.probe.render(hop.value))
+            value, want = field_value(hop, event, person), str(w.probe.render(hop.value))
             got = None if value is None else str(value)
             if (
                 hop.event != event.get("event")
@@ -778,7 +837,7 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
         if not hops:
             return out
         since = clock.wall(clock.now()) - PREFLIGHT_DAYS * 86400
-        fields = list(dict.fromkeys(property_field(h.property) for h in hops))
+        fields = list(dict.fromkeys(hop_field(h).expr for h in hops))
         cols = ["event", "count() AS n"] + [f"countIf(isNotNull({f})) AS f{i}" for i, f in enumerate(fields)]
         events = sorted({h.event for h in hops})
         text = (
@@ -790,7 +849,7 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
             out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
             return out
     seen = {str(r[0]): dict(zip(data["columns"], r, strict=True)) for r in data["results"]}
-    for hop in sorted(hops, key=lambda h: (h.event, h.property)):
+    for hop in sorted(hops, key=lambda h: (h.event, hop_field(h).name)):
         rec = seen.get(hop.event, {})
         n = int(rec.get("n") or 0)
         if n == 0:
@@ -809,8 +868,8 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
                 f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", True, f"{n} events"
             )
         )
-        set_on = int(rec.get(f"f{fields.index(property_field(hop.property))}") or 0)
-        name = f"properties.{hop.property}"
+        set_on = int(rec.get(f"f{fields.index(hop_field(hop).expr)}") or 0)
+        name = hop_field(hop).name
         out.append(
             Finding(
                 f"{where}: {name} is set on recent {hop.event} events",

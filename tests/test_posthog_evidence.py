@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the ph fixture is imported and used as a parameter)
 """PostHog verdicts that explain themselves (issue 11 items 1, 3, 4; issue 12 item 5), on the real
 sandbox: a wrong key fails fast, near misses name what arrived instead, the preflight catches setup
 mistakes, and matching reaches beyond event properties."""
@@ -12,9 +13,17 @@ import time
 import httpx
 import pytest
 
+from collectors.posthog import PostHogHop
 from tests.support import tmp_yaml
 from tests.test_check import cli_check, spec_text
+from tests.test_posthog_honesty import poll
+from tests.test_posthog_server import ph, sdk  # noqa: F401 (fixture)
+from tracer import clock
+from tracer.probe import Probe
+from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.runner import Sandbox
+from tracer.spec import HopSpec
+from tracer.watch import Watch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,3 +164,57 @@ def test_check_with_a_wrong_key_is_blocked_by_the_preflight_at_once(sb: Sandbox)
     assert "preflight: FAIL collectors.posthog" in proc.stderr
     probe = first_probe(proc.stdout)
     assert probe["verdict"] == "unknown" and "HTTP 401" in probe["reason"], probe["reason"]
+
+
+def test_a_distinct_id_match_is_found_by_check(sb: Sandbox) -> None:
+    # The sandbox funnel captures each lead with its email as distinct_id.
+    text = hop_on(sb, '{event: lead_captured, field: distinct_id, value: "canary+{trace_id}@example.com"}')
+    proc = cli_check(text, "-n", "3", "--quantile", "0.5", "--confidence", "0.8", "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probes = json.loads(proc.stdout)["steps"][0]["hops"][0]["probes"]
+    assert [p["verdict"] for p in probes] == ["ok"] * 3
+
+
+def field_watch(field: str, value: str, match: str = "equals") -> Watch:
+    hop = HopSpec(
+        name="h", target=5, posthog={"event": "signup", "field": field, "match": match, "value": value}
+    )
+    return Watch(Probe("lead"), hop, since=clock.now())
+
+
+def test_uuid_person_and_nested_property_fields_in_one_query(ph: tuple[PostHogState, str]) -> None:
+    state, url = ph
+    by_uuid = field_watch("uuid", "{trace_id}")
+    by_person = field_watch("person.properties.email", "canary+{trace_id}@example.com")
+    by_nested = field_watch("properties.canary.trace", "{trace_id}", "contains")
+    client = sdk(url)
+    tid = by_uuid.trace_id
+    canonical = f"{tid[:8]}-{tid[8:12]}-{tid[12:16]}-{tid[16:20]}-{tid[20:]}"
+    client.capture("signup", distinct_id="u1", uuid=canonical)
+    client.capture(
+        "signup", distinct_id="u2", properties={"$set": {"email": f"canary+{by_person.trace_id}@example.com"}}
+    )
+    client.capture("signup", distinct_id="u3", properties={"canary": {"trace": f"x-{by_nested.trace_id}"}})
+    before = state.queries
+    poll(url, [by_uuid, by_person, by_nested])
+    assert state.queries - before == 1
+    assert by_person.first is not None and by_nested.first is not None
+    assert by_uuid.first is None  # PostHog prints a uuid with dashes: the value must be written so
+
+
+def test_uuid_with_dashes_matches(ph: tuple[PostHogState, str]) -> None:
+    _, url = ph
+    w = field_watch("uuid", "{trace_id}")
+    tid = w.trace_id
+    canonical = f"{tid[:8]}-{tid[8:12]}-{tid[12:16]}-{tid[16:20]}-{tid[20:]}"
+    w2 = field_watch("uuid", canonical)
+    sdk(url).capture("signup", distinct_id="u1", uuid=canonical)
+    poll(url, [w2])
+    assert w2.first is not None and w2.first.detail["uuid"] == canonical
+
+
+def test_field_and_property_together_is_a_spec_error() -> None:
+    with pytest.raises(ValueError, match="either field or property"):
+        PostHogHop(event="e", property="a", field="distinct_id")
+    with pytest.raises(ValueError):
+        PostHogHop(event="e", field="person.email")

@@ -167,6 +167,7 @@ class _Query:
     constants: dict[int, Any] = field(default_factory=dict)  # id(node) -> folded value
     patterns: dict[int, Any] = field(default_factory=dict)  # id(node) -> regex / set
     static: dict[int, bool] = field(default_factory=dict)  # id(node) -> no column or lambda inside
+    persons: dict[str, dict[str, Any]] = field(default_factory=dict)  # distinct_id -> properties
 
     def is_static(self, node: Any) -> bool:
         key = id(node)
@@ -222,10 +223,14 @@ def _field(q: _Query, chain: list[Any], ev: StoredEvent, env: dict[str, Any]) ->
         return env[head]
     if head == "events" and len(chain) > 1:  # a table-qualified column
         chain, head = chain[1:], chain[1]
+    props: Any = ev.properties
+    if head == "person" and len(chain) > 1 and chain[1] == "properties":
+        # ``person.properties.x``: the event's person, by distinct_id (PostHog joins persons)
+        chain, head, props = chain[1:], "properties", q.persons.get(ev.distinct_id, {})
     if head == "properties":
         if len(chain) == 1:
             raise Unsupported("selecting the whole 'properties' column is not supported")
-        node: Any = ev.properties
+        node: Any = props
         for part in chain[1:]:
             if not isinstance(node, dict):
                 return None
@@ -572,6 +577,7 @@ async def handle(state: PostHogState, request: Request, parser: ParserPool) -> J
     now = time.time()
     limit = min(explicit if explicit is not None else DEFAULT_LIMIT, st.max_limit)
     try:
+        q.persons = st.persons
         rows, has_more = run(q, st._store, now, limit)
     except Unsupported as exc:
         return error(400, "validation_error", "query_error", str(exc))
