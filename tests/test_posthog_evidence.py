@@ -5,6 +5,7 @@ mistakes, and matching reaches beyond event properties."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import pytest
 
 from collectors.posthog import PostHogHop
 from tests.support import tmp_yaml
-from tests.test_check import cli_check, spec_text
+from tests.test_check import cli_check, load, spec_text
 from tests.test_posthog_honesty import poll
 from tests.test_posthog_server import ph, sdk  # noqa: F401 (fixture)
 from tracer import clock
+from tracer.engine import Engine
 from tracer.probe import Probe
 from tracer.sandbox.posthog import PostHogState
 from tracer.sandbox.runner import Sandbox
@@ -218,3 +220,27 @@ def test_field_and_property_together_is_a_spec_error() -> None:
         PostHogHop(event="e", property="a", field="distinct_id")
     with pytest.raises(ValueError):
         PostHogHop(event="e", field="person.email")
+
+
+def test_concurrent_lost_probes_share_one_near_miss_query(sb: Sandbox) -> None:
+    text = hop_on(
+        sb,
+        "{event: lead_captured, property: canary_trace_id}",
+        'trace_ref: "{trace_id}"',
+        target="1s",
+        deadline="2s",
+    )
+    spec = load(text.replace("spacing: 100ms", "spacing: 10ms"))
+
+    async def go() -> tuple[list, int, int]:
+        async with Engine(spec) as engine:
+            results = await engine.check(6, early_stop=False)
+            c = engine.collectors["posthog"]
+            return results, c.explain_queries, c.cycles
+
+    results, explain_queries, cycles = asyncio.run(go())
+    hops = [r.hops[0] for r in results]
+    assert [h.verdict for h in hops] == ["lost"] * 6
+    assert all(h.evidence["near_misses"] >= 1 for h in hops)
+    # Six lost within ~60 ms of each other: at most one extra query per cycle, not one per probe.
+    assert 1 <= explain_queries <= 2 and explain_queries <= cycles, (explain_queries, cycles)
