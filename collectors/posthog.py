@@ -661,6 +661,8 @@ class PostHogCollector:
         self.explain_queries += 1
         try:
             data = await self._ask(build_explain_query(asks), ("event",))
+        except Exception as exc:  # a failed lookup costs evidence, never the poller's coverage
+            data = f"internal error: {type(exc).__name__}"
         finally:
             self._permanent = False  # a refused lookup costs evidence, never the collector
         if not isinstance(data, str):
