@@ -7,8 +7,10 @@ cycle costs the same with one probe in flight or a thousand.
 Honesty rules:
 - ``"refresh": "force_blocking"`` and a result with ``is_cached: true`` is no evidence.
 - A match is placed in ``(previous good look, this response]``: that span is the error bar.
-- 429/5xx/timeouts make the collector blind (``Coverage.failed``) and back off, honoring
-  ``Retry-After``. Its window query is retroactive: the next good look still finds events that
+- 429/5xx/timeouts make the collector blind (``Coverage.failed`` with why) and back off, honoring
+  ``Retry-After``. 400/401/403/404 (query rejected, key or scope, project) are permanent: the
+  collector is broken (``Coverage.broke``) so waits end at once with the cause; it keeps looking
+  at its longest backoff, and a later good look clears it. Its window query is retroactive: the next good look still finds events that
   arrived while blind, only their timing is uncertain.
 """
 
@@ -22,20 +24,25 @@ import math
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import Field, model_validator
 
 from tracer import clock
+from tracer.evidence import Evidence, excerpt
 from tracer.payload import value_at
-from tracer.plugins import Collector, Need, PushReceiver, SinkPlugin
+from tracer.plugins import Collector, Finding, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
 
-_PROPERTY_PATH = r"^[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*$"
+_PATH = r"[A-Za-z_$][A-Za-z0-9_$]*(\.[A-Za-z_$][A-Za-z0-9_$]*)*"
+_PROPERTY_PATH = f"^{_PATH}$"
+_FIELD = f"^(distinct_id|uuid|(person\\.)?properties\\.{_PATH})$"
 
 
 class PostHogConfig(Model):
@@ -63,9 +70,28 @@ class PostHogConfig(Model):
 
 class PostHogHop(Model):
     event: str = Field(min_length=1)
-    property: str = Field("canary_trace_id", pattern=_PROPERTY_PATH, description="event property path")
+    property: str | None = Field(
+        "canary_trace_id", pattern=_PROPERTY_PATH, description="event property path (inside properties)"
+    )
+    field: str | None = Field(
+        None,
+        pattern=_FIELD,
+        description="what to match instead of `property`: distinct_id, uuid, properties.<path> "
+        "or person.properties.<path>",
+    )
     match: Literal["equals", "contains"] = "equals"
     value: str = Field("{trace_id}", description="template of the expected property value")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_field_and_property(cls, data: Any) -> Any:
+        """``field`` replaces ``property``: both is an error; with ``field`` the default property
+        is dropped, so what was searched for (evidence) names only the field."""
+        if isinstance(data, dict) and data.get("field") is not None:
+            if data.get("property") is not None:
+                raise ValueError("give either field or property, not both")
+            data = {**data, "property": None}
+        return data
 
     @model_validator(mode="after")
     def _contains_needs_trace_id(self) -> PostHogHop:
@@ -83,6 +109,8 @@ def poll_interval(cfg: PostHogConfig) -> float:
     return max(cfg.min_interval, 1.0 / per_s)
 
 
+_REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")  # of a poll answer
+PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
@@ -104,6 +132,43 @@ def property_field(path: str) -> str:
     including keywords such as ``null`` that are syntax errors unquoted."""
     quoted = ("`" + seg.replace("\\", "\\\\").replace("`", "\\`") + "`" for seg in path.split("."))
     return "properties." + ".".join(quoted)
+
+
+@dataclass(frozen=True)
+class HopField:
+    """What a hop matches on: its HogQL expression, its name as the user wrote it, and whether
+    PostHog compares it as a property's raw JSON text (properties) or as a plain string."""
+
+    expr: str
+    name: str
+    raw_json: bool
+
+    def text(self, value: str) -> str:
+        """``value`` as PostHog returns this field."""
+        return raw_json_text(value) if self.raw_json else value
+
+
+def hop_field(hop: PostHogHop) -> HopField:
+    name = hop.field or f"properties.{hop.property}"
+    if name == "distinct_id":
+        return HopField("distinct_id", name, False)
+    if name == "uuid":
+        return HopField("toString(uuid)", name, False)
+    if name.startswith("person."):
+        return HopField("person." + property_field(name.removeprefix("person.properties.")), name, True)
+    return HopField(property_field(name.removeprefix("properties.")), name, True)
+
+
+def field_value(hop: PostHogHop, event: Mapping[str, Any], person: Mapping[str, Any]) -> Any:
+    """The hop's field in a pushed event (a realtime destination's ``event`` and ``person``)."""
+    name = hop.field or f"properties.{hop.property}"
+    if name in ("distinct_id", "uuid"):
+        return event.get(name)
+    if name.startswith("person."):
+        props = person.get("properties") if isinstance(person.get("properties"), dict) else {}
+        return value_at(props, name.removeprefix("person.properties."))
+    props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+    return value_at(props, name.removeprefix("properties."))
 
 
 def _one_of(values: list[str], expr: str) -> str:
@@ -157,19 +222,19 @@ def build_query(
     groups: dict[tuple[str, str, str], dict[str, list[Watch]]] = {}
     for w in watches:
         hop: PostHogHop = w.sink_spec
-        props.setdefault(hop.property, f"m{len(props)}")
-        value = raw_json_text(str(w.probe.render(hop.value)))
-        groups.setdefault((hop.event, hop.property, hop.match), {}).setdefault(value, []).append(w)
+        f = hop_field(hop)
+        props.setdefault(f.expr, f"m{len(props)}")
+        value = f.text(str(w.probe.render(hop.value)))
+        groups.setdefault((hop.event, f.expr, hop.match), {}).setdefault(value, []).append(w)
     clauses = []
-    for (event, prop, match), values in groups.items():
-        field = property_field(prop)
+    for (event, field, match), values in groups.items():
         if match == "equals":
             cond = _one_of(list(values), field)
         else:
             ids = sorted({w.trace_id for ws in values.values() for w in ws})
             cond = _contains_trace_id(ids, field)
         clauses.append(f"(event = {_lit(event)} AND {cond})")
-    cols = ", ".join(f"{property_field(p)} AS {alias}" for p, alias in props.items())
+    cols = ", ".join(f"{expr} AS {alias}" for expr, alias in props.items())
     # The emitter's trace context, when it copied one into the event: the hop span links to it.
     cols += f", {property_field('traceparent')} AS traceparent"
     if limit is None:
@@ -181,6 +246,65 @@ def build_query(
         f"AND ({' OR '.join(clauses)}) ORDER BY timestamp ASC LIMIT {limit}"
     )
     return query, {"props": props, "groups": groups, "limit": limit}
+
+
+EXPLAIN_BATCH = 40  # near-miss lookups answered by one query; the rest wait for the next cycle
+EXPLAIN_WAIT = 12.0  # how long explain() waits for its batch (the engine gives it 15 s)
+# Near-miss counts look a little past the hop's window for an emitter's clock skew: 1 s before the
+# injection (its event cannot really precede it), 5 s after the end.
+EXPLAIN_SLACK = (1.0, 5.0)
+SAMPLE_VALUES = 5
+
+
+@dataclass
+class _Ask:
+    """One pending near-miss lookup: an event name, the field it was matched on, a window."""
+
+    event: str
+    field: str  # HogQL expression
+    match: str  # HogQL condition that the probe's own event meets
+    lo: int
+    hi: int
+    answer: asyncio.Future[dict[str, Any] | str] = dc_field(repr=False)
+
+
+def build_explain_query(asks: list[_Ask]) -> str:
+    """One grouped HogQL query for every pending near-miss lookup::
+
+        SELECT event,
+               countIf(W0) AS n0,                          -- events of that name in the window
+               countIf(W0 AND isNull(F0)) AS z0,           -- ... with the field null or missing
+               countIf(W0 AND M0) AS h0,                   -- ... that match the probe (arrived late)
+               groupUniqArrayIf(5)(toString(F0), W0 AND isNotNull(F0)) AS v0,   -- a few values
+               ...
+        FROM events WHERE timestamp >= … AND timestamp <= … AND event IN (…) GROUP BY event
+
+    One query whatever the number of lost probes: near misses fit PostHog's query budget."""
+    cols = ["event"]
+    for i, a in enumerate(asks):
+        win = (
+            f"timestamp >= toDateTime({_lit(_ch_time(a.lo))}, 'UTC') "
+            f"AND timestamp <= toDateTime({_lit(_ch_time(a.hi))}, 'UTC')"
+        )
+        cols += [
+            f"countIf({win}) AS n{i}",
+            f"countIf({win} AND isNull({a.field})) AS z{i}",
+            f"countIf({win} AND {a.match}) AS h{i}",
+            f"groupUniqArrayIf({SAMPLE_VALUES})(toString({a.field}), {win} AND isNotNull({a.field})) AS v{i}",
+        ]
+    events = ", ".join(_lit(e) for e in sorted({a.event for a in asks}))
+    lo, hi = min(a.lo for a in asks), max(a.hi for a in asks)
+    return (
+        f"SELECT {', '.join(cols)} FROM events "
+        f"WHERE timestamp >= toDateTime({_lit(_ch_time(lo))}, 'UTC') "
+        f"AND timestamp <= toDateTime({_lit(_ch_time(hi))}, 'UTC') "
+        f"AND event IN ({events}) GROUP BY event LIMIT {len(asks) + 1}"
+    )
+
+
+def _trim(text: str, trace_id: str, limit: int = 40) -> str:
+    text = text.replace(trace_id, trace_id[:4] + "…")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _ch_time(epoch: float) -> str:
@@ -209,10 +333,13 @@ class PostHogCollector:
         self.last_cycle_gap = self.interval
         self._backoff = 0.0
         self._retry_after: str | None = None
+        self._permanent = False  # the last failed answer was a setup error (see PERMANENT)
         self.malformed_answers = 0  # 200s that were not a complete result set
         self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
         self.internal_errors = 0  # unexpected exceptions caught by the poll loop
         self._crash_kinds: set[str] = set()
+        self._asks: list[_Ask] = []  # near-miss lookups for the next cycle (see explain)
+        self.explain_queries = 0
 
     # -- Collector protocol -------------------------------------------------
     @property
@@ -251,6 +378,7 @@ class PostHogCollector:
     def health(self) -> dict[str, Any]:
         return {
             "up": not self.coverage.blind_now,
+            "broken": self.coverage.broken,
             "interval_s": self.interval,
             "queries": self.queries,
             "failed_queries": self.failed_queries,
@@ -277,7 +405,7 @@ class PostHogCollector:
     async def _run(self) -> None:
         delay = 0.0
         while True:
-            if not len(self._index):
+            if not len(self._index) and not self._asks:
                 # Idle: spend no budget. Nothing is in flight, so nothing can be missed.
                 self.coverage.looked(clock.now())
                 self._wake.clear()
@@ -288,6 +416,8 @@ class PostHogCollector:
             started = clock.now()
             try:
                 delay = await self.poll_once()
+                if self._asks:  # at most one extra query per cycle, for every pending lookup
+                    await self._explain_batch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -331,6 +461,8 @@ class PostHogCollector:
             first_sent = sent if first_sent is None else first_sent
             data = await self._ask(query)
             if isinstance(data, str):
+                if self._permanent:
+                    return self._broke(first_sent, data)
                 return self._fail(first_sent, data, self._retry_after)
             received = clock.now()
             self._match(data, lookup, received)  # rows seen are real sightings, cut or not
@@ -359,7 +491,7 @@ class PostHogCollector:
     def _truncated(data: dict[str, Any], limit: int) -> bool:
         return len(data["results"]) >= limit or data.get("hasMore") is True
 
-    async def _ask(self, query: str) -> dict[str, Any] | str:
+    async def _ask(self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> dict[str, Any] | str:
         """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
@@ -368,8 +500,11 @@ class PostHogCollector:
         self.last_query_bytes = len(query)
         self.queries += 1
         self._retry_after = None
+        self._permanent = False
+        self.last_status: int | None = None
         try:
             resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
+            self.last_status = resp.status_code
         except httpx.TimeoutException:
             return f"timeout after {self.config.timeout:g}s"
         except httpx.HTTPError as exc:
@@ -378,14 +513,15 @@ class PostHogCollector:
             self._retry_after = resp.headers.get("Retry-After")
             return f"HTTP {resp.status_code}"
         if resp.status_code != 200:
-            # 202 (still running), 400 (query rejected), 401/403 (key): no evidence either way.
-            detail = _error_detail(resp)
+            # 202 (still running): no evidence; 400/401/403/404: a setup error, no look will succeed.
+            self._permanent = resp.status_code in PERMANENT
+            detail = excerpt(_error_detail(resp), [self.config.personal_api_key.get_secret_value()], 200)
             return f"HTTP {resp.status_code}{': ' + detail if detail else ''}"
         try:
             data = resp.json()
         except ValueError:
             return "response is not JSON"
-        problem = incomplete(data)
+        problem = incomplete(data, required)
         if problem:
             if problem.startswith("cached"):
                 self.cached_results += 1
@@ -416,9 +552,9 @@ class PostHogCollector:
                         for tid in trace_id_windows(got)
                         for w in self._index.get(tid)
                         if w.sink_spec.event == g_event
-                        and w.sink_spec.property == prop
+                        and hop_field(w.sink_spec).expr == prop
                         and w.sink_spec.match == "contains"
-                        and raw_json_text(str(w.probe.render(w.sink_spec.value))) in got
+                        and hop_field(w.sink_spec).text(str(w.probe.render(w.sink_spec.value))) in got
                     ]
                 for w in hits:
                     self._observe(w, rec, received)
@@ -443,6 +579,122 @@ class PostHogCollector:
         )
         self._forget_if_done(w)
 
+    # -- evidence: near misses ------------------------------------------------
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """Events with the hop's name in its window: how many, how many had the field null or
+        missing, a few values found. Lookups are batched: the poller answers every pending one
+        with one query in its next cycle, never one query per probe."""
+        hop: PostHogHop = w.sink_spec
+        if w.first is not None or self.coverage.broken:
+            return base  # seen (late), or no look can succeed: the blind window says why
+        before, after = (min(self.config.clock_skew, s) for s in EXPLAIN_SLACK)
+        f = hop_field(hop)
+        field, value = f.expr, f.text(str(w.probe.render(hop.value)))
+        match = (
+            f"{field} = {_lit(value)}" if hop.match == "equals" else _contains_trace_id([w.trace_id], field)
+        )
+        ask = _Ask(
+            event=hop.event,
+            field=field,
+            match=match,
+            lo=math.floor(clock.wall(start) - before),
+            hi=math.ceil(clock.wall(end) + after),
+            answer=asyncio.get_running_loop().create_future(),
+        )
+        self._asks.append(ask)
+        self._wake.set()
+        try:
+            got = await asyncio.wait_for(asyncio.shield(ask.answer), EXPLAIN_WAIT)
+        except asyncio.TimeoutError:
+            got = f"no near-miss lookup within {EXPLAIN_WAIT:g}s (query budget)"
+        finally:
+            if ask in self._asks:
+                self._asks.remove(ask)
+        if isinstance(got, str):
+            base.summary = f"the near-miss lookup failed ({got})"
+            return base
+        return self._near_misses(base, hop, w, got, ask)
+
+    def _near_misses(
+        self, base: Evidence, hop: PostHogHop, w: Watch, got: dict[str, Any], ask: _Ask
+    ) -> Evidence:
+        n, nulls, hits, values = got["n"], got["z"], got["h"], got["v"]
+        name = hop_field(hop).name
+        want = _trim(str(w.probe.render(hop.value)), w.trace_id)
+        base.near_misses = max(0, n - hits)
+        base.found = {
+            "events": n,
+            "null_or_missing": nulls,
+            "values": [_trim(v, w.trace_id) for v in values][:SAMPLE_VALUES],
+            "matching_now": hits,
+            "window": {"from": clock.iso(ask.lo), "to": clock.iso(ask.hi)},
+        }
+        if n == 0:
+            base.summary = f"no {hop.event} events arrived at all in the window"
+            base.hint = "is the funnel capturing into this project (project key)?"
+            return base
+        cmp = "=" if hop.match == "equals" else "containing"
+        parts = [f"{n} {hop.event} event{'s' if n != 1 else ''} arrived in the window"]
+        if hits:
+            parts.append(f"{hits} with {name} {cmp} {want} (there now: it arrived after the last look)")
+        else:
+            parts.append(f"none with {name} {cmp} {want}")
+        if nulls == n:
+            who = "it" if n == 1 else "both" if n == 2 else f"all {n}"
+            parts[-1] += f"; {who} had it null"
+            base.hint = "Check the property path." if hop_field(hop).raw_json else f"Check the {name} field."
+        else:
+            if nulls:
+                parts[-1] += f"; {nulls} had it null"
+            if base.found["values"]:
+                parts[-1] += "; values found: " + ", ".join(repr(v) for v in base.found["values"])
+        base.summary = ", ".join(parts)
+        return base
+
+    async def _explain_batch(self) -> None:
+        """Answer the pending near-miss lookups (up to ``EXPLAIN_BATCH``) with one query."""
+        asks = [a for a in self._asks if not a.answer.done()][:EXPLAIN_BATCH]
+        for a in asks:
+            self._asks.remove(a)
+        if not asks:
+            return
+        self.explain_queries += 1
+        try:
+            data = await self._ask(build_explain_query(asks), ("event",))
+        except Exception as exc:  # a failed lookup costs evidence, never the poller's coverage
+            data = f"internal error: {type(exc).__name__}"
+        finally:
+            self._permanent = False  # a refused lookup costs evidence, never the collector
+        if not isinstance(data, str):
+            data = self._explained(data, len(asks))
+        for i, a in enumerate(asks):
+            if a.answer.done():
+                continue
+            if isinstance(data, str):
+                a.answer.set_result(data)
+            else:
+                row = data.get(a.event, {})
+                a.answer.set_result(
+                    {
+                        "n": int(row.get(f"n{i}") or 0),
+                        "z": int(row.get(f"z{i}") or 0),
+                        "h": int(row.get(f"h{i}") or 0),
+                        "v": [str(v) for v in (row.get(f"v{i}") or [])],
+                    }
+                )
+
+    @staticmethod
+    def _explained(data: dict[str, Any], asks: int) -> dict[str, dict[str, Any]] | str:
+        """The grouped answer by event name, or why it is no evidence."""
+        columns = data["columns"]
+        if "event" not in columns or len(data["results"]) > asks:
+            return "malformed near-miss answer"
+        out = {}
+        for row in data["results"]:
+            rec = dict(zip(columns, row, strict=True))
+            out[str(rec["event"])] = rec
+        return out
+
     # -- push: a PostHog realtime destination posting to the webhook receiver ------------
     def on_push(self, body: Any, received: float) -> None:
         """A realtime destination delivered an event (default body ``{"event": {...}, "person":
@@ -451,9 +703,10 @@ class PostHogCollector:
         if not isinstance(event, dict):
             return
         props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
-        for w in self._index.in_text(json.dumps(event)):
+        person = body.get("person") if isinstance(body.get("person"), dict) else {}
+        for w in self._index.in_text(json.dumps(body)):
             hop: PostHogHop = w.sink_spec
-            value, want = value_at(props, hop.property), str(w.probe.render(hop.value))
+            value, want = field_value(hop, event, person), str(w.probe.render(hop.value))
             got = None if value is None else str(value)
             if (
                 hop.event != event.get("event")
@@ -485,10 +738,22 @@ class PostHogCollector:
         if w.expect_sources <= {o.source for o in w.observations}:
             self._index.discard(w)
 
+    def _broke(self, sent: float, error: str) -> float:
+        """A setup error: every wait on this collector ends now with ``error`` as the cause; the
+        collector keeps looking at its longest backoff (a later good look clears it)."""
+        first = self.coverage.broken is None
+        self.failed_queries += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        self._backoff = self.config.max_backoff
+        if first:
+            log.error("posthog query refused: %s (hops on this sink are unknown until it is fixed)", error)
+        return self._backoff
+
     def _fail(self, sent: float, error: str, retry_after: str | None, quiet: bool = False) -> float:
         self.failed_queries += 1
         self.last_error = error
-        self.coverage.failed(sent)
+        self.coverage.failed(sent, error)
         self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
         delay = self._backoff * (0.8 + 0.4 * random.random())
         if retry_after:
@@ -507,10 +772,7 @@ def _error_detail(resp: httpx.Response) -> str:
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
 
 
-_REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")
-
-
-def incomplete(data: Any) -> str | None:
+def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str | None:
     """Why a 200 body is not a complete result set (so no evidence), or None when it is.
 
     PostHog answers 200 with other things than results: a pending async query, a maintenance or
@@ -533,12 +795,93 @@ def incomplete(data: Any) -> str | None:
         return f"answer has no results list{detail}"
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return "answer has no columns list"
-    missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in required if c not in columns]
     if missing:
         return f"answer lacks columns {missing}"
     if any(not isinstance(r, list) or len(r) != len(columns) for r in results):
         return "answer rows do not match its columns"
     return None
+
+
+PREFLIGHT_DAYS = 7
+_KEY_FIX = "create a personal API key with the query:read scope and set collectors.posthog.personal_api_key"
+_FIXES = {
+    401: _KEY_FIX,
+    403: _KEY_FIX,
+    404: "check collectors.posthog.project_id (the number in the project's URL) and that the key can see it",
+    400: "the query API refused a trivial query: check collectors.posthog.host is the app host",
+}
+
+
+async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Finding]:
+    """PostHog answers, the key has the query scope and the project exists (``SELECT 1``); then one
+    grouped count for every hop's event name over the last 7 days: was it seen, and is each hop's
+    field non-null on it. Two queries in all, whatever the number of hops. Nothing is captured."""
+    where = "collectors.posthog"
+    async with httpx.AsyncClient(headers={"User-Agent": "funnel-tracer doctor"}) as client:
+        c = PostHogCollector(config.model_copy(update={"timeout": min(config.timeout, 10.0)}), client=client)
+        got = await c._ask("SELECT 1", ())
+        check = f"{where}: query API at {config.host} answers for project {config.project_id}"
+        if isinstance(got, str):
+            status = c.last_status
+            return [
+                Finding(
+                    check,
+                    False,
+                    got,
+                    fix=_FIXES.get(
+                        status or 0, "check collectors.posthog.host and that this host can reach it"
+                    ),
+                    blocks=status in PERMANENT,
+                )
+            ]
+        out = [Finding(check, True, "the key has the query scope")]
+        if not hops:
+            return out
+        since = clock.wall(clock.now()) - PREFLIGHT_DAYS * 86400
+        fields = list(dict.fromkeys(hop_field(h).expr for h in hops))
+        cols = ["event", "count() AS n"] + [f"countIf(isNotNull({f})) AS f{i}" for i, f in enumerate(fields)]
+        events = sorted({h.event for h in hops})
+        text = (
+            f"SELECT {', '.join(cols)} FROM events WHERE event IN ({', '.join(_lit(e) for e in events)}) "
+            f"AND timestamp >= toDateTime({_lit(_ch_time(since))}, 'UTC') GROUP BY event LIMIT {len(events) + 1}"
+        )
+        data = await c._ask(text, ("event", "n"))
+        if isinstance(data, str):
+            out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
+            return out
+    seen = {str(r[0]): dict(zip(data["columns"], r, strict=True)) for r in data["results"]}
+    for hop in sorted(hops, key=lambda h: (h.event, hop_field(h).name)):
+        rec = seen.get(hop.event, {})
+        n = int(rec.get("n") or 0)
+        if n == 0:
+            out.append(
+                Finding(
+                    f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days",
+                    False,
+                    "no such event",
+                    fix=f"check the event name (case matters) and that the funnel captures into project "
+                    f"{config.project_id} with that project's key",
+                )
+            )
+            continue
+        out.append(
+            Finding(
+                f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", True, f"{n} events"
+            )
+        )
+        set_on = int(rec.get(f"f{fields.index(hop_field(hop).expr)}") or 0)
+        name = hop_field(hop).name
+        out.append(
+            Finding(
+                f"{where}: {name} is set on recent {hop.event} events",
+                set_on > 0,
+                f"on {set_on} of {n}",
+                fix=f"check the property path: no {hop.event} event of the last {PREFLIGHT_DAYS} days has "
+                f"{name} (expected only before the first probe if the funnel sets it from the probe)",
+            )
+        )
+    return out
 
 
 def _needs(config: PostHogConfig) -> list[Need]:
@@ -554,4 +897,5 @@ plugin = SinkPlugin(
     factory=PostHogCollector,
     summary="PostHog events, by HogQL query (poll) and optionally a realtime destination (push)",
     needs=_needs,
+    preflight=_preflight,
 )

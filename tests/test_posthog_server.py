@@ -286,7 +286,7 @@ def test_unknown_project_key_is_accepted_and_dropped_malformed_key_refused(
 
 def test_unsupported_query_is_a_400_with_posthogs_error_body(ph: tuple[PostHogState, str]) -> None:
     _, url = ph
-    resp = query(url, "SELECT count() FROM persons")
+    resp = query(url, "SELECT avg(1) FROM persons")
     other_kind = httpx.post(
         f"{url}/api/projects/1/query/",
         json={"query": {"kind": "EventsQuery", "select": ["*"]}},
@@ -296,7 +296,7 @@ def test_unsupported_query_is_a_400_with_posthogs_error_body(ph: tuple[PostHogSt
     assert resp.status_code == 400
     body = resp.json()
     assert body["type"] == "validation_error" and body["code"] == "query_error" and body["attr"] is None
-    assert "count" in body["detail"]
+    assert "avg" in body["detail"]
     bad_clause = query(url, "SELECT uuid FROM events WHERE event = 'a' GROUP BY event")
     assert bad_clause.status_code == 400 and "GROUP" in bad_clause.json()["detail"]
     assert other_kind.status_code == 400 and "EventsQuery" in other_kind.json()["detail"]
@@ -456,3 +456,29 @@ def test_destination_receives_the_default_webhook_body_with_retry(ph: tuple[Post
     assert body["event"]["url"].startswith(f"{url}/project/1/events/{sent}/")
     assert body["person"]["properties"] == {"email": "a@b.io"} and body["person"]["name"] == "a@b.io"
     uuid.UUID(body["person"]["id"])
+
+
+def test_grouped_aggregates_for_near_misses_and_preflight_counts(ph: tuple[PostHogState, str]) -> None:
+    _, url = ph
+    client = sdk(url)
+    client.capture("a", distinct_id="d1", properties={"p": "x"})
+    client.capture("a", distinct_id="d2", properties={"q": 1})
+    client.capture("b", distinct_id="d3", properties={"p": "y"})
+    grouped = rows(
+        query(
+            url,
+            "SELECT event, count() AS n, countIf(isNull(properties.p)) AS z, "
+            "groupUniqArrayIf(5)(toString(properties.p), isNotNull(properties.p)) AS v "
+            "FROM events WHERE event IN ('a', 'b') GROUP BY event",
+        )
+    )
+    assert sorted((r["event"], r["n"], r["z"], r["v"]) for r in grouped) == [
+        ("a", 2, 1, ["x"]),
+        ("b", 1, 0, ["y"]),
+    ]
+    (total,) = rows(query(url, "SELECT count() AS n FROM events WHERE event = 'none'"))
+    assert total["n"] == 0  # an aggregate over nothing is one row
+    ungrouped = query(url, "SELECT event, count() FROM events")
+    assert ungrouped.status_code == 400 and "GROUP BY" in ungrouped.json()["detail"]
+    nested = query(url, "SELECT countIf(count() > 1) FROM events")
+    assert nested.status_code == 400

@@ -409,9 +409,9 @@ def render_table(summary: dict[str, Any], console: Console) -> None:
         if p.get("reason") or p["verdict"] in FAILING
     ]
     for step, hop, p in reasons[:10]:
-        line = f"  [dim]{step}/{hop} {p['trace_id']}:[/] {p['verdict']}" + (
-            f": {escape(p['reason'])}" if p.get("reason") else ""
-        )
+        reason = p.get("reason") or ""
+        said = reason if reason.startswith(f"{p['verdict']}: ") else f"{p['verdict']}: {reason}".rstrip(": ")
+        line = f"  [dim]{step}/{hop} {p['trace_id']}:[/] {escape(said)}"
         if p["verdict"] in FAILING and p.get("trace_url"):
             line += f"[dim]; trace:[/] [link={p['trace_url']}]{p['trace_url']}[/link]"
         console.print(line, highlight=False, soft_wrap=True)

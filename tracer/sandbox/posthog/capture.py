@@ -210,7 +210,7 @@ class Capture:
 
     def __init__(self, state: PostHogState) -> None:
         self.state = state
-        self.persons: dict[str, dict[str, Any]] = {}  # distinct_id -> person properties
+        self.persons = state.persons  # distinct_id -> person properties (queries read them too)
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -12,6 +12,9 @@ what is not served. PostHog's answers that a client can get wrong are kept:
   with a LIMIT a full page says nothing about what was cut.
 - OFFSET is refused for personal-API-key queries (keyset pagination on ``timestamp`` instead).
 - A row is visible only from its ``visible_at`` (``created_at`` + ingest delay).
+- Aggregates (``count``, ``countIf``, ``groupUniqArray[If](N)``) at the top of a select item,
+  with or without ``GROUP BY`` plain expressions; a bare column that is neither grouped nor
+  aggregated is refused, as ClickHouse refuses it.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ _TIME_TYPE = "DateTime64(6, 'UTC')"
 _CLAUSES = {  # SelectQuery keys we do not serve, and how to name them in the 400
     "ctes": "WITH",
     "distinct": "DISTINCT",
-    "group_by": "GROUP BY",
     "having": "HAVING",
     "prewhere": "PREWHERE",
     "qualify": "QUALIFY",
@@ -150,7 +152,10 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "range": _range,
     "toDateTime": _to_datetime,
     "toString": lambda v: None if v is None else str(v),
+    "isNull": lambda v: v is None,
+    "isNotNull": lambda v: v is not None,
 }
+_AGGREGATES = {"count", "countIf", "groupUniqArray", "groupUniqArrayIf"}
 
 
 @dataclass
@@ -162,6 +167,7 @@ class _Query:
     constants: dict[int, Any] = field(default_factory=dict)  # id(node) -> folded value
     patterns: dict[int, Any] = field(default_factory=dict)  # id(node) -> regex / set
     static: dict[int, bool] = field(default_factory=dict)  # id(node) -> no column or lambda inside
+    persons: dict[str, dict[str, Any]] = field(default_factory=dict)  # distinct_id -> properties
 
     def is_static(self, node: Any) -> bool:
         key = id(node)
@@ -217,10 +223,14 @@ def _field(q: _Query, chain: list[Any], ev: StoredEvent, env: dict[str, Any]) ->
         return env[head]
     if head == "events" and len(chain) > 1:  # a table-qualified column
         chain, head = chain[1:], chain[1]
+    props: Any = ev.properties
+    if head == "person" and len(chain) > 1 and chain[1] == "properties":
+        # ``person.properties.x``: the event's person, by distinct_id (PostHog joins persons)
+        chain, head, props = chain[1:], "properties", q.persons.get(ev.distinct_id, {})
     if head == "properties":
         if len(chain) == 1:
             raise Unsupported("selecting the whole 'properties' column is not supported")
-        node: Any = ev.properties
+        node: Any = props
         for part in chain[1:]:
             if not isinstance(node, dict):
                 return None
@@ -282,6 +292,8 @@ def _call(q: _Query, node: dict[str, Any], ev: StoredEvent, env: dict[str, Any])
         if name == "arrayExists":
             return any(r for _, r in results)
         return [r for _, r in results] if name == "arrayMap" else [x for x, r in results if r]
+    if name in _AGGREGATES:
+        raise Unsupported(f"aggregate {name}() is only served at the top of a select item")
     if name not in _FUNCTIONS:
         raise Unsupported(f"unsupported function {name}()")
     args = [_eval(q, a, ev, env) for a in node["args"]]
@@ -294,6 +306,74 @@ def _call(q: _Query, node: dict[str, Any], ev: StoredEvent, env: dict[str, Any])
             value = frozenset(value)  # only ever used as a set (has, IN) in the subset
         q.constants[key] = value
     return value
+
+
+def _aggregate_call(item: dict[str, Any]) -> dict[str, Any] | None:
+    """The aggregate call a select item is, or None for a plain expression."""
+    expr = item["expr"] if item.get("node") == "Alias" else item
+    return expr if expr.get("node") == "Call" and expr.get("name") in _AGGREGATES else None
+
+
+def _aggregate(q: _Query, node: dict[str, Any], group: list[StoredEvent]) -> Any:
+    """One aggregate over the events of a group (NULLs are skipped, as ClickHouse skips them)."""
+    name, args, params = node["name"], node["args"], node.get("params")
+    if node.get("distinct") or node.get("filter_expr") or node.get("order_by"):
+        raise Unsupported(f"{name}() with DISTINCT, FILTER or ORDER BY is not supported")
+    want = {"count": 0, "countIf": 1, "groupUniqArray": 1, "groupUniqArrayIf": 2}[name]
+    if len(args) != want or (params and (name.startswith("count") or len(params) != 1)):
+        raise Unsupported(f"{name}() takes {want} argument(s)")
+    if any(_aggregate_call(a) for a in args):
+        raise Unsupported("aggregates cannot be nested")
+    if name == "count":
+        return len(group)
+    if name == "countIf":
+        return sum(1 for ev in group if _eval(q, args[0], ev, {}))
+    cap = _constant_int(params[0], f"{name}(N)") if params else None
+    out: list[Any] = []
+    for ev in group:
+        if name == "groupUniqArrayIf" and not _eval(q, args[1], ev, {}):
+            continue
+        v = _eval(q, args[0], ev, {})
+        if v is not None and v not in out and (cap is None or len(out) < cap):
+            out.append(v)
+    return out
+
+
+def _grouped(q: _Query, matched: list[StoredEvent], limit: int) -> tuple[list[list[Any]], bool]:
+    """Rows of an aggregating query: one per distinct GROUP BY key (one in all without it)."""
+    keys = q.tree.get("group_by") or []
+    groups: dict[str, list[StoredEvent]] = {}
+    for ev in matched:
+        groups.setdefault(json.dumps([_eval(q, k, ev, {}) for k in keys], default=str), []).append(ev)
+    if not keys and not groups:
+        groups[""] = []  # an aggregate over nothing is still one row: count() = 0
+    rows = []
+    for group in groups.values():
+        row = []
+        for item in q.tree["select"]:
+            agg = _aggregate_call(item)
+            row.append(_aggregate(q, agg, group) if agg else _render(q, item, group[0]))
+        rows.append(row)
+    return rows[:limit], len(rows) > limit
+
+
+def _check_grouping(q: _Query) -> bool:
+    """Whether the query aggregates; refuses select items neither grouped nor aggregated."""
+    keys = q.tree.get("group_by") or []
+    aggs = [_aggregate_call(item) for item in q.tree["select"]]
+    if not keys and not any(aggs):
+        return False
+    if q.tree.get("order_by"):
+        raise Unsupported("ORDER BY with aggregates is not served here")
+    for item, agg in zip(q.tree["select"], aggs, strict=True):
+        expr = item["expr"] if item.get("node") == "Alias" else item
+        if agg is not None:
+            _aggregate(q, agg, [_NOBODY])
+        elif expr not in keys:
+            raise Unsupported(f"column {_column_name(item)!r} must be in GROUP BY or an aggregate")
+    for k in keys:
+        _eval(q, k, _NOBODY, {})
+    return True
 
 
 # --------------------------------------------------------------------------- pruning
@@ -366,6 +446,9 @@ def _column_name(item: dict[str, Any]) -> str:
 
 def _column_type(item: dict[str, Any]) -> str:
     expr = item["expr"] if item.get("node") == "Alias" else item
+    agg = _aggregate_call(item)
+    if agg is not None:
+        return "UInt64" if agg["name"].startswith("count") else "Array(Nullable(String))"
     if expr.get("node") == "Field" and len(expr["chain"]) == 1:
         name = expr["chain"][0]
         return _TIME_TYPE if name in _TIME_COLUMNS else _SCALAR_COLUMNS.get(name, "String")
@@ -388,9 +471,12 @@ def prepare(text: str | dict[str, Any]) -> tuple[_Query, int | None]:
         )
     aliases = {str(s["alias"]): s["expr"] for s in tree["select"] if s.get("node") == "Alias"}
     q = _Query(tree, aliases)
-    for item in tree["select"]:  # unsupported functions and columns fail before the table check
-        _eval(q, item, _NOBODY, {})
+    if not _check_grouping(q):
+        for item in tree["select"]:  # unsupported functions and columns fail before the table check
+            _eval(q, item, _NOBODY, {})
     source = tree.get("select_from")
+    if not source and not tree.get("where") and not _has_field(tree["select"]):
+        return q, _constant_int(tree.get("limit"), "LIMIT")  # ``SELECT 1``: a connectivity check
     table = source.get("table") if source else None
     if not source or source.get("next_join") or table != {"node": "Field", "chain": ["events"]}:
         raise Unsupported("only a plain 'FROM events' is served here")
@@ -401,6 +487,8 @@ def prepare(text: str | dict[str, Any]) -> tuple[_Query, int | None]:
 
 def run(q: _Query, store: EventStore, now: float, limit: int) -> tuple[list[list[Any]], bool]:
     """Rows over events visible at ``now``, and whether more rows exist past ``limit``."""
+    if not q.tree.get("select_from"):  # constants only: one row
+        return [[_render(q, s, _NOBODY) for s in q.tree["select"]]][:limit], False
     where = q.tree.get("where")
     lo, hi = _window(q, where)
     order = q.tree.get("order_by") or []
@@ -409,13 +497,17 @@ def run(q: _Query, store: EventStore, now: float, limit: int) -> tuple[list[list
         and order[0]["order"] == "ASC"
         and order[0]["expr"] == {"node": "Field", "chain": ["timestamp"]}
     )
-    enough = limit + 1 if by_timestamp else math.inf  # candidates come in timestamp order
+    grouping = bool(q.tree.get("group_by")) or any(_aggregate_call(i) for i in q.tree["select"])
+    # candidates come in timestamp order; an aggregate needs them all
+    enough = limit + 1 if by_timestamp and not grouping else math.inf
     matched: list[StoredEvent] = []
     for ev in store.candidates(_event_names(where), lo, hi):
         if ev.visible_at <= now and (not where or _eval(q, where, ev, {})):
             matched.append(ev)
             if len(matched) >= enough:
                 break
+    if grouping:
+        return _grouped(q, matched, limit)
     for item in reversed(order):  # stable sorts, last key first; NULLs last either way
         desc = item["order"] == "DESC"
 
@@ -485,6 +577,7 @@ async def handle(state: PostHogState, request: Request, parser: ParserPool) -> J
     now = time.time()
     limit = min(explicit if explicit is not None else DEFAULT_LIMIT, st.max_limit)
     try:
+        q.persons = st.persons
         rows, has_more = run(q, st._store, now, limit)
     except Unsupported as exc:
         return error(400, "validation_error", "query_error", str(exc))

@@ -111,6 +111,7 @@ class PostHogState:
     captured: int = 0  # events accepted and stored
     dropped_unknown_key: int = 0  # events answered 200 but dropped: well-formed key of no project
     rejected: int = 0  # capture requests refused (400/401/413/415)
+    persons: dict[str, dict[str, Any]] = field(default_factory=dict)  # distinct_id -> person properties
     _store: EventStore = field(default_factory=EventStore, repr=False, compare=False)
 
     def events(self) -> list[dict[str, Any]]:
