@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -38,6 +37,7 @@ from jmespath.exceptions import JMESPathError
 from pydantic import Field, field_validator
 
 from tracer import clock
+from tracer.net import Backoff
 from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -175,7 +175,7 @@ class HttpJsonCollector:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._last_good_sent: float | None = None
-        self._backoff = 0.0
+        self._backoff = Backoff(config.max_backoff)
         self.requests = 0
         self.failed_requests = 0
         self.last_error: str | None = None
@@ -256,7 +256,7 @@ class HttpJsonCollector:
         assert cycle_sent is not None
         self._last_good_sent = cycle_sent
         self.last_error = None
-        self._backoff = 0.0
+        self._backoff.reset()
         self.coverage.looked(cycle_sent)  # everything stored before the cycle began was returned
         return poll_interval(self.config, len(chunks))
 
@@ -332,12 +332,8 @@ class HttpJsonCollector:
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_requests += 1
         self.last_error = error
-        self.coverage.failed(sent)
-        self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
-        delay = self._backoff * (0.8 + 0.4 * random.random())
-        if retry_after:
-            with contextlib.suppress(ValueError):
-                delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
+        self.coverage.failed(sent, error)
+        delay = self._backoff.next(self.interval, retry_after)
         log.warning("http_json request failed: %s; next try in %.1fs", error, delay)
         return delay
 

@@ -17,11 +17,9 @@ Honesty rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from pydantic import Field, model_validator
 
 from tracer import clock
 from tracer.evidence import Evidence, excerpt
+from tracer.net import Backoff
 from tracer.payload import value_at
 from tracer.plugins import Collector, Finding, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
@@ -331,7 +330,7 @@ class PostHogCollector:
         self.cached_results = 0
         self.last_error: str | None = None
         self.last_cycle_gap = self.interval
-        self._backoff = 0.0
+        self._backoff = Backoff(config.max_backoff)
         self._retry_after: str | None = None
         self._permanent = False  # the last failed answer was a setup error (see PERMANENT)
         self.malformed_answers = 0  # 200s that were not a complete result set
@@ -482,7 +481,7 @@ class PostHogCollector:
         self._last_good_sent = first_sent
         self.last_cycle_gap = (received - prev) if prev is not None else self.interval
         self.last_error = None
-        self._backoff = 0.0
+        self._backoff.reset()
         # Everything ingested before the first request left is visible in these answers.
         self.coverage.looked(first_sent)
         return None
@@ -745,20 +744,16 @@ class PostHogCollector:
         self.failed_queries += 1
         self.last_error = error
         self.coverage.broke(sent, error)
-        self._backoff = self.config.max_backoff
+        delay = self._backoff.longest()
         if first:
             log.error("posthog query refused: %s (hops on this sink are unknown until it is fixed)", error)
-        return self._backoff
+        return delay
 
     def _fail(self, sent: float, error: str, retry_after: str | None, quiet: bool = False) -> float:
         self.failed_queries += 1
         self.last_error = error
         self.coverage.failed(sent, error)
-        self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
-        delay = self._backoff * (0.8 + 0.4 * random.random())
-        if retry_after:
-            with contextlib.suppress(ValueError):  # an HTTP-date Retry-After: keep our own backoff
-                delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
+        delay = self._backoff.next(self.interval, retry_after)
         if not quiet:
             log.warning("posthog query failed: %s; next try in %.1fs", error, delay)
         return delay

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -32,6 +31,7 @@ import httpx
 from pydantic import Field, field_validator
 
 from tracer import clock
+from tracer.net import Backoff
 from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -112,7 +112,7 @@ class SlackCollector:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._channels = {c: _Channel() for c in config.channels}
-        self._backoff = 0.0
+        self._backoff = Backoff(config.max_backoff)
         self.calls = 0
         self.failed_calls = 0
         self.rate_limited = 0
@@ -249,7 +249,7 @@ class SlackCollector:
                 ch.oldest = min(ch.sweep_max_ts, clock.wall(ch.sweep_sent) - self.config.clock_skew)
             ch.seen = {ts for ts in ch.seen if ch.oldest is None or float(ts) > ch.oldest}
         self.last_error = None
-        self._backoff = 0.0
+        self._backoff.reset()
         return 0.0
 
     def _match(self, name: str, ch: _Channel, messages: list[Any], received: float) -> None:
@@ -286,12 +286,8 @@ class SlackCollector:
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_calls += 1
         self.last_error = error
-        self.coverage.failed(sent)
-        self._backoff = min(self.config.max_backoff, max(self.interval, self._backoff * 2 or self.interval))
-        delay = self._backoff * (0.8 + 0.4 * random.random())
-        if retry_after:
-            with contextlib.suppress(ValueError):
-                delay = max(delay, min(float(retry_after), self.config.max_backoff * 5))
+        self.coverage.failed(sent, error)
+        delay = self._backoff.next(self.interval, retry_after)
         log.warning("slack conversations.history failed: %s; next try in %.1fs", error, delay)
         return delay
 

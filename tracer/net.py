@@ -5,7 +5,9 @@ Kept here, below the collectors and injectors, so a sink never borrows from anot
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import random
 from urllib.parse import urlsplit
 
 from tracer.schema import Secret
@@ -55,3 +57,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class Backoff:
+    """A poller's wait after a failed look: doubling from its interval up to ``cap``, with jitter,
+    and never shorter than a numeric ``Retry-After`` (bounded at 5 x ``cap``; an HTTP-date one
+    keeps our own). ``reset`` after a good look. One rule for every polling collector."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self.current = 0.0
+
+    def next(self, interval: float, retry_after: str | None = None) -> float:
+        self.current = min(self.cap, max(interval, self.current * 2 or interval))
+        delay = self.current * (0.8 + 0.4 * random.random())
+        if retry_after:
+            with contextlib.suppress(ValueError):
+                delay = max(delay, min(float(retry_after), self.cap * 5))
+        return delay
+
+    def longest(self) -> float:
+        """Wait the cap (a permanent error: look again rarely, it may have been fixed)."""
+        self.current = self.cap
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
