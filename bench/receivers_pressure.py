@@ -1,6 +1,7 @@
 """Benchmark: receivers under pressure (issue 10, items 7 and 8).
 
-Not a test. Run ``python bench/receivers_pressure.py [--duration 10]`` from the repo root.
+Not a test. Run ``python bench/receivers_pressure.py [--duration 10] [--case a|b]`` from the repo
+root (both cases by default).
 
 (a) The webhook receiver while 120 slowloris clients (a separate process: each trickles a
     request head one byte every 300 ms and reconnects when shed) hold its connections, and a
@@ -191,13 +192,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of deliveries in case (a)")
     parser.add_argument("--rate", type=float, default=5.0, help="deliveries per second in case (a)")
+    parser.add_argument("--case", choices=("a", "b"), help="run only this case (default: both)")
     args = parser.parse_args()
     with ProcessPoolExecutor(max_workers=2) as pool:
         list(pool.map(time.sleep, [0, 0]))  # start the workers before timing anything
-        print("(a) webhook receiver, 120 slow clients, real signed deliveries\n")
-        print(await slow_clients_case(pool, args.duration, args.rate))
-        print("\n(b) SMTP receiver event loop during a hostile mail\n")
-        print(await hostile_mail_case(pool))
+        if args.case in (None, "a"):
+            print("(a) webhook receiver, 120 slow clients, real signed deliveries\n")
+            print(await slow_clients_case(pool, args.duration, args.rate))
+        if args.case in (None, "b"):
+            print("\n(b) SMTP receiver event loop during a hostile mail\n")
+            print(await hostile_mail_case(pool))
 
 
 if __name__ == "__main__":
