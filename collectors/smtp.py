@@ -56,7 +56,7 @@ from tracer import clock, mime, receipts
 from tracer.evidence import Evidence
 from tracer.net import is_loopback
 from tracer.plugins import Finding, SinkPlugin
-from tracer.probe import TRACE_ID
+from tracer.probe import trace_ids
 from tracer.ratelog import Throttle
 from tracer.schema import Duration, Model, Secret
 from tracer.supervise import Supervisor
@@ -316,7 +316,7 @@ def parse_mail(raw: bytes, limits: Limits) -> Parsed:
         ("body", mime.body(msg, limits.deadline)),
     )
     for where, text in texts:
-        out.ids[where] = set(TRACE_ID.findall(text.lower()))
+        out.ids[where] = trace_ids(text)  # in windows: a long regex call holds the GIL
     out.rcpts = mime.recipients(msg)
     if clock.now() > limits.deadline:
         raise TimeoutError
