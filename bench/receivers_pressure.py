@@ -12,6 +12,9 @@ root (both cases by default).
 (b) The SMTP receiver's event loop while a sender process delivers one hostile mail (about
     4 MB, 100,000 tiny MIME parts) and then a good one: a ticker task on the receiver's loop
     sleeps 5 ms again and again; how late it wakes is the loop's stall. Goal: under 50 ms.
+    ``--shapes`` adds other hostile bodies of about 4 MB (short lines, lines smtplib dot-stuffs,
+    empty lines, one long line, over the size limit), each alone, with a watch in flight so
+    the accepted ones are parsed as a canary's would be.
 """
 
 from __future__ import annotations
@@ -117,6 +120,26 @@ def hostile_then_good(port: int, good_trace: str) -> tuple[int, float]:
     return code, done, len(raw)
 
 
+SHAPES = {  # name -> body after a Subject header (smtplib makes every line end in CRLF)
+    "1,000,000 lines 'a.'": lambda: b"a.\r\n" * 1_000_000,
+    "1,000,000 lone dots (stuffed on the wire)": lambda: b".\r\n" * 1_000_000,
+    "2,000,000 empty lines": lambda: b"\r\n" * 2_000_000,
+    "one 4 MB line": lambda: b"x" * 4_000_000 + b"\r\n",
+    "6 MB of short lines (over the limit)": lambda: b"abcd\r\n" * 1_000_000,
+}
+
+
+def one_mail(port: int, shape: str) -> tuple[int, float, int]:
+    """Deliver one shaped mail without the SIZE parameter (so DATA itself meets the limit)."""
+    raw = b"Subject: shape\r\n\r\n" + SHAPES[shape]()
+    with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+        smtp.ehlo()
+        smtp.mail("x@funnel.invalid")
+        smtp.rcpt(f"approver+{TOKEN}@funnel.invalid")
+        code = smtp.data(raw)[0]
+    return code, time.monotonic(), len(raw)
+
+
 # -- cases ------------------------------------------------------------------------------------
 def q(values: list[float], p: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
@@ -154,6 +177,14 @@ async def slow_clients_case(pool: ProcessPoolExecutor, duration: float, rate: fl
     )
 
 
+async def ticker(lags: list[tuple[float, float]], stop: asyncio.Event) -> None:
+    """(when, how late) of 5 ms sleeps on this loop until ``stop``: the loop's stall."""
+    while not stop.is_set():
+        t = time.monotonic()
+        await asyncio.sleep(0.005)
+        lags.append((t, time.monotonic() - t - 0.005))
+
+
 async def hostile_mail_case(pool: ProcessPoolExecutor) -> str:
     mx = SmtpCollector(SmtpConfig(rcpt_token=TOKEN))
     await mx.start()
@@ -163,14 +194,7 @@ async def hostile_mail_case(pool: ProcessPoolExecutor) -> str:
     mx.watch(good)
     lags: list[tuple[float, float]] = []
     stop = asyncio.Event()
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            t = time.monotonic()
-            await asyncio.sleep(0.005)
-            lags.append((t, time.monotonic() - t - 0.005))
-
-    tick = asyncio.create_task(ticker())
+    tick = asyncio.create_task(ticker(lags, stop))
     start = time.monotonic()
     code, done, size = await asyncio.get_running_loop().run_in_executor(
         pool, hostile_then_good, mx.port, good.trace_id
@@ -188,11 +212,43 @@ async def hostile_mail_case(pool: ProcessPoolExecutor) -> str:
     )
 
 
+async def shapes_case(pool: ProcessPoolExecutor) -> str:
+    mx = SmtpCollector(SmtpConfig(rcpt_token=TOKEN))
+    await mx.start()
+    assert mx.port is not None
+    mx.watch(
+        Watch(probe=Probe(step="bench"), hop=HopSpec(name="email", target=300, smtp={}), since=clock.now())
+    )
+    rows = []
+    for shape in SHAPES:
+        lags: list[tuple[float, float]] = []
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(lags, stop))
+        start = time.monotonic()
+        code, done, size = await asyncio.get_running_loop().run_in_executor(pool, one_mail, mx.port, shape)
+        stop.set()
+        await tick
+        during = [lag for t, lag in lags if start <= t <= done] or [0.0]
+        rows.append(
+            f"| {shape} | {size:,} | {code} | {done - start:.2f} s | {len(during)} | {q(during, 50) * 1000:.1f} "
+            f"| {q(during, 99) * 1000:.1f} | {max(during) * 1000:.1f} |"
+        )
+    await mx.close()
+    return "\n".join(
+        [
+            "| body | bytes | reply | time | ticks | loop lag p50 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of deliveries in case (a)")
     parser.add_argument("--rate", type=float, default=5.0, help="deliveries per second in case (a)")
     parser.add_argument("--case", choices=("a", "b"), help="run only this case (default: both)")
+    parser.add_argument("--shapes", action="store_true", help="case (b): other hostile bodies too")
     args = parser.parse_args()
     with ProcessPoolExecutor(max_workers=2) as pool:
         list(pool.map(time.sleep, [0, 0]))  # start the workers before timing anything
@@ -202,6 +258,9 @@ async def main() -> None:
         if args.case in (None, "b"):
             print("\n(b) SMTP receiver event loop during a hostile mail\n")
             print(await hostile_mail_case(pool))
+            if args.shapes:
+                print("\n(b) other hostile bodies, one at a time\n")
+                print(await shapes_case(pool))
 
 
 if __name__ == "__main__":
