@@ -197,7 +197,8 @@ class _CappedSMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's ``DATA`` with the body read by ``smtp_data`` in bounded segments (aiosmtpd's
         own reader joins 400,000 line buffers of a hostile mail in one stretch on the loop).
-        Replies, state and the ``handle_DATA`` hook are aiosmtpd 1.4's."""
+        Replies, state and the ``handle_DATA`` hook are aiosmtpd 1.4's (tests/test_smtp_data.py
+        compares them with a stock server); the deprecated ``process_message`` is not called."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None

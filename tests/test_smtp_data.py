@@ -46,6 +46,8 @@ CASES: list[bytes] = [
     b"hello\r\n.\r\n" + MAIL + b"..second\r\n.\r\n",  # pipelined: the next mail follows the dot
     (b"y" * 900 + b"\r\n") * 6 + b".\r\n" + MAIL + b"after a 552\r\n.\r\n",
     b"w" * 2000 + b"\r\n.\r\n" + MAIL + b"after a 500\r\n.\r\n",
+    b"caf\xc3\xa9\r\n.\r\nMAIL FROM:<\xc3\xbc@funnel.invalid> SMTPUTF8 BODY=8BITMIME\r\n"
+    b"RCPT TO:<b@funnel.invalid>\r\nDATA\r\n\xc3\xbc\xff\r\n.\r\n",  # 8-bit, after SMTPUTF8
 ]
 
 
@@ -76,9 +78,12 @@ async def transcript(port: int, stream: bytes, sizes: random.Random | None) -> b
     """Every reply after ``354`` to ``stream`` (sent in pieces of random size when ``sizes``)."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     await r.readline()
-    w.write(b"HELO c\r\n" + MAIL)
-    for _ in range(4):
-        await r.readline()  # 250 x3, 354
+    w.write(b"EHLO c\r\n")
+    while not (await r.readline()).startswith(b"250 "):
+        pass
+    w.write(MAIL)
+    for _ in range(3):
+        await r.readline()  # 250, 250, 354
     i = 0
     while i < len(stream):
         n = len(stream) if sizes is None else sizes.choice((1, 2, 3, 5, 700, 1003, 4096, 70_000))
