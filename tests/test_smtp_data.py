@@ -198,3 +198,40 @@ def test_body_is_the_same_whatever_the_segments(case: int) -> None:
     for i in range(len(data) + 1):
         assert body([data[:i], data[i:]]) == whole, i
     assert body([data[i : i + 1] for i in range(len(data))]) == whole
+
+
+def test_a_client_hanging_up_mid_data_leaves_no_error_and_the_receiver_serves_on() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        mx = SmtpCollector(SmtpConfig(allow_unauthenticated=True))
+        await mx.start()
+        assert mx.port is not None
+        try:
+            for cut in (b"", b"abc", b"abc\r\n" * 50_000, b"abc\r\n.", b"x" * 5000):
+                r, w = await asyncio.open_connection("127.0.0.1", mx.port)
+                await r.readline()
+                w.write(b"HELO c\r\n" + MAIL)
+                for _ in range(4):
+                    await r.readline()
+                w.write(cut)
+                await w.drain()
+                w.close()
+            for _ in range(100):  # the receiver notices each hang-up
+                if not mx._sessions:
+                    break
+                await asyncio.sleep(0.02)
+            assert not mx._sessions and mx.health()["received"] == 0
+            stream = b"hi\r\n.\r\nQUIT\r\n"
+            r, w = await asyncio.open_connection("127.0.0.1", mx.port)
+            await r.readline()
+            w.write(b"HELO c\r\n" + MAIL + stream)
+            replies = await asyncio.wait_for(r.read(), 5)
+            assert replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n250 OK\r\n221 Bye\r\n")
+            assert mx.health()["received"] == 1
+        finally:
+            await mx.close()
+        assert errors == []
+
+    asyncio.run(main())
