@@ -32,9 +32,9 @@ class State(enum.Enum):
 
 
 class Body:
-    """Incremental DATA body. ``feed`` takes raw (dot-stuffed) bytes as they come, ``content``
-    gives the unstuffed mail. Once a bound is crossed the data is dropped (memory) and only the
-    state is kept.
+    """Incremental DATA body. ``feed`` takes raw (dot-stuffed) bytes as they come, ``finish``
+    settles ``state`` at the dot, ``content`` gives the unstuffed mail. Once a bound is crossed
+    the data is dropped (memory) and only the state is kept.
 
     Invariant: a segment never ends in ``\\r`` or ``\\r\\n`` (those bytes are carried to the next
     one), so no CRLF, and no ``\\r\\n.``, straddles two segments; the stream starts with a
@@ -116,9 +116,9 @@ class Body:
 async def read_body(
     reader: asyncio.StreamReader, body: Body, alive: Callable[[], bool], chunk: int = CHUNK
 ) -> bool:
-    """Feed ``body`` from ``reader`` up to and without the terminating dot line (then
-    ``body.finish()``), leaving
-    whatever follows (a pipelined command) in the reader. False if the connection went away.
+    """Feed ``body`` from ``reader`` up to and without the terminating dot line, then
+    ``body.finish()``; whatever follows (a pipelined command) stays in the reader. False if the
+    connection went away first.
 
     The search is for ``.\\r\\n``, which lies wholly in the reader, and the CRLF before it is
     checked in what was already read: the first line may be the lone dot, right after the CRLF
