@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import smtplib
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from tests.canary_helpers import load, parse_prometheus, prom_value
 from tracer import clock
 from tracer.export.metrics import CanaryMetrics
 from tracer.export.spans import resource
-from tracer.probe import Probe
+from tracer.probe import SCAN_WINDOW, TRACE_ID, Probe, trace_ids
 from tracer.sandbox.approvals import ApprovalSettings, approval_email
 from tracer.spec import HopSpec
 from tracer.verdict import judge_present
@@ -304,6 +305,26 @@ def test_hostile_mail_is_refused_off_the_loop_and_the_next_good_mail_is_seen() -
         print(f"max loop lag during the hostile mail: {max(lags) * 1000:.1f} ms over {len(lags)} ticks")
 
     run_mx(main)
+
+
+def test_trace_ids_in_windows_find_what_one_findall_finds() -> None:
+    """The receiver's parser looks for ids window by window (a 4 MB regex call holds the GIL and
+    so the loop); ids straddling, starting or ending at a window edge are all found, and none
+    is made up of two halves."""
+    rnd = random.Random(7)
+    edge = SCAN_WINDOW
+    for alphabet in ("0123456789abcdefABCDEF", "0123456789abcdef -\n", "0aZ"):
+        for n in (0, 31, 32, 33, edge - 1, edge, edge + 33):
+            text = "".join(rnd.choice(alphabet) for _ in range(n))
+            assert trace_ids(text) == set(TRACE_ID.findall(text.lower())), (n, alphabet)
+        text = "".join(rnd.choice(alphabet) for _ in range(edge + 100))
+        for at in range(edge - 40, edge + 6):  # an id (in capitals) across, at, after the edge
+            tid = f"{rnd.getrandbits(128):032X}"
+            planted = text[:at] + f"-{tid}-" + text[at + 34 :]
+            assert trace_ids(planted) == set(TRACE_ID.findall(planted.lower())), (at, alphabet)
+            assert tid.lower() in trace_ids(planted)
+            longer = text[:at] + f"-{tid}a-" + text[at + 35 :]  # 33 hex digits: no id at all
+            assert trace_ids(longer) == set(TRACE_ID.findall(longer.lower())), (at, alphabet)
 
 
 def test_deep_nesting_and_too_many_headers_are_bounded() -> None:
