@@ -333,16 +333,17 @@ def test_deep_nesting_and_too_many_headers_are_bounded() -> None:
         deep += [b'Content-Type: multipart/mixed; boundary="b%d"' % d, b"", b"--b%d" % d]
     deep += [b"Content-Type: text/plain", b"", b"x"]
     headers = [b"X-H%d: v" % i for i in range(5000)] + [b"Subject: s", b"", b"body"]
+    empty = [b"From: x@funnel.invalid", b"Subject: s", b""] + [b""] * 1_000_000  # 2 MB, one part
 
     async def main(mx: SmtpCollector) -> None:
         assert mx.port is not None
         mx.watch(mail_watch())
         to = f"approver+{TOKEN}@funnel.invalid"
-        for raw in (b"\r\n".join(deep) + b"\r\n", b"\r\n".join(headers) + b"\r\n"):
+        for lines in (deep, headers, empty):
             with pytest.raises(smtplib.SMTPDataError) as refused:
-                await asyncio.to_thread(smtp_send, mx.port, raw, to)
+                await asyncio.to_thread(smtp_send, mx.port, b"\r\n".join(lines) + b"\r\n", to)
             assert refused.value.smtp_code == 552
-        assert mx.health()["too_complex"] == 2
+        assert mx.health()["too_complex"] == 3
 
     run_mx(main)
 
