@@ -64,6 +64,7 @@ class MemberShape:
             # Removal notifications this look cannot pin on an entry it saw leave. A negative
             # balance (the removal seen before its notification arrived) is credit for one look.
             unexplained = removes.get(k, 0) - visible + ks.credit
+            ks.unnoted = -unexplained if push and ks.members is not None else 0
             ks.credit = min(0, removes.get(k, 0) - visible)
             missed = missed or (push and ks.members is not None and unexplained > 0)
             ks.members = now

@@ -68,6 +68,12 @@ class Session:
         self._looked_through = -math.inf
         self._notes_through = -math.inf
         self._ping_sent: float | None = None
+        self._pings: dict[bytes, float] = {}  # PING token on the listener -> when it was sent
+        self._ping_seq = 0
+        self._pong_seq = 0  # the latest token answered
+        self._pong = asyncio.Event()
+        self._ps: PubSub | None = None
+        self._flush_stats = False  # INFO commandstats readable: flushes are counted per look
         self._failed_at = -math.inf  # the latest failure: nothing certifies back past it
         self._closing = False
         self.notifications = "not tried"
@@ -78,6 +84,7 @@ class Session:
         self.failed_looks = 0
         self.reconnects = 0
         self.possible_misses = 0
+        self.wipes = 0  # looks that found a watched entry wiped (flushed, deleted) rather than retried
         self.last_error: str | None = None
 
     async def start(self) -> None:
@@ -176,11 +183,13 @@ class Session:
             self._resync(str(info.get("run_id", "")))
             self._looked_through = self._notes_through = -math.inf
             self._ping_sent = None
+            self._pings.clear()
+            self._flush_stats = await self._can_count_flushes(r)
             if self.config.mode == "push":
                 self.push = await self._enable_notifications(r)
                 self._notify_checked = clock.now()
                 if self.push:
-                    ps = listener.pubsub()
+                    ps = self._ps = listener.pubsub()
                     await ps.subscribe(CONTROL)
                     helpers.append(
                         asyncio.create_task(self._helper(self._listen(ps)), name="redis-dlq-listen")
@@ -197,6 +206,7 @@ class Session:
                 if t.guard is not None:
                     await t.guard.close()
                     t.guard = None
+            self._ps = None
             if ps is not None:
                 with contextlib.suppress(Exception):
                     await ps.aclose()
@@ -215,11 +225,13 @@ class Session:
             t.first_note = t.last_note = None
             for ks in t.keys.values():
                 ks.removes, ks.credit, ks.last_op = 0, 0, ""
+                ks.unnoted = 0
                 if restarted:
                     ks.members, ks.cursor, ks.added, ks.fresh = None, None, None, []
             if restarted:
+                t.flushes = None  # the counters restart with the server
                 for tid in t.present | set(t.handles.values()):
-                    t.traces[tid].lost = True
+                    t.traces[tid].lost = "Redis restarted and its data was lost"
                 t.present.clear()
                 t.handles.clear()
         if restarted:
@@ -270,9 +282,51 @@ class Session:
             self.failure = exc
             self.wake.set()
 
-    async def _ping(self, ps: PubSub) -> None:
-        self._ping_sent = clock.now()
-        await ps.ping()
+    async def _ping(self, ps: PubSub, certify: bool = True) -> int:
+        """PING on the listener's connection; its PONG comes after every notification published
+        before it. Each carries a token, so a PONG certifies its own PING's time, no later one."""
+        self._ping_seq += 1
+        token = str(self._ping_seq).encode()
+        sent = clock.now()
+        self._pings[token] = sent
+        if certify:
+            self._ping_sent = sent
+        await ps.ping(token)
+        return self._ping_seq
+
+    async def _barrier(self) -> bool:
+        """Wait until every notification published before now has been read (push only): a look
+        that found a watched entry gone needs all the events about it before judging how it went."""
+        if self._ps is None:
+            return False
+        seq = await self._ping(self._ps, certify=False)
+        end = clock.now() + self.config.timeout
+        while self._pong_seq < seq:
+            left = end - clock.now()
+            if left <= 0 or self.failure is not None:
+                return False
+            self._pong.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pong.wait(), left)
+        return True
+
+    async def _can_count_flushes(self, r: Redis) -> bool:
+        """FLUSHALL, FLUSHDB and SWAPDB send no keyspace event; their call counts in INFO
+        commandstats, read inside every look, are how a look knows one happened since the last."""
+        try:
+            await r.info("commandstats")
+        except ResponseError:
+            if not self._flush_stats_warned:
+                self._flush_stats_warned = True
+                log.warning(
+                    "redis_dlq %s: INFO commandstats refused: a FLUSHALL/FLUSHDB by someone else "
+                    "cannot be told from a retry in poll mode",
+                    redact_url(self._url),
+                )
+            return False
+        return True
+
+    _flush_stats_warned = False
 
     def _certify(self) -> None:
         through = min(self._looked_through, self._notes_through) if self.push else self._looked_through
@@ -291,8 +345,14 @@ class Session:
             if msg is None:
                 continue
             if msg["type"] == "pong":
-                if self._ping_sent is not None:
-                    self._notes_through = self._ping_sent
+                token = bytes(msg["data"] or b"")
+                sent = self._pings.pop(token, None)
+                if sent is not None:
+                    self._notes_through = max(self._notes_through, sent)
+                    self._pong_seq = max(self._pong_seq, int(token))
+                    for old in [k for k in self._pings if int(k) < self._pong_seq]:
+                        del self._pings[old]  # PONGs come in order: those will never come
+                    self._pong.set()
                     self._certify()
                 continue
             if msg["type"] != "pmessage":
@@ -430,8 +490,10 @@ class Session:
                 checks[k].append((tid, entry_id))
         notes = (t.first_note, t.last_note)
         removes = {k: ks.removes for k, ks in t.keys.items()}
+        wiped = {k: ks.wiped for k, ks in t.keys.items() if ks.wiped}
         for ks in t.keys.values():
-            ks.removes = 0
+            ks.removes, ks.wiped = 0, None
+        stats = self._flush_stats
         t.first_note = t.last_note = None
         t.dirty = False
 
@@ -442,6 +504,8 @@ class Session:
                 for k in (spec.processing_key, spec.dead_key):
                     if k:
                         t.shape.read_aux(p, k, cfg.max_scan)
+            if stats:
+                p.info("commandstats")
 
         issued = clock.now()
         changed: bool | None = None
@@ -460,9 +524,18 @@ class Session:
             when = When(done, t.prev_issue, "poll")  # sometime since the previous look
         prev_issue, t.prev_issue = t.prev_issue, issued
         t.entries.meta_read_at = None
+        flushed = self._flushed(t, res.pop() if stats else None)
         try:
             main, proc, dead, partial, missed = await self._parse(r, t, keys, res, aux, removes, checks)
+            wipe = await self._wiped(t, main, wiped, flushed)
         except LookError as exc:
+            for k, op in wiped.items():  # still to be judged by the next good look
+                if k in t.keys and not t.keys[k].wiped:
+                    t.keys[k].wiped = op
+            # What the keys held meanwhile is unknown: a watched entry's absence at the next
+            # good look says nothing about a retry.
+            for tid in t.present:
+                t.traces[tid].lost = t.traces[tid].lost or f"its key could not be read ({exc})"
             self.failed_looks += 1
             if str(exc) != self.last_error:
                 log.warning("redis_dlq %s: %s", redact_url(self._url), exc)
@@ -474,19 +547,82 @@ class Session:
             # Metadata is read just after the snapshot: a bump it shows may be that recent.
             when = When(max(when.at, read_at), when.not_before, "poll")
         t.digest(main, proc, dead, when, complete=True)
-        if changed and prev_issue is not None:
-            missed = True  # poll: the key changed at all since the last snapshot
+        if wipe is not None:
+            # Watched entries were taken by something that is no retry: whatever their retry hop
+            # would have shown in (previous look, this look] cannot be known.
+            self.wipes += 1
+            if wipe != self._last_wipe:
+                log.warning(
+                    "redis_dlq %s: %s; those entries' retries are unknown", redact_url(self._url), wipe
+                )
+            self._last_wipe = wipe
+            self.coverage.mark_blind(prev_issue if prev_issue is not None else issued, issued, wipe)
+        if (changed or flushed) and prev_issue is not None:
+            missed = True  # poll: the key changed at all since the last snapshot; or a flush
         if missed and prev_issue is not None and t.awaiting:
             # Something came and went unseen while a probe's entry is still awaited: it may have
             # been that entry. (previous look, this look] is blind.
             self.possible_misses += 1
-            self.coverage.mark_blind(prev_issue, issued)
+            self.coverage.mark_blind(
+                prev_issue, issued, flushed or "an entry may have come and gone between two looks"
+            )
         if partial:
             self.failed_looks += 1
             self.last_error = f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
             self._fail(issued, self.last_error)
             return False
         return True
+
+    _last_wipe: str | None = None
+
+    def _flushed(self, t: Target, stats: Any) -> str | None:
+        """Did a FLUSHALL, FLUSHDB or SWAPDB run since this target's previous look?"""
+        if not isinstance(stats, dict):
+            before, t.flushes = t.flushes, None
+            return None
+        calls = sum(
+            int((stats.get(f"cmdstat_{c}") or {}).get("calls", 0)) for c in ("flushall", "flushdb", "swapdb")
+        )
+        before, t.flushes = t.flushes, calls
+        if before is not None and calls != before:  # more calls, or CONFIG RESETSTAT: can't tell
+            return "the database was flushed (FLUSHALL, FLUSHDB or SWAPDB) by someone"
+        return None
+
+    async def _wiped(
+        self, t: Target, main: dict[str, Hit], wiped: dict[str, str], flushed: str | None
+    ) -> str | None:
+        """Watched entries that left the DLQ since the last look, but not one by one as a worker
+        takes them: the key was deleted, renamed, expired, flushed; or (push) they left with no
+        notification at all. Those are marked ``lost`` (their absence proves no retry); returns
+        why, or None."""
+        gone = [tid for tid in t.present if tid not in main]
+        if not gone:
+            return None
+        if self.push and not await self._barrier():
+            raise LookError("keyspace listener did not answer in time")
+        why = None
+        for tid in gone:
+            tr = t.traces[tid]
+            key = tr.hit.key if tr.hit is not None else t.spec.key
+            reason = flushed or self._key_wiped(t, key, wiped.get(key))
+            if reason is not None:
+                tr.lost = why = reason
+        return why
+
+    def _key_wiped(self, t: Target, key: str, op: str | None) -> str | None:
+        ks = t.keys.get(key)
+        if ks is None:
+            return None
+        if ks.gone:
+            return f"the stream {key!r} was deleted"
+        if not self.push:
+            return None
+        op = op or ks.wiped  # also events that came in while we made sure all had
+        if op is not None:
+            return f"{key!r} was wiped by someone (event {op!r})"
+        if ks.unnoted - ks.removes > 0:
+            return f"entries left {key!r} without any notification (a flush, or notifications off)"
+        return None
 
     async def _discover(self, r: Redis, t: Target) -> None:
         """Keys matching a glob pattern (bounded SCAN), minus the hop's own aux keys."""

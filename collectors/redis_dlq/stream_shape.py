@@ -78,8 +78,14 @@ class StreamShape:
         """One stream key: new entries since our cursor, which tracked entries still exist, and
         whether entries were added that we never received (``entries-added`` accounting)."""
         ks = t.keys[key]
+        ks.gone = False
         if isinstance(stream_info, ResponseError) and "no such key" in str(stream_info).lower():
             added, last_generated = 0, "0-0"
+            # XDEL never removes the stream itself: a stream that is gone was deleted (or
+            # flushed) by someone, so what it held was wiped, not retried; read any new one whole.
+            ks.gone = ks.added is not None and ks.added > 0
+            ks.cursor = None if ks.cursor is None else "0-0"
+            ks.fresh = []
         else:
             raise_if_error(stream_info, key, "stream")
             added, last_generated = (
@@ -107,10 +113,14 @@ class StreamShape:
                 if stream_id(ks.last_generated) < stream_id(i) <= stream_id(last_generated)
             )
             missed = added - ks.added > got or added < ks.added
+            if added < ks.added:  # deleted and created again between two looks
+                ks.gone = True
         ks.fresh = [i for i in ks.fresh if stream_id(i) > stream_id(last_generated)]
         ks.added, ks.last_generated = added, last_generated
         if stream_id(ks.cursor) < stream_id(last_generated) and len(new) < t.max_scan:
             ks.cursor = last_generated  # entries between were deleted before anyone could read them
+        if ks.gone:  # a new stream may reuse lower ids (explicit ones): read it from the start
+            ks.cursor, ks.fresh = "0-0", []
         return hits, missed
 
     def hits(self, t: Target, key: str, entries: list[Any], main: bool = False) -> dict[str, list[Hit]]:

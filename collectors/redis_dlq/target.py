@@ -50,7 +50,9 @@ class Trace:
 
     seen: dict[str, Seen] = field(default_factory=dict)
     attempt0: int | None = None  # attempt at first sight
-    lost: bool = False  # Redis restarted since it was present: its absence is no evidence
+    # Why its absence from the DLQ is no evidence of a retry (Redis restarted since it was
+    # present, the key was flushed or deleted by someone, or could not be read), or None.
+    lost: str | None = None
     # Where the entry was at the last look, for ``explain``: parked, processing, dead, gone.
     state: str | None = None
     attempt: int | None = None  # at the last look that saw it
@@ -92,6 +94,7 @@ class Target:
         self.dirty = True
         self.rescan = True  # glob: SCAN for matching keys at the next look
         self.guard: Guard | None = None
+        self.flushes: int | None = None  # FLUSHALL+FLUSHDB+SWAPDB calls at the last look
         # For ``explain``'s near misses: each distinct entry met in a DLQ key, (key, member or
         # stream id) -> [first seen, last seen, its trace ids]; bounded, oldest dropped first.
         self.sightings: dict[tuple[str, str], list[Any]] = {}
@@ -190,7 +193,7 @@ class Target:
                 if tid in self.traces:
                     self.present.add(tid)
                     self.leaving.discard(tid)
-                    tr.lost = False
+                    tr.lost = None
                 continue
             if not complete:
                 continue
@@ -198,6 +201,8 @@ class Target:
             self.present.discard(tid)
             in_proc = tid in proc
             gone = dead.get(tid) if dead else None
+            if in_proc or gone:
+                tr.lost = None  # found again where a worker puts what it took
             if in_proc or gone or was:
                 tr.state = "dead" if gone else "processing" if in_proc else "gone"
                 tr.first_at = when.at if tr.first_at is None else tr.first_at
