@@ -37,6 +37,10 @@ def short_redis_error(exc: BaseException, url: str) -> str:
     if isinstance(exc, TimeoutError) or name == "TimeoutError":
         return "timeout"
     if isinstance(exc, OSError) or name == "ConnectionError":
+        # A server that answers, but to say it will not serve us, is worth its own words.
+        said = str(exc)
+        if name == "ConnectionError" and said and not said.startswith(("Error ", "Connection ")):
+            return "connection refused: " + scrub(said, url)[:120]
         return "connection refused or lost"
     if name == "AuthenticationError":
         return "authentication failed"
