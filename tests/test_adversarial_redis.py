@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import subprocess
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.test_redis_dlq import KEY, collector, hop, seen, settle, watches
+from tests.support import RedisProcess, wait_port
+from tests.test_redis_dlq import KEY, collector, hop, seen, settle, watch, watches
 from tracer import clock
 from tracer.evidence import Evidence
 from tracer.probe import Probe
@@ -32,7 +36,7 @@ def entry_text(p: Probe, **extra: Any) -> str:
 async def parked(redis_url: str, mode: str = "push", shape: str = "list", **cfg: Any):
     """A collector watching one probe's entry/retry/resolved, its entry parked and seen."""
     r = Redis.from_url(redis_url, decode_responses=True)
-    c = await collector(redis_url, mode=mode, poll_interval=0.1, **cfg)
+    c = await collector(redis_url, mode=mode, **{"poll_interval": 0.1, **cfg})
     p = Probe(step="dlq")
     ws = watches(c, p, hop(shape))
     await settle(c)
@@ -88,3 +92,232 @@ async def _wiped(redis_url: str, mode: str, shape: str, how: str) -> None:
 )
 def test_dlq_wiped_by_someone_else_is_no_retry(redis_url: str, mode: str, shape: str, how: str) -> None:
     asyncio.run(_wiped(redis_url, mode, shape, how))
+
+
+# -- Redis restarted mid-wait ----------------------------------------------------------------
+
+
+class DurableRedis(RedisProcess):
+    """A private redis-server with an fsync-always append-only file: a kill loses nothing."""
+
+    def start(self) -> DurableRedis:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
+            + ["--appendfsync", "always", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return self
+
+
+async def _until(pred: Any, timeout: float = 5.0) -> bool:
+    end = clock.now() + timeout
+    while clock.now() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(pred())
+
+
+def test_restart_without_persistence_is_unknown_not_removed_unretried() -> None:
+    server = RedisProcess().start()
+
+    async def run() -> None:
+        r, c, p, ws, _ = await parked(server.url, reconnect_backoff=0.05, max_backoff=0.2, timeout=0.5)
+        await r.aclose()
+        server.kill()
+        await asyncio.sleep(0.3)
+        server.start()
+        assert await _until(lambda: c.health()["up"])
+        await asyncio.sleep(0.3)
+        assert not ws["retry"].observations and not ws["resolved"].observations
+        assert c.coverage.blind_start(ws["retry"].since, clock.now()) is not None
+        ev = await c.explain(ws["retry"], ws["retry"].since, clock.now(), Evidence(searched={}))
+        assert ev.found["entry"]["redis_restarted"]
+        assert "whether it was retried first is unknown" in ev.summary, ev.summary
+        assert "without any retry" not in ev.summary and "never reached" not in (ev.hint or "")
+        await c.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_restart_with_persistence_keeps_measuring_the_entry() -> None:
+    """The entry survives the restart (AOF): once Redis is back and the worker retries it, the
+    retry is seen, never a false lost."""
+    server = DurableRedis().start()
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(server.url, reconnect_backoff=0.05, max_backoff=0.2, timeout=0.5)
+        await r.aclose()
+        server.kill()
+        await asyncio.sleep(0.3)
+        server.start()
+        assert await _until(lambda: c.health()["up"])
+        r = Redis.from_url(server.url, decode_responses=True)
+        assert await r.lrange(KEY, 0, -1) == [text]  # it came back
+        await asyncio.sleep(0.3)
+        async with r.pipeline(transaction=True) as pipe:  # the worker takes it now
+            pipe.lrem(KEY, 1, text)
+            pipe.lpush(f"{KEY}:processing", text)
+            await pipe.execute()
+        await seen(ws, "retry")
+        assert ws["retry"].first.at > ws["entry"].first.at
+        await r.aclose()
+        await c.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+# -- the key changes type, notifications are switched off --------------------------------
+
+
+@pytest.mark.parametrize("mode", ["push", "poll"])
+def test_key_changing_type_and_back_is_no_retry(redis_url: str, mode: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, mode)
+        await r.set(KEY, "not a list any more")
+        await asyncio.sleep(0.4)
+        assert c.coverage.blind_now and "is not a list" in c.health()["last_error"]
+        await r.delete(KEY)
+        await r.lpush(KEY, entry_text(Probe(step="dlq")))  # a list again, without our entry
+        await asyncio.sleep(0.5)
+        assert not c.coverage.blind_now
+        assert not ws["retry"].observations, ws["retry"].first
+        assert c.coverage.blind_start(ws["retry"].since, clock.now()) is not None
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_notifications_switched_off_then_a_flash_is_blind_not_lost(redis_url: str) -> None:
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        c = await collector(redis_url, poll_interval=0.3)
+        p = Probe(step="dlq")
+        w = watch(c, p, "entry", hop())
+        await settle(c)
+        await r.config_set("notify-keyspace-events", "")
+        text = entry_text(p)
+        await r.lpush(KEY, text)  # parked and taken between two looks, no event about it
+        await r.lrem(KEY, 1, text)
+        await asyncio.sleep(0.8)
+        assert not w.observations
+        assert c.coverage.blind_start(w.since, clock.now()) is not None
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_notifications_switched_off_then_a_real_retry_is_never_lost(redis_url: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, poll_interval=0.3)
+        await r.config_set("notify-keyspace-events", "")
+        await r.lrem(KEY, 1, text)
+        await asyncio.sleep(0.8)
+        # Either the retry is seen, or the window it happened in is blind: never a silent lost.
+        assert ws["retry"].observations or c.coverage.blind_start(ws["retry"].since, clock.now())
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+# -- our connections are killed, paused, refused ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["normal", "pubsub"])
+def test_client_kill_is_blind_then_measures_again(redis_url: str, kind: str, caplog: Any) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, reconnect_backoff=0.05)
+        await r.execute_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
+        assert await _until(lambda: c.health()["reconnects"] >= 1 and c.health()["up"])
+        await r.lrem(KEY, 1, text)
+        await r.lpush(f"{KEY}:processing", text)
+        await seen(ws, "retry")
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await r.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
+    assert "Traceback" not in caplog.text
+
+
+def test_client_pause_is_blind_and_recovers(redis_url: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, timeout=0.5, reconnect_backoff=0.05)
+        admin = Redis.from_url(redis_url, decode_responses=True)
+        paused = clock.now()
+        await admin.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        await asyncio.sleep(1.5)
+        assert c.coverage.blind_now
+        await asyncio.sleep(1.3)
+        assert await _until(lambda: c.health()["up"])
+        assert c.coverage.blind_start(paused, clock.now()) is not None
+        await r.lrem(KEY, 1, text)
+        await r.lpush(f"{KEY}:processing", text)
+        await seen(ws, "retry")
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await r.aclose()
+        await admin.aclose()
+
+    asyncio.run(run())
+
+
+def test_maxclients_reached_on_reconnect_is_blind_with_the_reason(redis_url: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, reconnect_backoff=0.05, max_backoff=0.2)
+        (before,) = (await r.config_get("maxclients")).values()
+        try:
+            clients = len(await r.client_list())
+            await r.config_set("maxclients", str(clients - 1))  # ours (2) minus one must go
+            await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert await _until(lambda: c.health()["last_error"] not in (None,) and c.coverage.blind_now)
+            await asyncio.sleep(0.5)
+            assert c.coverage.blind_now and not c.health()["up"]
+            assert "max number of clients" in (c.health()["last_error"] or ""), c.health()
+        finally:
+            await r.config_set("maxclients", before)
+        assert await _until(lambda: c.health()["up"])
+        assert not ws["retry"].observations
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_password_changed_mid_run_is_unknown_and_secret_free(redis_url: str, caplog: Any) -> None:
+    old, new = "Old-pw-1#x", "New-pw-2#y"
+
+    async def run() -> None:
+        admin = Redis.from_url(redis_url, decode_responses=True)
+        await admin.execute_command("ACL", "SETUSER", "dlq", "on", f">{old}", "~*", "&*", "+@all")
+        url = redis_url.replace("redis://", f"redis://dlq:{quote(old, safe='')}@")
+        try:
+            r, c, p, ws, text = await parked(url, reconnect_backoff=0.05, max_backoff=0.2)
+            await admin.execute_command("ACL", "SETUSER", "dlq", "resetpass", f">{new}")
+            await admin.execute_command("CLIENT", "KILL", "USER", "dlq")
+            assert await _until(lambda: c.coverage.broken is not None)
+            assert "authentication failed" in c.coverage.broken
+            assert not ws["retry"].observations
+            shown = repr(c.health()) + c.coverage.broken + caplog.text
+            assert old not in shown and quote(old, safe="") not in shown and new not in shown
+            await c.close()
+            await r.aclose()
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "dlq")
+            await admin.aclose()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(run())
