@@ -10,16 +10,21 @@ in output. Each attack is bounded (a few seconds)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import subprocess
+import sys
+import threading
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import RedisProcess, wait_port
+from collectors.redis_dlq.preflight import preflight
+from tests.support import RedisProcess, free_port, tmp_yaml, wait_port
 from tests.test_redis_dlq import KEY, collector, hop, seen, settle, watch, watches
 from tracer import clock
 from tracer.evidence import Evidence
@@ -321,3 +326,139 @@ def test_password_changed_mid_run_is_unknown_and_secret_free(redis_url: str, cap
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(run())
+
+
+# -- servers that are not Redis -----------------------------------------------------------------
+
+
+class Hostile:
+    """A loopback TCP server in a thread: ``blackhole`` reads and never answers; otherwise it
+    answers ``reply`` to whatever arrives (garbage, or a well-formed RESP value of the wrong kind)."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.reply = reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"redis://:Sekrit-pw-9@127.0.0.1:{self.port}/0"
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self._conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if self.reply is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in [self.sock, *self._conns]:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+GARBAGE = [
+    None,  # black hole
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+    b"+OK\r\n",
+    b":42\r\n",
+    b"*1\r\n$-1\r\n",
+    b"\x00\xff\xfe garbage \r\n",
+]
+
+
+@pytest.mark.parametrize("reply", GARBAGE, ids=["blackhole", "http", "ok", "int", "nil-array", "bytes"])
+def test_a_server_that_is_not_redis_is_blind_bounded_and_quiet(reply: bytes | None, caplog: Any) -> None:
+    server = Hostile(reply)
+
+    async def run() -> None:
+        began = clock.now()
+        c = await collector(server.url, timeout=0.5, reconnect_backoff=0.05, max_backoff=0.2)
+        w = watch(c, Probe(step="dlq"), "entry", hop())
+        await asyncio.sleep(1.0)
+        assert not w.observations and c.coverage.blind_now and not c.health()["up"]
+        assert c.health()["last_error"], c.health()
+        closing = clock.now()
+        await c.close()
+        assert clock.now() - closing < 3 and clock.now() - began < 8
+        findings = await asyncio.wait_for(preflight(c.config, []), 5)
+        assert not findings[0].ok or len(findings) > 1
+        shown = repr(findings) + repr(c.health())
+        assert "Sekrit" not in shown
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(run())
+    finally:
+        server.close()
+    assert "Traceback" not in caplog.text and "Sekrit" not in caplog.text, caplog.text[-2000:]
+
+
+SPEC = """
+service: shop
+collectors:
+  redis_dlq: {{url: "{collector_url}", timeout: 500ms}}
+steps:
+  dlq:
+    inject:
+      redis_dlq:
+        url: "{inject_url}"
+        key: dlq:adv
+    hops:
+      - {{name: parked, target: 1s, deadline: 2s, redis_dlq: {{key: dlq:adv}}}}
+      - {{name: first_retry, after: parked, target: 1s, deadline: 2s, redis_dlq: {{key: dlq:adv, event: retry}}}}
+gauges:
+  depth: {{redis: {{url: "{collector_url}", key: dlq:adv}}, ok_below: 10, readings: 1}}
+"""
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tracer.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("where", ["wrong-port", "blackhole", "garbage"])
+def test_redis_unreachable_for_the_whole_run_is_inconclusive(redis_url: str, where: str) -> None:
+    """doctor says so (exit 1, one line each); check runs anyway and is inconclusive (exit 3):
+    every hop unknown, the gauge unknown, no traceback, no password."""
+    server = None
+    if where == "wrong-port":
+        url = f"redis://:Sekrit-pw-9@127.0.0.1:{free_port()}/0"
+    else:
+        server = Hostile(None if where == "blackhole" else b"-ERR what\r\n+OK\r\n:1\r\n")
+        url = server.url
+    try:
+        path = str(tmp_yaml(SPEC.format(collector_url=url, inject_url=redis_url)))
+        doc = cli("doctor", "-c", path)
+        res = cli("check", "-c", path, "-n", "1", "--format", "json")
+    finally:
+        if server is not None:
+            server.close()
+    assert doc.returncode == 1, doc.stdout + doc.stderr
+    assert "FAIL collectors.redis_dlq: Redis at redis://127.0.0.1:" in doc.stdout
+    assert res.returncode == 3, res.stdout + res.stderr
+    summary = json.loads(res.stdout)
+    verdicts = [p["verdict"] for s in summary["steps"] for h in s["hops"] for p in h["probes"]]
+    assert verdicts and set(verdicts) == {"unknown"}, verdicts
+    for out in (doc, res):
+        assert "Traceback" not in out.stderr and "Sekrit" not in out.stdout + out.stderr, out.stderr[-3000:]

@@ -5,10 +5,13 @@ Kept here, below the collectors and injectors, so a sink never borrows from anot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import random
 from urllib.parse import urlsplit
+
+from redis.exceptions import RedisError
 
 from tracer.schema import Secret
 
@@ -31,9 +34,31 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def from_redis_library(exc: BaseException) -> bool:
+    """Raised inside redis-py itself (an AttributeError, TypeError, ... from parsing a reply):
+    the server's answer was not what Redis sends, which is the server's fault, not a bug here."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    path = last.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/redis/" in path and "/collectors/" not in path and "/tracer/" not in path
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Anything talking to a Redis-or-not server can throw at us that is not our own bug."""
+    return isinstance(exc, (RedisError, OSError, asyncio.TimeoutError)) or from_redis_library(exc)
+
+
 def short_redis_error(exc: BaseException, url: str) -> str:
     """A short, secret-free description of a Redis failure."""
     name = type(exc).__name__
+    if isinstance(exc, UnicodeDecodeError):
+        return "a reply that is not UTF-8 text"
+    if not isinstance(exc, (RedisError, OSError)) and from_redis_library(exc):
+        return f"not a Redis reply ({name} in the client)"
     if isinstance(exc, TimeoutError) or name == "TimeoutError":
         return "timeout"
     if isinstance(exc, OSError) or name == "ConnectionError":

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, InvalidResponse, RedisError, ResponseError
 
 from collectors.redis_dlq.config import RedisDlqConfig
 from collectors.redis_dlq.entries import Hit
@@ -33,7 +33,7 @@ from collectors.redis_dlq.shape import Checks, LookError, raise_if_error
 from collectors.redis_dlq.stream_shape import STREAM, stream_id
 from collectors.redis_dlq.target import Target, Targets, When
 from tracer import clock
-from tracer.net import redact_url
+from tracer.net import is_redis_failure, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.supervise import Supervisor
 from tracer.watch import Coverage
@@ -134,10 +134,9 @@ class Session:
             self._session_ok = False
             try:
                 await self._session()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                self._down(exc)
-            except Exception as exc:  # a bug must not end the collector silently
-                log.exception("redis_dlq: unexpected error")
+            except Exception as exc:
+                if not is_redis_failure(exc):  # a bug must not end the collector silently
+                    log.exception("redis_dlq: unexpected error")
                 self._down(exc)
             finally:
                 self.push = False
@@ -179,6 +178,8 @@ class Session:
         helpers: list[asyncio.Task[None]] = []
         try:
             info = await r.info("server")
+            if not isinstance(info, dict):
+                raise InvalidResponse("INFO did not answer as Redis does")
             self._db = int(r.connection_pool.connection_kwargs.get("db") or 0)
             self._resync(str(info.get("run_id", "")))
             self._looked_through = self._notes_through = -math.inf
@@ -277,7 +278,7 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not isinstance(exc, (RedisError, OSError)):
+            if not is_redis_failure(exc):
                 log.exception("redis_dlq: helper task failed")
             self.failure = exc
             self.wake.set()
