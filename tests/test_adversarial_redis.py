@@ -28,8 +28,9 @@ from tests.support import RedisProcess, free_port, tmp_yaml, wait_port
 from tests.test_redis_dlq import KEY, collector, hop, seen, settle, watch, watches
 from tracer import clock
 from tracer.evidence import Evidence
+from tracer.inject.redis_dlq import DlqInject, remove_entries, send
 from tracer.probe import Probe
-from tracer.sandbox.dlq import new_entry
+from tracer.sandbox.dlq import DlqWorker, new_entry
 
 
 def entry_text(p: Probe, **extra: Any) -> str:
@@ -462,3 +463,56 @@ def test_redis_unreachable_for_the_whole_run_is_inconclusive(redis_url: str, whe
     assert verdicts and set(verdicts) == {"unknown"}, verdicts
     for out in (doc, res):
         assert "Traceback" not in out.stderr and "Sekrit" not in out.stdout + out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("reply", GARBAGE, ids=["blackhole", "http", "ok", "int", "nil-array", "bytes"])
+def test_injecting_into_a_server_that_is_not_redis_fails_in_one_line(reply: bytes | None) -> None:
+    server = Hostile(reply)
+
+    async def run() -> None:
+        for shape in ("list", "zset", "stream"):
+            spec = DlqInject(url=server.url, key=KEY, shape=shape, timeout=0.5)
+            result = await asyncio.wait_for(send(spec, Probe(step="dlq")), 5)
+            assert not result.ok and result.error and "\n" not in result.error, result
+            assert "Sekrit" not in repr(result)
+            outcomes = await asyncio.wait_for(remove_entries(spec, Probe(step="dlq")), 5)
+            assert outcomes and not any(o.ok for o in outcomes) and "Sekrit" not in repr(outcomes)
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.close()
+
+
+# -- hostile data in the DLQ ---------------------------------------------------------------------
+
+
+def test_binary_and_foreign_members_are_survived_by_everyone(redis_url: str, caplog: Any) -> None:
+    """Non-UTF-8 bytes, non-JSON text and JSON without an attempt sit in the DLQ: the collector
+    still measures the probe, the injector's cleanup still removes its entry, the sandbox worker
+    keeps retrying the real entries, and nobody dies or logs a traceback."""
+
+    async def run() -> None:
+        raw = Redis.from_url(redis_url)
+        await raw.lpush(KEY, b"\xff\xfe\x00binary", b"not json {", b'{"attempt": "many"}', b"[1,2")
+        c = await collector(redis_url)
+        async with DlqWorker(redis_url, KEY, retry_interval=0.3) as dlq:
+            p = Probe(step="dlq")
+            ws = watches(c, p, hop(), events=("entry", "retry"))
+            await settle(c)
+            inject = DlqInject(url=redis_url, key=KEY)
+            assert (await send(inject, p)).ok
+            await seen(ws, "entry", "retry")
+            q = Probe(step="dlq")
+            assert (await send(inject, q)).ok
+            (outcome,) = await remove_entries(inject, q)
+            assert outcome.ok and outcome.removed == 1, outcome
+            assert all(not t.done() for t in dlq._tasks), "the worker died"
+            assert dlq.history and all(h.ok for h in dlq.history) and dlq.skipped >= 3
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await raw.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
+    assert "Traceback" not in caplog.text, caplog.text[-3000:]
