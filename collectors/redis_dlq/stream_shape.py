@@ -103,8 +103,12 @@ class StreamShape:
         hits = self.hits(t, key, new, main=True)
         for (tid, handle), rows in zip(checks, found, strict=True):
             raise_if_error(rows, key, "stream")
-            if rows and tid in t.traces:
-                hits.setdefault(tid, []).append(Hit(key, t.entries.of_fields(rows[0][1]), handle))
+            if (
+                rows
+                and tid in t.traces
+                and t.ours(tid, hit := Hit(key, t.entries.of_fields(rows[0][1]), handle))
+            ):
+                hits.setdefault(tid, []).append(hit)
         missed = False
         if not first and ks.added is not None:
             got = sum(
@@ -132,8 +136,8 @@ class StreamShape:
             if main:
                 t.saw(key, entry_id, info.traces)
             for tid in info.traces:
-                if tid in t.traces:
-                    hits.setdefault(tid, []).append(Hit(key, info, entry_id))
+                if tid in t.traces and t.ours(tid, hit := Hit(key, info, entry_id)):
+                    hits.setdefault(tid, []).append(hit)
         return hits
 
     def arrivals(self, t: Target, key: str, entries: list[Any], when: When) -> None:

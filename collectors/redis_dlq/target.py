@@ -50,6 +50,9 @@ class Trace:
 
     seen: dict[str, Seen] = field(default_factory=dict)
     attempt0: int | None = None  # attempt at first sight
+    # The entry's own id at first sight: later entries carrying the same trace id under another
+    # id (someone's copy, a log line, a forgery) are not the probe's entry, so no retry of it.
+    entry_id: str | None = None
     # Why its absence from the DLQ is no evidence of a retry (Redis restarted since it was
     # present, the key was flushed or deleted by someone, or could not be read), or None.
     lost: str | None = None
@@ -122,6 +125,12 @@ class Target:
         )
         return n, start < self.sightings_cut
 
+    def ours(self, tid: str, hit: Hit) -> bool:
+        """Is ``hit`` the probe's own entry (same id as at first sight, when both have one)?"""
+        tr = self.traces.get(tid)
+        pinned = tr.entry_id if tr is not None else None
+        return pinned is None or hit.info.entry_id is None or hit.info.entry_id == pinned
+
     def matches(self, key: str) -> str | None:
         """The role ``key`` plays for this target: main, aux or None."""
         if key in self.aux:
@@ -184,7 +193,7 @@ class Target:
                 if hit.handle is not None:
                     self.handles[(hit.key, hit.handle)] = tid
                 if "entry" not in tr.seen:
-                    tr.attempt0 = attempt
+                    tr.attempt0, tr.entry_id = attempt, hit.info.entry_id
                     self._emit(tid, "entry", when, hit)
                     if attempt is not None and attempt > first:  # retried before we first saw it
                         self._emit(tid, "retry", when, hit)
@@ -213,6 +222,7 @@ class Target:
                     tr.attempt, tr.hit = gone.info.attempt, gone
             if (in_proc or gone) and "entry" not in tr.seen:  # taken before we saw it parked
                 tr.attempt0 = (gone.info.attempt if gone else None) or first
+                tr.entry_id = gone.info.entry_id if gone else None
                 self._emit(tid, "entry", when, gone)
             if "entry" in tr.seen and ((was and not tr.lost) or in_proc or gone):
                 self._emit(tid, "retry", when, gone)
