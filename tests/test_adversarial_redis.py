@@ -516,3 +516,113 @@ def test_binary_and_foreign_members_are_survived_by_everyone(redis_url: str, cap
     with caplog.at_level(logging.WARNING):
         asyncio.run(run())
     assert "Traceback" not in caplog.text, caplog.text[-3000:]
+
+
+# -- forged and odd entries ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["list", "stream"])
+def test_a_forged_copy_with_a_higher_attempt_is_not_the_retry(redis_url: str, shape: str) -> None:
+    """Someone else writes an entry that carries the probe's trace id (another id, attempt 3)
+    while the probe's own entry stays parked at attempt 1: that is not its retry."""
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, shape=shape)
+        forged = json.dumps({**json.loads(text), "id": "someone-else", "attempt": 3})
+        if shape == "list":
+            await r.lpush(KEY, forged)
+        else:
+            await r.xadd(KEY, {"entry": forged})
+        await asyncio.sleep(0.5)
+        assert not ws["retry"].observations, ws["retry"].first
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_attempt_going_backwards_is_no_retry(redis_url: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url)
+        lower = json.dumps({**json.loads(text), "attempt": 0})
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.lrem(KEY, 1, text)
+            pipe.lpush(KEY, lower)
+            await pipe.execute()
+        await asyncio.sleep(0.4)
+        # It left the key and came back in one step: a worker's re-park, so a retry, but the
+        # attempt must not be read as one more.
+        if ws["retry"].observations:
+            assert ws["retry"].first.detail["attempt"] in (0, None)
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_stream_recreated_with_lower_ids_is_read_again(redis_url: str) -> None:
+    """A stream once held an id far in the future, then was deleted: the new stream's ids are
+    lower than our cursor. Its entries must still be seen, not missed forever."""
+
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        await r.xadd(KEY, {"entry": "old"}, id="99999999999999-0")
+        c = await collector(redis_url, poll_interval=0.1)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop("stream"), events=("entry",))
+        await settle(c)
+        await r.delete(KEY)
+        await asyncio.sleep(0.3)
+        await r.xadd(KEY, {"entry": entry_text(p)})
+        await seen(ws, "entry")
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_two_retries_between_polls_are_one_retry_at_the_last_attempt(redis_url: str) -> None:
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, mode="poll", poll_interval=0.5)
+        for attempt in (2, 3):
+            new = json.dumps({**json.loads(text), "attempt": attempt})
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.lrem(KEY, 1, text)
+                pipe.lpush(KEY, new)
+                await pipe.execute()
+            text = new
+        await seen(ws, "retry")
+        assert ws["retry"].first.detail["attempt"] == 3
+        assert ws["retry"].first.at - ws["entry"].first.at <= 0.5 + ws["retry"].first.error_bar + 0.3
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_other_dbs_notifications_and_entries_are_not_ours() -> None:
+    """The collector watches db 1; the probe's trace id is written to the same key in db 0."""
+    server = RedisProcess().start()
+
+    async def run() -> None:
+        url1 = server.url[: -len("/0")] + "/1"
+        r0 = Redis.from_url(server.url, decode_responses=True)
+        c = await collector(url1)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop(), events=("entry",))
+        await settle(c)
+        await r0.lpush(KEY, entry_text(p))
+        await asyncio.sleep(0.4)
+        assert not ws["entry"].observations
+        r1 = Redis.from_url(url1, decode_responses=True)
+        await r1.lpush(KEY, entry_text(p))
+        await seen(ws, "entry")
+        assert ws["entry"].first.source == "push"
+        await c.close()
+        await r0.aclose()
+        await r1.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
