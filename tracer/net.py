@@ -17,11 +17,21 @@ from tracer.schema import Secret
 
 
 def redact_url(url: str) -> str:
-    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets."""
+    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets.
+    Never raises: a URL that does not parse (a password with an unencoded ``/`` in it makes
+    part of the password look like a port) is shown as its scheme alone."""
     p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        return f"{p.scheme}://(unparsable URL)"
+    if "@" in p.path + p.query + p.fragment:
+        return f"{p.scheme}://(unparsable URL)"
     host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if port:
+        host = f"{host}:{port}"
     return f"{p.scheme}://{host}{p.path}"
 
 
@@ -73,9 +83,21 @@ def short_redis_error(exc: BaseException, url: str) -> str:
 
 
 def check_redis_url(v: Secret) -> Secret:
-    """Pydantic field validator for Redis URLs (the value itself is never echoed)."""
-    if not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+    """Pydantic field validator for Redis URLs (the value itself is never echoed, not even in
+    part: a password with an unencoded ``/``, ``?`` or ``#`` would split the URL inside it)."""
+    url = v.get_secret_value()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    if port == -1 or "@" in p.path + p.query + p.fragment or (url.startswith("redis") and not p.hostname):
+        raise ValueError(
+            "is not a valid Redis URL (value not shown): characters such as @ : / ? # in the "
+            "user or password must be percent-encoded (%40 %3A %2F %3F %23)"
+        )
     return v
 
 
