@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -626,3 +627,114 @@ def test_other_dbs_notifications_and_entries_are_not_ours() -> None:
         asyncio.run(run())
     finally:
         server.stop()
+
+
+# -- URLs: special characters, unix sockets, TLS to a plain server ------------------------------
+
+PASSWORD = "p@ss:w/rd?#%x Sekrit"
+
+
+def test_a_password_with_special_characters_never_shows(redis_url: str, tmp_path: Any) -> None:
+    """Percent-encoded in the URL, it works end to end; neither its raw nor its encoded form
+    appears in the JSON report, the HTML/JUnit files or the logs, whatever happens."""
+
+    async def acl(*args: str) -> None:
+        admin = Redis.from_url(redis_url, decode_responses=True)
+        await admin.execute_command("ACL", *args)
+        await admin.aclose()
+
+    asyncio.run(acl("SETUSER", "dlq-user", "on", f">{PASSWORD}", "~*", "&*", "+@all"))
+    url = redis_url.replace("redis://", f"redis://dlq-user:{quote(PASSWORD, safe='')}@")
+    try:
+        path = str(tmp_yaml(SPEC.format(collector_url=url, inject_url=url)))
+        html, junit = tmp_path / "r.html", tmp_path / "r.xml"
+        res = cli(
+            "-v",
+            "check",
+            "-c",
+            path,
+            "-n",
+            "1",
+            "--format",
+            "json",
+            "--html",
+            str(html),
+            "--junit",
+            str(junit),
+        )
+    finally:
+        asyncio.run(acl("DELUSER", "dlq-user"))
+    assert res.returncode in (1, 3), res.stdout + res.stderr  # parked ok, the retry never comes
+    summary = json.loads(res.stdout)
+    verdicts = {h["hop"]: [p["verdict"] for p in h["probes"]] for s in summary["steps"] for h in s["hops"]}
+    assert verdicts["parked"] == ["ok"], verdicts
+    shown = res.stdout + res.stderr + html.read_text() + junit.read_text()
+    for secret in (PASSWORD, quote(PASSWORD, safe=""), "Sekrit", "w/rd"):
+        assert secret not in shown, secret
+
+
+@pytest.mark.parametrize(
+    "bad", ["redis://:pa/ss-Sekrit@127.0.0.1:6379/0", "redis://:pa#ss-Sekrit@127.0.0.1:6379/0"]
+)
+def test_an_unencoded_password_is_a_config_error_that_shows_none_of_it(bad: str) -> None:
+    path = str(tmp_yaml(SPEC.format(collector_url=bad, inject_url=bad)))
+    for cmd in ("validate", "doctor", "check"):
+        res = cli(cmd, "-c", path)
+        assert res.returncode == 2, (cmd, res.stdout + res.stderr)
+        assert "collectors.redis_dlq.url" in res.stderr and "percent-encoded" in res.stderr
+        assert "Traceback" not in res.stderr
+        for part in ("pa", "ss-Sekrit", "Sekrit"):
+            assert f"'{part}'" not in res.stdout + res.stderr and "Sekrit" not in res.stdout + res.stderr
+
+
+def test_unix_socket_url_with_a_db_measures_by_push(tmp_path: Any) -> None:
+    sock = str(tmp_path / "r.sock")
+    server = RedisProcess()
+    server.proc = subprocess.Popen(
+        [server.exe, "--port", "0", "--unixsocket", sock, "--save", "", "--dir", server.dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def run() -> None:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            await asyncio.sleep(0.02)
+        url = f"unix://{sock}?db=2"
+        r = Redis.from_url(url, decode_responses=True)
+        c = await collector(url)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop(), events=("entry", "retry"))
+        await settle(c)
+        text = entry_text(p)
+        await r.lpush(KEY, text)
+        await seen(ws, "entry")
+        assert ws["entry"].first.source == "push" and c.health()["push_active"]
+        assert c.health()["url"] == f"unix://{sock}"
+        await r.lrem(KEY, 1, text)
+        await seen(ws, "retry")
+        await c.close()
+        await r.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def test_rediss_to_a_plain_server_is_blind_and_bounded(redis_url: str, caplog: Any) -> None:
+    async def run() -> None:
+        url = redis_url.replace("redis://", "rediss://:Sekrit@")
+        c = await collector(url, timeout=0.5, reconnect_backoff=0.05, max_backoff=0.2)
+        w = watch(c, Probe(step="dlq"), "entry", hop())
+        await asyncio.sleep(0.6)
+        assert c.coverage.blind_now and not c.health()["up"] and c.health()["last_error"]
+        assert not w.observations
+        await c.close()
+        result = await send(DlqInject(url=url, key=KEY, timeout=0.5), Probe(step="dlq"))
+        assert not result.ok
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
+    assert "Traceback" not in caplog.text and "Sekrit" not in caplog.text
