@@ -21,6 +21,7 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -29,6 +30,8 @@ from tests.support import RedisProcess, free_port, tmp_yaml, wait_port
 from tests.test_redis_dlq import KEY, collector, hop, seen, settle, watch, watches
 from tracer import clock
 from tracer.evidence import Evidence
+from tracer.gauges import GaugeSpec
+from tracer.gauges import read as read_gauge
 from tracer.inject.redis_dlq import DlqInject, remove_entries, send
 from tracer.probe import Probe
 from tracer.sandbox.dlq import DlqWorker, new_entry
@@ -738,3 +741,112 @@ def test_rediss_to_a_plain_server_is_blind_and_bounded(redis_url: str, caplog: A
     with caplog.at_level(logging.WARNING):
         asyncio.run(run())
     assert "Traceback" not in caplog.text and "Sekrit" not in caplog.text
+
+
+# -- size: huge members, a million entries --------------------------------------------------------
+
+
+async def _loop_lag(stop: asyncio.Event, worst: list[float]) -> None:
+    while not stop.is_set():
+        t0 = clock.now()
+        await asyncio.sleep(0.01)
+        worst[0] = max(worst[0], clock.now() - t0 - 0.01)
+
+
+def test_a_10mb_member_next_to_the_probe(redis_url: str) -> None:
+    """The probe is still measured by push, and the loop keeps running (the worst stall is
+    printed, not asserted: benchmarks belong in bench/)."""
+
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        await r.lpush(KEY, json.dumps({"blob": "x" * 10_000_000, "attempt": 1}))
+        stop, worst = asyncio.Event(), [0.0]
+        lag = asyncio.create_task(_loop_lag(stop, worst))
+        c = await collector(redis_url)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop(), events=("entry", "retry"))
+        await settle(c)
+        text = entry_text(p)
+        await r.lpush(KEY, text)
+        await seen(ws, "entry", timeout=10)
+        await r.lrem(KEY, 1, text)
+        await seen(ws, "retry", timeout=10)
+        assert c.health()["internal_errors"] == 0
+        stop.set()
+        await lag
+        print(f"worst event-loop stall with a 10 MB member: {worst[0] * 1000:.0f} ms")
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_million_entries_is_a_partial_look_reported_blind(redis_url: str) -> None:
+    """Bounded: each look reads max_scan entries; the look is partial, so blind (unknown, never
+    lost); the probe's entry at the head is still found; the gauge reads the real depth; the
+    injector's cleanup still removes the probe's entry."""
+
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        await r.eval("for i = 1, 1000000 do redis.call('RPUSH', KEYS[1], i) end", 1, KEY)
+        c = await collector(redis_url, max_scan=2000)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop(), events=("entry", "retry"))
+        await settle(c)
+        inject = DlqInject(url=redis_url, key=KEY)
+        assert (await send(inject, p)).ok
+        await seen(ws, "entry", timeout=10)
+        await asyncio.sleep(0.3)
+        assert c.coverage.blind_now and "max_scan=2000" in (c.health()["last_error"] or "")
+        assert not ws["retry"].observations
+        spec = GaugeSpec(redis={"url": redis_url, "key": KEY}, ok_below=10)
+        async with httpx.AsyncClient() as http:
+            assert await read_gauge(spec, http) == 1_000_001
+        (outcome,) = await remove_entries(inject, p)
+        assert outcome.ok and outcome.removed == 1
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+class DebugRedis(RedisProcess):
+    def start(self) -> DebugRedis:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", self.dir]
+            + ["--enable-debug-command", "yes"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        return self
+
+
+def test_debug_sleep_is_blind_then_measures_again() -> None:
+    """The whole server stops answering for 2 s (DEBUG SLEEP): timeouts, blind, no false
+    retry of the parked entry, and measuring again afterwards."""
+    server = DebugRedis().start()
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(server.url, timeout=0.5, reconnect_backoff=0.05, max_backoff=0.2)
+        began = clock.now()
+        admin = Redis.from_url(server.url)
+        sleeper = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(1.2)
+        assert c.coverage.blind_now
+        await sleeper
+        assert await _until(lambda: c.health()["up"])
+        assert c.coverage.blind_start(began, clock.now()) is not None
+        assert not ws["retry"].observations
+        await r.lrem(KEY, 1, text)
+        await r.lpush(f"{KEY}:processing", text)
+        await seen(ws, "retry")
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await r.aclose()
+        await admin.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
