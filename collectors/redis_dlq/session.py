@@ -177,11 +177,8 @@ class Session:
         ps: PubSub | None = None
         helpers: list[asyncio.Task[None]] = []
         try:
-            info = await r.info("server")
-            if not isinstance(info, dict):
-                raise InvalidResponse("INFO did not answer as Redis does")
             self._db = int(r.connection_pool.connection_kwargs.get("db") or 0)
-            self._resync(str(info.get("run_id", "")))
+            self._resync(await self._server_run(r))
             self._looked_through = self._notes_through = -math.inf
             self._ping_sent = None
             self._pings.clear()
@@ -214,6 +211,25 @@ class Session:
             for client in (r, listener):
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    async def _server_run(self, r: Redis) -> str:
+        """The server's run_id: a new one means it restarted and lost what it held (unless it
+        persisted it). Without permission to run INFO, every reconnect counts as a restart."""
+        try:
+            info = await r.info("server")
+        except ResponseError:
+            if not self._info_warned:
+                self._info_warned = True
+                log.warning(
+                    "redis_dlq %s: INFO refused: each reconnect is taken as a possible restart",
+                    redact_url(self._url),
+                )
+            return f"unknown-{self.reconnects}"
+        if not isinstance(info, dict):
+            raise InvalidResponse("INFO did not answer as Redis does")
+        return str(info.get("run_id", ""))
+
+    _info_warned = False
 
     def _resync(self, run_id: str) -> None:
         """After a (re)connect: notification counts restart; after a server restart, what we
@@ -366,6 +382,8 @@ class Session:
                     ks = t.keys.get(key)
                     if ks is None and len(t.keys) < self.config.max_keys:
                         ks = t.keys[key] = t.shape.new_key()
+                    elif ks is None:
+                        t.over_keys = True  # a key we will not read
                     if ks is not None:
                         ks.note(op)
                 t.first_note = t.first_note if t.first_note is not None else now
@@ -567,9 +585,13 @@ class Session:
             self.coverage.mark_blind(
                 prev_issue, issued, flushed or "an entry may have come and gone between two looks"
             )
-        if partial:
+        if partial or t.over_keys:
             self.failed_looks += 1
-            self.last_error = f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
+            self.last_error = (
+                f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
+                if partial
+                else f"{spec.key} matches more than max_keys={cfg.max_keys} keys; look is partial"
+            )
             self._fail(issued, self.last_error)
             return False
         return True
@@ -628,18 +650,20 @@ class Session:
     async def _discover(self, r: Redis, t: Target) -> None:
         """Keys matching a glob pattern (bounded SCAN), minus the hop's own aux keys."""
         found: set[str] = set()
+        t.over_keys = False
         async for key in r.scan_iter(match=t.spec.key, count=1000, _type=t.shape.name):
             if key not in t.aux:
+                if len(found) >= self.config.max_keys:
+                    t.over_keys = True  # keys we will not read: a probe's entry may be in one
+                    break
                 found.add(key)
-            if len(found) >= self.config.max_keys:
-                break
         for key in found - set(t.keys):
             t.keys[key] = t.shape.new_key()
         held = {k for k, _ in t.handles}
         for key in set(t.keys) - found:
             if not t.keys[key].members and key not in held:
                 del t.keys[key]
-        t.rescan = False
+        t.rescan = t.over_keys  # push: look for the pattern's keys again until they fit
 
     # -- reading what a look returned ----------------------------------------
     async def _parse(

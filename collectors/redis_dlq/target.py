@@ -96,6 +96,7 @@ class Target:
         self.last_note: float | None = None
         self.dirty = True
         self.rescan = True  # glob: SCAN for matching keys at the next look
+        self.over_keys = False  # glob: more keys match than max_keys, so some go unread
         self.guard: Guard | None = None
         self.flushes: int | None = None  # FLUSHALL+FLUSHDB+SWAPDB calls at the last look
         # For ``explain``'s near misses: each distinct entry met in a DLQ key, (key, member or
