@@ -850,3 +850,102 @@ def test_debug_sleep_is_blind_then_measures_again() -> None:
         asyncio.run(run())
     finally:
         server.stop()
+
+
+# -- globs, permissions, clocks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["push", "poll"])
+def test_a_glob_matching_more_than_max_keys_is_blind_not_lost(redis_url: str, mode: str) -> None:
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        for i in range(8):
+            await r.lpush(f"dlq:q{i}", json.dumps({"other": i}))
+        c = await collector(redis_url, mode=mode, max_keys=3, poll_interval=0.1)
+        p = Probe(step="dlq")
+        w = watch(c, p, "entry", {"key": "dlq:q*"})
+        await settle(c)
+        await asyncio.sleep(0.3)
+        text = entry_text(p)
+        looked = sorted(c._targets.find(w.sink_spec).keys)  # the keys it chose to read
+        unread = next(f"dlq:q{i}" for i in range(8) if f"dlq:q{i}" not in looked)
+        await r.lpush(unread, text)
+        await asyncio.sleep(0.5)
+        assert w.observations or c.coverage.blind_start(w.since, clock.now()) is not None
+        assert c.coverage.blind_now and "max_keys" in (c.health()["last_error"] or ""), c.health()
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_info_permission_taken_away_mid_run_recovers(redis_url: str, caplog: Any) -> None:
+    async def run() -> None:
+        admin = Redis.from_url(redis_url, decode_responses=True)
+        await admin.execute_command("ACL", "SETUSER", "dlq2", "on", ">pw2-Sekrit", "~*", "&*", "+@all")
+        url = redis_url.replace("redis://", "redis://dlq2:pw2-Sekrit@")
+        try:
+            r, c, p, ws, text = await parked(url, reconnect_backoff=0.05, max_backoff=0.2)
+            await admin.execute_command("ACL", "SETUSER", "dlq2", "-info")
+            await asyncio.sleep(0.5)
+            assert await _until(lambda: c.health()["up"])
+            await r.lrem(KEY, 1, text)
+            await r.lpush(f"{KEY}:processing", text)
+            await seen(ws, "retry")
+            assert c.health()["internal_errors"] == 0
+            await c.close()
+            await r.aclose()
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "dlq2")
+            await admin.aclose()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(run())
+    assert "Traceback" not in caplog.text and "Sekrit" not in caplog.text
+
+
+@pytest.mark.parametrize("shape", ["zset", "stream"])
+def test_redis_side_times_do_not_move_our_timestamps(redis_url: str, shape: str) -> None:
+    """A zset scored a day ahead, a stream id a year ahead and a created_at in 1999: the
+    sighting is timed by our own looks; the entry's own time only fills sink_time."""
+
+    async def run() -> None:
+        r = Redis.from_url(redis_url, decode_responses=True)
+        c = await collector(redis_url)
+        p = Probe(step="dlq")
+        ws = watches(c, p, hop(shape), events=("entry",))
+        await settle(c)
+        text = entry_text(p, created_at="1999-01-01T00:00:00Z")
+        before = clock.now()
+        if shape == "zset":
+            await r.zadd(KEY, {text: clock.wall(clock.now()) + 86400})
+        else:
+            await r.xadd(KEY, {"entry": text}, id=f"{int((clock.wall(clock.now()) + 3e7) * 1000)}-0")
+        await seen(ws, "entry")
+        e = ws["entry"].first
+        assert before - 0.05 <= e.at <= clock.now() and e.error_bar < 1
+        assert e.sink_time == pytest.approx(clock.parse_iso("1999-01-01T00:00:00Z"))
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_user_without_info_permission_still_measures(redis_url: str) -> None:
+    async def run() -> None:
+        admin = Redis.from_url(redis_url, decode_responses=True)
+        await admin.execute_command("ACL", "SETUSER", "noinfo", "on", ">pw3", "~*", "&*", "+@all", "-info")
+        url = redis_url.replace("redis://", "redis://noinfo:pw3@")
+        try:
+            r, c, p, ws, text = await parked(url)
+            assert c.health()["up"] and c.health()["push_active"]
+            await r.lrem(KEY, 1, text)
+            await r.lpush(f"{KEY}:processing", text)
+            await seen(ws, "retry")
+            await c.close()
+            await r.aclose()
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "noinfo")
+            await admin.aclose()
+
+    asyncio.run(run())
