@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -949,3 +950,44 @@ def test_a_user_without_info_permission_still_measures(redis_url: str) -> None:
             await admin.aclose()
 
     asyncio.run(run())
+
+
+def test_check_with_the_dlq_flushed_mid_wait_says_unknown_and_why(redis_url: str) -> None:
+    """End to end: someone runs FLUSHALL while the probe's entry waits for its retry. The retry
+    hop is unknown (not ok, not lost), and its reason says the database was flushed."""
+    import redis as sync_redis
+
+    path = str(
+        tmp_yaml(
+            SPEC.format(collector_url=redis_url, inject_url=redis_url).replace(
+                "deadline: 2s}", "deadline: 4s}"
+            )
+        )
+    )
+    admin = sync_redis.Redis.from_url(redis_url)
+    done = threading.Event()
+
+    def flusher() -> None:
+        while not done.is_set():
+            if admin.llen("dlq:adv"):
+                time.sleep(0.3)  # seen parked by now
+                admin.flushall()
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=flusher, daemon=True)
+    t.start()
+    try:
+        res = cli("check", "-c", path, "-n", "1", "--format", "json")
+    finally:
+        done.set()
+        t.join(5)
+        admin.close()
+    assert res.returncode == 3, res.stdout + res.stderr
+    summary = json.loads(res.stdout)
+    rows = {h["hop"]: h["probes"][0] for s in summary["steps"] for h in s["hops"]}
+    assert rows["parked"]["verdict"] == "ok"
+    retry = rows["first_retry"]
+    assert retry["verdict"] == "unknown", retry
+    assert "flushed" in retry["reason"], retry["reason"]
+    assert "Traceback" not in res.stderr

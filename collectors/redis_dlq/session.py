@@ -554,7 +554,8 @@ class Session:
             # What the keys held meanwhile is unknown: a watched entry's absence at the next
             # good look says nothing about a retry.
             for tid in t.present:
-                t.traces[tid].lost = t.traces[tid].lost or f"its key could not be read ({exc})"
+                if (tr := t.traces.get(tid)) is not None:
+                    tr.lost = tr.lost or f"its key could not be read ({exc})"
             self.failed_looks += 1
             if str(exc) != self.last_error:
                 log.warning("redis_dlq %s: %s", redact_url(self._url), exc)
@@ -625,7 +626,9 @@ class Session:
             raise LookError("keyspace listener did not answer in time")
         why = None
         for tid in gone:
-            tr = t.traces[tid]
+            tr = t.traces.get(tid)
+            if tr is None:  # unwatched while we waited for the listener
+                continue
             key = tr.hit.key if tr.hit is not None else t.spec.key
             reason = flushed or self._key_wiped(t, key, wiped.get(key))
             if reason is not None:
