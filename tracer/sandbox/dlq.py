@@ -67,16 +67,31 @@ end
 return 0
 """
 # KEYS: processing, destination (dlq or dead). ARGV: old member, new member ('' = resolved), score.
+# Only what is still in processing is finished, so a finish whose reply was lost (Redis restarted)
+# can be sent again without parking the entry twice.
 _FINISH_LIST = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-if ARGV[2] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[2]) end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 and ARGV[2] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+end
 return 1
 """
 _FINISH_ZSET = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+end
 return 1
 """
+# KEYS: stream, destination. ARGV: group, entry id, then the new entry's field/value pairs (none
+# = resolved). Same rule: only an entry still in the stream is finished.
+_FINISH_STREAM = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and #ARGV > 2 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+end
+return 1
+"""
+SCAN_LIMIT = 1000  # list: entries looked at per tick
+FINISH_TRIES = 5  # a finish interrupted by a Redis outage is sent again this many times
 
 
 class RetryFailed(Exception):
@@ -271,7 +286,8 @@ class DlqWorker:
         now = time.time()
         if self.shape == "list":
             due = []
-            for m in await self._redis.lrange(self.key, 0, -1):
+            # The oldest SCAN_LIMIT entries (LPUSH parks at the head): a huge DLQ must not stall us.
+            for m in await self._redis.lrange(self.key, -SCAN_LIMIT, -1):
                 entry = self._entry(m)
                 if entry is not None and self.due_at(entry) <= now:
                     due.append(m)
@@ -352,7 +368,19 @@ class DlqWorker:
                 new["dead_at"] = clock.iso(now)
                 dead = True
         self.history.append(RetryRecord(str(entry.get("id")), attempt, started, ok=error is None, dead=dead))
-        await self._finish(member, new, dead)
+        for n in range(FINISH_TRIES):  # as a real worker would: the entry is never left half done
+            try:
+                await self._finish(member, new, dead)
+                return
+            except (RedisError, OSError) as exc:
+                if n == FINISH_TRIES - 1:
+                    log.warning(
+                        "dlq worker: could not finish %s (%s); it stays in processing",
+                        entry.get("id"),
+                        type(exc).__name__,
+                    )
+                    return
+                await asyncio.sleep(0.2 * 2**n)
 
     async def _finish(self, member: str, new: dict[str, Any] | None, dead: bool) -> None:
         dest = self.dead_key if dead else self.key
@@ -366,12 +394,8 @@ class DlqWorker:
                 _FINISH_ZSET, 2, self.processing_key, dest, member, _dump(new) if new else "", score
             )
         else:
-            async with self._redis.pipeline(transaction=True) as p:
-                if new is not None:
-                    p.xadd(dest, to_fields(new))
-                p.xack(self.key, self.group, member)
-                p.xdel(self.key, member)
-                await p.execute()
+            pairs = [x for kv in to_fields(new).items() for x in kv] if new is not None else []
+            await self._redis.eval(_FINISH_STREAM, 2, self.key, dest, self.group, member, *pairs)
             self._pending.pop(member, None)
             self._claimed.discard(member)
 
