@@ -991,3 +991,42 @@ def test_check_with_the_dlq_flushed_mid_wait_says_unknown_and_why(redis_url: str
     assert retry["verdict"] == "unknown", retry
     assert "flushed" in retry["reason"], retry["reason"]
     assert "Traceback" not in res.stderr
+
+
+# -- the sandbox's worker through a Redis restart -----------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["list", "stream"])
+def test_sandbox_worker_finishes_a_retry_across_a_redis_restart(shape: str, caplog: Any) -> None:
+    """Redis (with an AOF) restarts while a retry is in the handler: the worker finishes it once
+    Redis is back (the entry leaves processing / the stream), parks nothing twice, and its task
+    does not die with an unretrieved exception."""
+    server = DurableRedis().start()
+
+    async def handler(entry: dict[str, Any]) -> None:
+        await asyncio.sleep(0.6)
+        raise RuntimeError("HTTP 500")  # so it is re-parked: a second copy would show
+
+    async def run() -> None:
+        async with DlqWorker(
+            server.url, KEY, shape=shape, retry_interval=0.05, backoff=1000, handler=handler
+        ) as dlq:
+            entry = await dlq.park("webhooks", {"n": 1}, "HTTP 500")
+            assert await _until(lambda: bool(dlq._inflight), 5)
+            server.kill()
+            await asyncio.sleep(0.2)
+            server.start()
+            assert await _until(lambda: len(dlq.history) >= 1, 5)
+            await asyncio.sleep(1.2)
+            parked = [e for e in await dlq.entries() if e["id"] == entry["id"]]
+            assert [e["attempt"] for e in parked][:1] == [2], parked  # re-parked exactly once
+            assert len([e for e in parked if e["attempt"] == 2]) == 1
+            if shape == "list":
+                assert await dlq.entries(dlq.processing_key) == [] or len(dlq.history) > 1
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(run())
+    finally:
+        server.stop()
+    assert "exception was never retrieved" not in caplog.text, caplog.text[-2000:]
