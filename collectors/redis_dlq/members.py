@@ -57,7 +57,8 @@ class MemberShape:
             raise_if_error(size, k, self.name)
             raise_if_error(raw, k, self.name)
             members = _members(raw)
-            if size > len(members):
+            ks.partial = size > len(members)
+            if ks.partial:
                 partial = k
             now = Counter(members)
             visible = sum((ks.members - now).values()) if ks.members is not None else 0

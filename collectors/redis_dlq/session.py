@@ -641,6 +641,8 @@ class Session:
             return None
         if ks.gone:
             return f"the stream {key!r} was deleted"
+        if ks.partial:
+            return f"{key!r} holds more than max_scan entries: it may only be past the part read"
         if not self.push:
             return None
         op = op or ks.wiped  # also events that came in while we made sure all had
@@ -685,13 +687,19 @@ class Session:
         proc: set[str] = set()
         dead: dict[str, Hit] | None = None
         if aux:
+            cut = False  # an aux key read only in part: absence from it proves nothing
             if spec.processing_key:
                 raw = next(it)
                 raise_if_error(raw, spec.processing_key, spec.shape)
                 proc = set(await t.shape.parse_aux(r, t, spec.processing_key, raw))
+                if len(raw) >= self.config.max_scan:
+                    cut, partial = True, partial or spec.processing_key
             dead = {}
             if spec.dead_key:
                 raw = next(it)
                 raise_if_error(raw, spec.dead_key, spec.shape)
                 dead = await t.shape.parse_aux(r, t, spec.dead_key, raw)
+                if len(raw) >= self.config.max_scan:
+                    cut, partial = True, partial or spec.dead_key
+            t.aux_cut = cut
         return main, proc, dead, partial, missed

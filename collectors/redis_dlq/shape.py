@@ -62,6 +62,7 @@ class Key:
     wiped: str | None = None  # push: a WIPES event since the last look (its name)
     unnoted: int = 0  # list/zset push: removals the last look saw that no notification explains
     gone: bool = False  # stream: the key vanished or was recreated since the last look
+    partial: bool = False  # list/zset: longer than max_scan at the last look (its tail unread)
 
     def note(self, op: str) -> None:
         # An LREM/ZREM that empties a key is followed by an implicit 'del': one removal, not two.

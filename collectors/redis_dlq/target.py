@@ -96,7 +96,10 @@ class Target:
         self.last_note: float | None = None
         self.dirty = True
         self.rescan = True  # glob: SCAN for matching keys at the next look
-        self.over_keys = False  # glob: more keys match than max_keys, so some go unread
+        self.over_keys = False
+        # The processing or dead key was longer than max_scan at the last look: an entry absent
+        # from the part read may be there, so that look proves no resolution.
+        self.aux_cut = False  # glob: more keys match than max_keys, so some go unread
         self.guard: Guard | None = None
         self.flushes: int | None = None  # FLUSHALL+FLUSHDB+SWAPDB calls at the last look
         # For ``explain``'s near misses: each distinct entry met in a DLQ key, (key, member or
@@ -229,7 +232,7 @@ class Target:
                 self._emit(tid, "retry", when, gone)
             if gone is not None:
                 self._emit(tid, "dead", when, gone)
-            elif dead is not None and not in_proc and "retry" in tr.seen and not tr.lost:
+            elif dead is not None and not self.aux_cut and not in_proc and "retry" in tr.seen and not tr.lost:
                 self._emit(tid, "resolved", when, None)
             elif "retry" in tr.seen and tid in self.traces and self.needs_aux():
                 self.leaving.add(tid)  # in processing, or gone before a look read the aux keys
