@@ -1030,3 +1030,61 @@ def test_sandbox_worker_finishes_a_retry_across_a_redis_restart(shape: str, capl
     finally:
         server.stop()
     assert "exception was never retrieved" not in caplog.text, caplog.text[-2000:]
+
+
+def test_requirepass_set_mid_run_is_unknown_quickly() -> None:
+    server = RedisProcess().start()
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(server.url, reconnect_backoff=0.05, max_backoff=0.2)
+        await r.config_set("requirepass", "Now-Sekrit-1")
+        await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert await _until(lambda: c.coverage.broken is not None or c.coverage.blind_now)
+        await asyncio.sleep(0.5)
+        assert c.coverage.blind_now and not ws["retry"].observations
+        assert "authentication failed" in (c.coverage.broken or "")
+        await c.close()
+        await r.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", ["push", "poll"])
+def test_an_entry_pushed_past_max_scan_is_not_retried(redis_url: str, mode: str) -> None:
+    """3000 newer entries push the probe's (oldest) entry past the max_scan=1000 a look reads:
+    out of sight is not taken. The look is partial (blind) and no retry is claimed."""
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, mode, max_scan=1000)
+        await r.eval("for i = 1, 3000 do redis.call('LPUSH', KEYS[1], 'other' .. i) end", 1, KEY)
+        await asyncio.sleep(0.5)
+        assert not ws["retry"].observations, ws["retry"].first
+        assert c.coverage.blind_now and "max_scan=1000" in (c.health()["last_error"] or "")
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_dead_key_longer_than_max_scan_is_no_proof_of_resolution(redis_url: str) -> None:
+    """The dead key holds 1500 old dead letters and the worker RPUSHes (appends) to it: the
+    probe's dead entry lies past the part a look reads. That must not read as resolved."""
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, max_scan=1000)
+        await r.eval("for i = 1, 1500 do redis.call('RPUSH', KEYS[1], 'old' .. i) end", 1, f"{KEY}:dead")
+        await asyncio.sleep(0.2)
+        async with r.pipeline(transaction=True) as pipe:  # retried, failed for good: dead-lettered
+            pipe.lrem(KEY, 1, text)
+            pipe.rpush(f"{KEY}:dead", json.dumps({**json.loads(text), "attempt": 5}))
+            await pipe.execute()
+        await seen(ws, "retry")
+        await asyncio.sleep(0.5)
+        assert not ws["resolved"].observations, ws["resolved"].first
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())
