@@ -474,7 +474,9 @@ class Session:
         have = set(current.replace("A", "g$lshzxetd"))
         if all(c in have for c in NOTIFY):
             return
-        self.coverage.mark_blind(checked, self._notify_checked)
+        self.coverage.mark_blind(
+            checked, self._notify_checked, f"notify-keyspace-events was changed to {current!r} by someone"
+        )
         if not await self._enable_notifications(r):
             raise ConnectionError("keyspace notifications were switched off")
 
