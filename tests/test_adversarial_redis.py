@@ -1090,3 +1090,47 @@ def test_a_dead_key_longer_than_max_scan_is_no_proof_of_resolution(redis_url: st
         await r.aclose()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("shape", ["list", "stream"])
+def test_a_worker_that_reparks_under_a_new_id_is_still_a_retry_and_not_resolved(
+    redis_url: str, shape: str
+) -> None:
+    """The other side of pinning the entry's id: once the probe's own entry is gone, one under a
+    new id carrying its trace id is its re-parked (or dead-lettered) self, never 'resolved'."""
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url, shape=shape)
+        w_dead = watch(c, p, "dead", hop(shape))
+        reparked = json.dumps({**json.loads(text), "id": "new-id-1", "attempt": 2})
+        if shape == "list":
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.lrem(KEY, 1, text)
+                pipe.lpush(KEY, reparked)
+                await pipe.execute()
+        else:
+            ((xid, _),) = await r.xrange(KEY)
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.xadd(KEY, {"entry": reparked})
+                pipe.xdel(KEY, xid)
+                await pipe.execute()
+        await seen(ws, "retry")
+        await asyncio.sleep(0.3)
+        assert not ws["resolved"].observations
+        dead = json.dumps({**json.loads(text), "id": "new-id-2", "attempt": 5})
+        async with r.pipeline(transaction=True) as pipe:
+            if shape == "list":
+                pipe.lrem(KEY, 1, reparked)
+                pipe.lpush(f"{KEY}:dead", dead)
+            else:
+                pipe.delete(KEY)  # (a stream's entries: gone with XDEL; the key itself stays)
+                pipe.xadd(KEY, {"entry": "placeholder"})
+                pipe.xadd(f"{KEY}:dead", {"entry": dead})
+            await pipe.execute()
+        assert await w_dead.wait_seen(3)
+        await asyncio.sleep(0.3)
+        assert not ws["resolved"].observations
+        await c.close()
+        await r.aclose()
+
+    asyncio.run(run())

@@ -72,16 +72,16 @@ class MemberShape:
             for m, info in (await t.entries.of_members(r, members, t.traces)).items():
                 t.saw(k, m, info.traces)
                 for tid in info.traces:
-                    if tid in t.traces and tid not in main and t.ours(tid, hit := Hit(k, info)):
-                        main[tid] = hit
+                    if tid in t.traces:
+                        t.offer(main, tid, Hit(k, info))
         return main, partial, missed
 
     async def parse_aux(self, r: Redis, t: Target, key: str, raw: Any) -> dict[str, Hit]:
         hits: dict[str, Hit] = {}
         for info in (await t.entries.of_members(r, _members(raw), t.traces)).values():
             for tid in info.traces:
-                if tid in t.traces and tid not in hits and t.ours(tid, hit := Hit(key, info)):
-                    hits[tid] = hit
+                if tid in t.traces:
+                    t.offer(hits, tid, Hit(key, info))
         return hits
 
 

@@ -57,14 +57,23 @@ class StreamShape:
             missed = missed or lost
             for tid, key_hits in hits.items():
                 live.update({(h.key, h.handle or ""): tid for h in key_hits})
-                best = max(key_hits, key=lambda h: h.info.attempt or 0)  # a re-parked copy wins
-                if tid not in main or (best.info.attempt or 0) > (main[tid].info.attempt or 0):
+
+                # The probe's own entry first (not a copy under another id), then a re-parked one.
+                def rank(h: Hit, tid: str = tid) -> tuple[bool, int]:
+                    return t.ours(tid, h), h.info.attempt or 0
+
+                best = max(key_hits, key=rank)
+                if tid not in main or rank(best) > rank(main[tid]):
                     main[tid] = best
         t.handles = live  # the entries we follow that exist now
         return main, None, missed
 
     async def parse_aux(self, r: Redis, t: Target, key: str, raw: Any) -> dict[str, Hit]:
-        return {tid: key_hits[0] for tid, key_hits in self.hits(t, key, raw).items()}
+        out: dict[str, Hit] = {}
+        for tid, key_hits in self.hits(t, key, raw).items():
+            for h in key_hits:
+                t.offer(out, tid, h)
+        return out
 
     def _look(
         self,
@@ -103,12 +112,8 @@ class StreamShape:
         hits = self.hits(t, key, new, main=True)
         for (tid, handle), rows in zip(checks, found, strict=True):
             raise_if_error(rows, key, "stream")
-            if (
-                rows
-                and tid in t.traces
-                and t.ours(tid, hit := Hit(key, t.entries.of_fields(rows[0][1]), handle))
-            ):
-                hits.setdefault(tid, []).append(hit)
+            if rows and tid in t.traces:
+                hits.setdefault(tid, []).append(Hit(key, t.entries.of_fields(rows[0][1]), handle))
         missed = False
         if not first and ks.added is not None:
             got = sum(
@@ -136,8 +141,8 @@ class StreamShape:
             if main:
                 t.saw(key, entry_id, info.traces)
             for tid in info.traces:
-                if tid in t.traces and t.ours(tid, hit := Hit(key, info, entry_id)):
-                    hits.setdefault(tid, []).append(hit)
+                if tid in t.traces:
+                    hits.setdefault(tid, []).append(Hit(key, info, entry_id))
         return hits
 
     def arrivals(self, t: Target, key: str, entries: list[Any], when: When) -> None:
@@ -151,7 +156,8 @@ class StreamShape:
             ks.cursor = entry_id
             ks.fresh.append(entry_id)
             for tid, hits in self.hits(t, key, [(entry_id, fields)], main=True).items():
-                t.digest({tid: hits[0]}, set(), None, when, complete=False)
+                if t.ours(tid, hits[0]):  # a copy under another id waits for a full look
+                    t.digest({tid: hits[0]}, set(), None, when, complete=False)
 
 
 def stream_id(entry_id: str) -> tuple[int, int]:

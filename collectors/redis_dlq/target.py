@@ -50,8 +50,9 @@ class Trace:
 
     seen: dict[str, Seen] = field(default_factory=dict)
     attempt0: int | None = None  # attempt at first sight
-    # The entry's own id at first sight: later entries carrying the same trace id under another
-    # id (someone's copy, a log line, a forgery) are not the probe's entry, so no retry of it.
+    # The entry's own id at first sight. While an entry with that id is there, other entries
+    # carrying the same trace id (someone's copy, a forgery) are not read as the probe's entry;
+    # once it is gone, one under another id counts (a worker that re-parks under a new id).
     entry_id: str | None = None
     # Why its absence from the DLQ is no evidence of a retry (Redis restarted since it was
     # present, the key was flushed or deleted by someone, or could not be read), or None.
@@ -134,6 +135,12 @@ class Target:
         tr = self.traces.get(tid)
         pinned = tr.entry_id if tr is not None else None
         return pinned is None or hit.info.entry_id is None or hit.info.entry_id == pinned
+
+    def offer(self, hits: dict[str, Hit], tid: str, hit: Hit) -> None:
+        """Keep the first hit per trace id, unless a later one is the probe's own entry."""
+        cur = hits.get(tid)
+        if cur is None or (not self.ours(tid, cur) and self.ours(tid, hit)):
+            hits[tid] = hit
 
     def matches(self, key: str) -> str | None:
         """The role ``key`` plays for this target: main, aux or None."""
