@@ -1134,3 +1134,43 @@ def test_a_worker_that_reparks_under_a_new_id_is_still_a_retry_and_not_resolved(
         await r.aclose()
 
     asyncio.run(run())
+
+
+def test_a_storm_of_other_entries_never_makes_the_probe_falsely_lost(redis_url: str) -> None:
+    """Another client parks and takes 4000 entries as fast as it can while the probe's entry is
+    parked and retried: the probe's retry is seen, or its window is blind; never a silent lost,
+    never a forged resolved."""
+
+    async def run() -> None:
+        r, c, p, ws, text = await parked(redis_url)
+        noise = Redis.from_url(redis_url, decode_responses=True)
+
+        async def storm() -> None:
+            for i in range(40):
+                async with noise.pipeline(transaction=False) as pipe:
+                    for j in range(100):
+                        pipe.lpush(KEY, f"noise-{i}-{j}")
+                    for j in range(0, 100, 2):
+                        pipe.lrem(KEY, 1, f"noise-{i}-{j}")
+                    await pipe.execute()
+
+        task = asyncio.create_task(storm())
+        await asyncio.sleep(0.05)
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.lrem(KEY, 1, text)
+            pipe.lpush(f"{KEY}:processing", text)
+            await pipe.execute()
+        retried = clock.now()
+        await task
+        await asyncio.sleep(1.0)
+        assert not ws["resolved"].observations  # it sits in processing
+        if ws["retry"].observations:
+            assert ws["retry"].first.not_before <= retried + 0.05
+        else:
+            assert c.coverage.blind_start(ws["retry"].since, clock.now()) is not None
+        assert c.health()["internal_errors"] == 0
+        await c.close()
+        await r.aclose()
+        await noise.aclose()
+
+    asyncio.run(run())
