@@ -81,6 +81,7 @@ async def _wiped(redis_url: str, mode: str, shape: str, how: str) -> None:
     assert not ws["retry"].observations, f"{how}: forged retry {ws['retry'].first}"
     assert not ws["resolved"].observations, f"{how}: forged resolved"
     assert c.coverage.blind_start(ws["retry"].since, clock.now()) is not None, f"{how}: not blind (lost)"
+    assert c.health()["wipes"] >= 1
     ev = await c.explain(ws["retry"], ws["retry"].since, clock.now(), Evidence(searched={}))
     assert "without any retry" not in (ev.summary or ""), ev.summary
     await c.close()
