@@ -111,6 +111,7 @@ def poll_interval(cfg: PostHogConfig) -> float:
 _REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")  # of a poll answer
 PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
+MAX_BODY = 64 << 20  # decoded bytes of one answer; 50,000 rows of the poll's columns are ~15 MB
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
 _SEPARATORS = ",|;~^# \t"  # splitByChar needs one character absent from every value
@@ -458,7 +459,9 @@ class PostHogCollector:
             limit = lookup["limit"]
             sent = clock.now()
             first_sent = sent if first_sent is None else first_sent
-            data = await self._ask(query)
+            # Every column asked for must be there: a row without its matched column cannot
+            # say the probe is absent.
+            data = await self._ask(query, (*_REQUIRED_COLUMNS, *lookup["props"].values(), "traceparent"))
             if isinstance(data, str):
                 if self._permanent:
                     return self._broke(first_sent, data)
@@ -468,12 +471,14 @@ class PostHogCollector:
             if not self._truncated(data, limit):
                 break
             self.truncated_answers += 1
-            last = clock.parse_iso(str(data["results"][-1][data["columns"].index("timestamp")]))
+            last = _last_in_order(data, hi)
+            if isinstance(last, str):
+                return self._fail(first_sent, last, None)
             if page == MAX_PAGES:
                 return self._fail(first_sent, f"truncated answer after {page + 1} looks", None)
             if limit < self.config.max_rows:
                 limit = min(self.config.max_rows, limit * 8)
-            elif last is not None and math.floor(last) > lo:
+            elif math.floor(last) > lo:
                 lo = math.floor(last)  # rows before this second are all seen; ties are looked at again
             else:
                 return self._fail(first_sent, f"truncated answer: over {limit} rows in one second", None)
@@ -493,7 +498,6 @@ class PostHogCollector:
     async def _ask(self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> dict[str, Any] | str:
         """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
-        headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
         assert self._client is not None
         self.last_query_bytes = len(query)
@@ -502,23 +506,32 @@ class PostHogCollector:
         self._permanent = False
         self.last_status: int | None = None
         try:
-            resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
-            self.last_status = resp.status_code
+            # One deadline for the whole answer: httpx's timeout is per read, so a body that
+            # trickles a byte at a time would otherwise hold the poller for ever.
+            got = await asyncio.wait_for(self._post(url, body), self.config.timeout)
+        except asyncio.TimeoutError:
+            return f"timeout after {self.config.timeout:g}s"
         except httpx.TimeoutException:
             return f"timeout after {self.config.timeout:g}s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}"
-        if resp.status_code == 429 or resp.status_code >= 500:
-            self._retry_after = resp.headers.get("Retry-After")
-            return f"HTTP {resp.status_code}"
-        if resp.status_code != 200:
+        if isinstance(got, str):
+            return got
+        status, headers, raw = got
+        self.last_status = status
+        if status == 429 or status >= 500:
+            self._retry_after = headers.get("Retry-After")
+            return f"HTTP {status}"
+        if status != 200:
             # 202 (still running): no evidence; 400/401/403/404: a setup error, no look will succeed.
-            self._permanent = resp.status_code in PERMANENT
-            detail = excerpt(_error_detail(resp), [self.config.personal_api_key.get_secret_value()], 200)
-            return f"HTTP {resp.status_code}{': ' + detail if detail else ''}"
+            self._permanent = status in PERMANENT
+            detail = self._scrub(_error_detail(raw))
+            return f"HTTP {status}{': ' + detail if detail else ''}"
         try:
-            data = resp.json()
-        except ValueError:
+            # A large answer is parsed off the event loop: other collectors keep their timing.
+            data = json.loads(raw) if len(raw) < 1 << 20 else await asyncio.to_thread(json.loads, raw)
+        except (ValueError, RecursionError):
+            self.malformed_answers += 1
             return "response is not JSON"
         problem = incomplete(data, required)
         if problem:
@@ -526,8 +539,29 @@ class PostHogCollector:
                 self.cached_results += 1
             else:
                 self.malformed_answers += 1
-            return problem
+            return self._scrub(problem)
         return data
+
+    async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes] | str:
+        """Status, headers and the decoded body, read up to ``MAX_BODY`` bytes (a gzip bomb or an
+        endless body is cut there, not held in memory)."""
+        assert self._client is not None
+        headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
+        async with self._client.stream(
+            "POST", url, json=body, headers=headers, timeout=self.config.timeout
+        ) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    self.malformed_answers += 1
+                    return f"answer too large (over {MAX_BODY >> 20} MB)"
+                chunks.append(chunk)
+            return resp.status_code, resp.headers, b"".join(chunks)
+
+    def _scrub(self, text: str) -> str:
+        """An answer's own words, one line, the key replaced: a server may echo what it was sent."""
+        return excerpt(text, [self.config.personal_api_key.get_secret_value()], 200)
 
     def _match(self, data: dict[str, Any], lookup: dict[str, Any], received: float) -> None:
         columns = data["columns"]
@@ -759,10 +793,10 @@ class PostHogCollector:
         return delay
 
 
-def _error_detail(resp: httpx.Response) -> str:
+def _error_detail(raw: bytes) -> str:
     try:
-        data = resp.json()
-    except ValueError:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return ""
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
 
@@ -790,12 +824,27 @@ def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str 
         return f"answer has no results list{detail}"
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return "answer has no columns list"
+    if len(set(columns)) != len(columns):
+        return "answer has duplicate columns"
     missing = [c for c in required if c not in columns]
     if missing:
         return f"answer lacks columns {missing}"
     if any(not isinstance(r, list) or len(r) != len(columns) for r in results):
         return "answer rows do not match its columns"
     return None
+
+
+def _last_in_order(data: dict[str, Any], hi: float) -> float | str:
+    """The timestamp of a cut answer's last row, which keyset paging moves the window to; or why
+    that is unsafe. Only an answer in timestamp order, inside the window asked for, says every
+    row before its last one was shown."""
+    col = data["columns"].index("timestamp")
+    stamps = [clock.parse_iso(str(r[col])) for r in data["results"]]
+    if any(t is None for t in stamps):
+        return "truncated answer with unreadable timestamps"
+    if any(b < a for a, b in zip(stamps, stamps[1:], strict=False)) or stamps[-1] > hi + 1:  # type: ignore[operator]
+        return "truncated answer out of timestamp order"
+    return stamps[-1]  # type: ignore[return-value]
 
 
 PREFLIGHT_DAYS = 7

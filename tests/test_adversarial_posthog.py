@@ -1,0 +1,234 @@
+"""Issue 10, second round: a PostHog that answers in every way a real one (or a proxy in front
+of it) might misbehave, over real sockets. The promise: a look that could not be made or read is
+blind (``unknown``), never a false ``late``/``lost``, never a forged ``ok``, never a dead or
+stalled poller, never a secret in what the tracer says."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+import zlib
+from typing import Any
+
+import httpx
+import pytest
+
+from collectors.posthog import PostHogCollector, PostHogConfig
+from tests.hostile_http import Hostile, Request, response
+from tests.test_posthog_server import watch
+from tracer.watch import Watch
+
+pytestmark = pytest.mark.timeout(40)
+
+KEY = "phx_s3cret_personal_key_0123456789"
+COLUMNS = ["uuid", "event", "timestamp", "created_at", "m0", "traceparent"]
+
+
+def config(url: str, **cfg: Any) -> PostHogConfig:
+    cfg.setdefault("timeout", 1.0)
+    return PostHogConfig(host=url, project_id="1", personal_api_key=KEY, **cfg)
+
+
+def answer(rows: list[list[Any]], columns: list[str] = COLUMNS, **extra: Any) -> dict[str, Any]:
+    return {"columns": columns, "results": rows, "is_cached": False, **extra}
+
+
+_ID = object()  # the watch's own trace id
+
+
+def row(w: Watch, ts: Any = "2026-01-01T00:00:00.000000Z", value: Any = _ID) -> list[Any]:
+    value = w.trace_id if value is _ID else value
+    return ["0190-uuid", "lead_captured", ts, ts, value, None]
+
+
+def lead() -> Watch:
+    return watch("lead_captured", "canary_trace_id", "equals", "{trace_id}")
+
+
+def poll(
+    url: str, watches: list[Watch], cycles: int = 1, bound: float = 10.0, **cfg: Any
+) -> PostHogCollector:
+    """``cycles`` looks, each bounded: a poller that hangs fails the test, it does not hang it."""
+
+    async def run() -> PostHogCollector:
+        async with httpx.AsyncClient() as client:
+            c = PostHogCollector(config(url, **cfg), client=client)
+            for w in watches:
+                c.watch(w)
+            for _ in range(cycles):
+                await asyncio.wait_for(c.poll_once(), bound)
+            return c
+
+    return asyncio.run(run())
+
+
+def blind_whys(c: PostHogCollector) -> list[str]:
+    return [str(why) for _, _, why in c.coverage.blind_windows(-1e18, 1e18)]
+
+
+# -- the body: slow, endless, huge, a bomb ---------------------------------------------------
+
+
+def trickle(req: Request, conn: socket.socket) -> None:
+    """Headers at once, then one byte of a long body every 0.3 s: no read ever times out."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    for _ in range(200):
+        time.sleep(0.3)
+        conn.sendall(b" ")
+
+
+def test_a_body_that_trickles_forever_is_given_up_at_the_timeout() -> None:
+    with Hostile(trickle) as srv:
+        w = lead()
+        started = time.monotonic()
+        c = poll(srv.url, [w], timeout=1.0)
+        assert time.monotonic() - started < 6
+        assert c.coverage.blind_now and "timeout" in (c.last_error or "")
+        assert w.first is None
+
+
+def test_a_body_that_stops_half_way_or_is_reset_is_blind() -> None:
+    def stall(req: Request, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b'{"columns": [')
+        time.sleep(5)
+
+    def reset(req: Request, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b'{"columns": [')
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+
+    for handler in (stall, reset):
+        with Hostile(handler) as srv:
+            w = lead()
+            c = poll(srv.url, [w], timeout=1.0)
+            assert c.coverage.blind_now and c.failed_queries == 1 and w.first is None, handler.__name__
+
+
+def endless(sent: list[int], encoding: str | None = None) -> Any:
+    """A 200 that never ends: a JSON object opened, then whitespace for as long as anyone reads.
+    With ``encoding='gzip'`` the whitespace is compressed about a thousand to one (a bomb)."""
+
+    def handler(req: Request, conn: socket.socket) -> None:
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        if encoding:
+            head += f"Content-Encoding: {encoding}\r\n"
+        conn.sendall((head + "\r\n").encode())
+        z = zlib.compressobj(9, zlib.DEFLATED, 31) if encoding else None
+        block = b" " * (1 << 20)
+        for i in range(4096):  # up to 4 GiB of JSON text: more than any client should hold
+            text = b"{" + block if i == 0 else block
+            chunk = z.compress(text) + z.flush(zlib.Z_SYNC_FLUSH) if z else text
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent[0] += len(text)
+
+    return handler
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_an_endless_or_bomb_body_is_cut_at_a_size_cap(encoding: str | None) -> None:
+    sent = [0]
+    with Hostile(endless(sent, encoding)) as srv:
+        w = lead()
+        c = poll(srv.url, [w], timeout=8.0, bound=15.0)
+        assert c.coverage.blind_now and "too large" in (c.last_error or ""), c.last_error
+        assert sent[0] < 1 << 30  # stopped reading long before a GiB of JSON text
+        assert w.first is None
+
+
+def test_deeply_nested_json_is_not_json_not_an_internal_error() -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    with Hostile(lambda req, conn: conn.sendall(response(200, body))) as srv:
+        c = poll(srv.url, [lead()])
+        assert c.coverage.blind_now and c.internal_errors == 0 and c.malformed_answers == 1
+
+
+# -- the answer: columns, values, order ------------------------------------------------------
+
+
+def test_an_answer_without_the_matched_column_is_no_look() -> None:
+    """The query asked for ``m0``; an answer without it cannot say the probe is absent."""
+    w = lead()
+    cols = ["uuid", "event", "timestamp", "created_at", "traceparent"]
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([], cols)))) as srv:
+        c = poll(srv.url, [w])
+        assert c.coverage.blind_now and c.malformed_answers == 1
+        assert "m0" in (c.last_error or "")
+
+
+def test_duplicate_column_names_are_no_look() -> None:
+    w = lead()
+    cols = [*COLUMNS, "m0"]  # the probe's value under the first m0, null under the second
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([[*row(w), None]], cols)))) as srv:
+        c = poll(srv.url, [w])
+        assert c.coverage.blind_now and "duplicate" in (c.last_error or "")
+
+
+def test_columns_in_another_order_still_match() -> None:
+    w = lead()
+    cols = list(reversed(COLUMNS))
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([row(w)[::-1]], cols)))) as srv:
+        c = poll(srv.url, [w])
+        assert not c.coverage.blind_now and w.first is not None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), 10**30, None, {"x": 1}, ["a"], True],
+)
+def test_odd_values_in_the_matched_column_are_no_sighting_and_no_crash(value: Any) -> None:
+    w = lead()
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([row(w, value=value)])))) as srv:
+        c = poll(srv.url, [w])
+        assert w.first is None and c.internal_errors == 0 and not c.coverage.blind_now
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "NaN",
+        "",
+        "yesterday",
+        "1970-01-01T00:00:00Z",
+        "2999-01-01T00:00:00+14:00",
+        "2026-01-01 00:00:00",
+        1e999,
+    ],
+)
+def test_odd_timestamps_never_bend_the_lag(ts: Any) -> None:
+    """A row's own timestamps are the emitter's or PostHog's clock: indicative only, never the lag."""
+    w = lead()
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([row(w, ts=ts)])))) as srv:
+        c = poll(srv.url, [w])
+        assert c.internal_errors == 0 and w.first is not None
+        assert w.since <= w.first.not_before <= w.first.at
+
+
+def test_other_probes_ids_upper_case_and_duplicates_are_not_forged_sightings() -> None:
+    w, other = lead(), lead()
+    rows = [row(other), row(other), row(w, value=w.trace_id.upper()), row(w, value=" " + w.trace_id)]
+    rows.append(["u", "lead_capturedX", "2026-01-01T00:00:00Z", None, w.trace_id, None])
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer(rows)))) as srv:
+        c = poll(srv.url, [w, other])
+        assert w.first is None and other.first is not None and len(other.observations) == 1
+        assert not c.coverage.blind_now
+
+
+def test_rows_as_objects_or_short_rows_are_no_look() -> None:
+    w = lead()
+    for rows in ([dict(zip(COLUMNS, row(w), strict=True))], [row(w)[:3]]):
+        with Hostile(lambda req, conn, rows=rows: conn.sendall(response(200, answer(rows)))) as srv:
+            c = poll(srv.url, [w])
+            assert c.coverage.blind_now and w.first is None and c.internal_errors == 0
+
+
+def test_a_truncated_answer_out_of_timestamp_order_does_not_skip_rows() -> None:
+    """Keyset paging trusts ORDER BY timestamp: a cut answer whose last row is not its latest
+    would move the window past rows never shown, and a later empty page would certify them."""
+    w = lead()
+    filler = [["u", "lead_captured", "2026-01-01T00:00:00Z", None, "x", None] for _ in range(99)]
+    filler.append(["u", "lead_captured", "2099-01-01T00:00:00Z", None, "x", None])
+    pages = [answer(filler), answer([])]
+    with Hostile(lambda req, conn: conn.sendall(response(200, pages.pop(0) if pages else answer([])))) as srv:
+        c = poll(srv.url, [w], max_rows=100)
+        assert c.coverage.blind_now, "a window skipped by a forged keyset was certified"
