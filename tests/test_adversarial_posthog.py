@@ -6,6 +6,8 @@ stalled poller, never a secret in what the tracer says."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 import struct
 import time
@@ -232,3 +234,80 @@ def test_a_truncated_answer_out_of_timestamp_order_does_not_skip_rows() -> None:
     with Hostile(lambda req, conn: conn.sendall(response(200, pages.pop(0) if pages else answer([])))) as srv:
         c = poll(srv.url, [w], max_rows=100)
         assert c.coverage.blind_now, "a window skipped by a forged keyset was certified"
+
+
+# -- secrets: whatever the server echoes -------------------------------------------------------
+
+
+def echo_key(status: int, field: str) -> Any:
+    """A server that puts the Authorization header it received into its error text."""
+
+    def handler(req: Request, conn: socket.socket) -> None:
+        said = f"invalid token {req.headers.get('authorization', '')!r}, try again"
+        conn.sendall(response(status, {field: said}))
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("status", "field"), [(200, "error"), (200, "detail"), (202, "detail"), (401, "detail")]
+)
+def test_a_server_echoing_the_key_never_gets_it_into_errors_or_logs(
+    status: int, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with Hostile(echo_key(status, field)) as srv:
+        c = poll(srv.url, [lead()], cycles=2)
+        said = " ".join([c.last_error or "", *blind_whys(c), str(c.health()), caplog.text])
+        assert "invalid token" in said  # the server's words are kept...
+        assert KEY not in said  # ...its copy of the key is not
+
+
+# -- backoff and redirects -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["-5", "0", "1e9", "nan", "inf", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT", "soon", "", "1" * 400],
+)
+def test_odd_retry_after_gives_a_finite_bounded_backoff(retry_after: str) -> None:
+    with Hostile(
+        lambda req, conn: conn.sendall(response(429, "slow down", {"Retry-After": retry_after}))
+    ) as srv:
+
+        async def run() -> float | None:
+            async with httpx.AsyncClient() as client:
+                c = PostHogCollector(config(srv.url, max_backoff=2.0), client=client)
+                c.watch(lead())
+                return await c.poll_once()
+
+        delay = asyncio.run(run())
+        assert delay is not None and 0 < delay <= 10.0, delay  # 5 x max_backoff at most
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_the_key_stays_home(status: int) -> None:
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([])))) as other:
+        target = f"{other.url}/api/projects/1/query/"
+        with Hostile(lambda req, conn: conn.sendall(response(status, "", {"Location": target}))) as srv:
+            c = poll(srv.url, [lead()])
+            assert c.coverage.blind_now and f"HTTP {status}" in (c.last_error or "")
+            assert not other.requests  # the key never went to another host
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_5xx_html_page_is_blind_and_retried(status: int) -> None:
+    page = "<html><body><h1>Bad Gateway</h1>" + "x" * 10_000 + "</body></html>"
+    with Hostile(
+        lambda req, conn: conn.sendall(response(status, page, {"Content-Type": "text/html"}))
+    ) as srv:
+        c = poll(srv.url, [lead()], cycles=2)
+        assert c.coverage.blind_now and c.failed_queries == 2 and c.last_error == f"HTTP {status}"
+
+
+def test_json_sent_as_text_html_is_still_read() -> None:
+    w = lead()
+    body = json.dumps(answer([row(w)]))
+    with Hostile(lambda req, conn: conn.sendall(response(200, body, {"Content-Type": "text/html"}))) as srv:
+        c = poll(srv.url, [w])
+        assert w.first is not None and not c.coverage.blind_now
