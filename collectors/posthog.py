@@ -698,34 +698,30 @@ class PostHogCollector:
             data = f"internal error: {type(exc).__name__}"
         finally:
             self._permanent = False  # a refused lookup costs evidence, never the collector
-        if not isinstance(data, str):
-            data = self._explained(data, len(asks))
+        answers = data if isinstance(data, str) else self._explained(data, asks)
         for i, a in enumerate(asks):
-            if a.answer.done():
-                continue
-            if isinstance(data, str):
-                a.answer.set_result(data)
-            else:
-                row = data.get(a.event, {})
-                a.answer.set_result(
-                    {
-                        "n": int(row.get(f"n{i}") or 0),
-                        "z": int(row.get(f"z{i}") or 0),
-                        "h": int(row.get(f"h{i}") or 0),
-                        "v": [str(v) for v in (row.get(f"v{i}") or [])],
-                    }
-                )
+            if not a.answer.done():
+                a.answer.set_result(answers if isinstance(answers, str) else answers[i])
 
     @staticmethod
-    def _explained(data: dict[str, Any], asks: int) -> dict[str, dict[str, Any]] | str:
-        """The grouped answer by event name, or why it is no evidence."""
+    def _explained(data: dict[str, Any], asks: list[_Ask]) -> list[dict[str, Any]] | str:
+        """Each lookup's counts and values from the grouped answer, or why it is no evidence
+        (a count that is no count is a malformed answer, not an error in the poller)."""
         columns = data["columns"]
-        if "event" not in columns or len(data["results"]) > asks:
+        if "event" not in columns or len(data["results"]) > len(asks):
             return "malformed near-miss answer"
-        out = {}
-        for row in data["results"]:
-            rec = dict(zip(columns, row, strict=True))
-            out[str(rec["event"])] = rec
+        by_event = {
+            str(rec["event"]): rec for rec in (dict(zip(columns, r, strict=True)) for r in data["results"])
+        }
+        out = []
+        for i, a in enumerate(asks):
+            rec = by_event.get(a.event, {})
+            counts = [count(rec.get(f"{k}{i}", 0)) for k in "nzh"]
+            values = rec.get(f"v{i}") or []
+            if any(c is None for c in counts) or not isinstance(values, list):
+                return "malformed near-miss answer"
+            n, z, h = counts
+            out.append({"n": n, "z": z, "h": h, "v": [str(v) for v in values]})
         return out
 
     # -- push: a PostHog realtime destination posting to the webhook receiver ------------
@@ -799,6 +795,20 @@ def _error_detail(raw: bytes) -> str:
     except (ValueError, RecursionError):
         return ""
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
+
+
+def count(value: Any) -> int | None:
+    """A count from an answer (PostHog sends UInt64 as a number, or as text past 2**53), or None
+    when it is none: negative, fractional, NaN, infinite, not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
 
 
 def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str | None:
@@ -894,10 +904,19 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
         if isinstance(data, str):
             out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
             return out
-    seen = {str(r[0]): dict(zip(data["columns"], r, strict=True)) for r in data["results"]}
+    rows = (dict(zip(data["columns"], r, strict=True)) for r in data["results"])
+    seen = {str(rec["event"]): rec for rec in rows}  # by name: columns may come in any order
+    malformed = "the count query's answer is no count"
     for hop in sorted(hops, key=lambda h: (h.event, hop_field(h).name)):
         rec = seen.get(hop.event, {})
-        n = int(rec.get("n") or 0)
+        n = count(rec.get("n", 0))
+        if n is None:
+            out.append(
+                Finding(
+                    f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", False, malformed
+                )
+            )
+            continue
         if n == 0:
             out.append(
                 Finding(
@@ -914,8 +933,11 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
                 f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", True, f"{n} events"
             )
         )
-        set_on = int(rec.get(f"f{fields.index(hop_field(hop).expr)}") or 0)
+        set_on = count(rec.get(f"f{fields.index(hop_field(hop).expr)}", 0))
         name = hop_field(hop).name
+        if set_on is None:
+            out.append(Finding(f"{where}: {name} is set on recent {hop.event} events", False, malformed))
+            continue
         out.append(
             Finding(
                 f"{where}: {name} is set on recent {hop.event} events",

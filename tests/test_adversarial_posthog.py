@@ -311,3 +311,67 @@ def test_json_sent_as_text_html_is_still_read() -> None:
     with Hostile(lambda req, conn: conn.sendall(response(200, body, {"Content-Type": "text/html"}))) as srv:
         c = poll(srv.url, [w])
         assert w.first is not None and not c.coverage.blind_now
+
+
+# -- near misses and the preflight: the same answers, other code -------------------------------
+
+
+def near_miss_server(n: Any, v: Any = None) -> Any:
+    """Poll answers are empty; the near-miss lookup's counts are ``n`` (and values ``v``)."""
+
+    def handler(req: Request, conn: socket.socket) -> None:
+        text = req.json()["query"]["query"]
+        if "countIf" not in text:
+            conn.sendall(response(200, answer([])))
+            return
+        cols = ["event", "n0", "z0", "h0", "v0"]
+        conn.sendall(response(200, answer([["lead_captured", n, 0, 0, v if v is not None else []]], cols)))
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("n", "v"),
+    [(float("nan"), None), (float("inf"), None), ("many", None), ({"a": 1}, None), (3, 7), (3, "abc")],
+)
+def test_a_garbled_near_miss_answer_costs_evidence_not_coverage(n: Any, v: Any) -> None:
+    from tracer import clock
+    from tracer.evidence import Evidence
+
+    w = lead()
+    with Hostile(near_miss_server(n, v)) as srv:
+
+        async def run() -> tuple[Evidence, PostHogCollector, float]:
+            async with httpx.AsyncClient() as client:
+                c = PostHogCollector(config(srv.url, min_interval=0.1, max_backoff=0.2), client=client)
+                await c.start()
+                c.watch(w)
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                ev = await c.explain(w, w.since, clock.now(), Evidence(searched={}))
+                took = time.monotonic() - started
+                await c.close()
+                return ev, c, took
+
+        ev, c, took = asyncio.run(run())
+        assert c.internal_errors == 0 and not c.coverage.blind_now
+        assert took < 5  # answered in the next cycle, not after the 12 s wait
+        assert "near-miss" in (ev.summary or "") or ev.found, ev.summary
+
+
+def test_preflight_reads_columns_by_name_and_survives_odd_counts() -> None:
+    from collectors.posthog import PostHogHop, _preflight
+
+    def handler(req: Request, conn: socket.socket) -> None:
+        text = req.json()["query"]["query"]
+        if text == "SELECT 1":
+            conn.sendall(response(200, answer([[1]], ["1"])))
+        else:  # event last, and a count that is no number
+            conn.sendall(response(200, answer([[5, float("nan"), "lead_captured"]], ["n", "f0", "event"])))
+
+    with Hostile(handler) as srv:
+        hop = PostHogHop(event="lead_captured")
+        findings = asyncio.run(_preflight(config(srv.url), [hop]))
+        by = {f.check.split(": ", 1)[1]: f for f in findings}
+        seen = by["event 'lead_captured' seen in the last 7 days"]
+        assert seen.ok and seen.detail == "5 events", findings
