@@ -248,6 +248,9 @@ def build_query(
     return query, {"props": props, "groups": groups, "limit": limit}
 
 
+# Good looks further apart than SLOW_GAP x interval + SLOW_SLACK seconds leave a blind gap:
+# the slack absorbs event-loop jitter on a loaded host, so only real slowness counts.
+SLOW_GAP, SLOW_SLACK = 2.0, 1.0
 EXPLAIN_BATCH = 40  # near-miss lookups answered by one query; the rest wait for the next cycle
 EXPLAIN_WAIT = 12.0  # how long explain() waits for its batch (the engine gives it 15 s)
 # Near-miss counts look a little past the hop's window for an emitter's clock skew: 1 s before the
@@ -337,6 +340,7 @@ class PostHogCollector:
         self.malformed_answers = 0  # 200s that were not a complete result set
         self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
         self.internal_errors = 0  # unexpected exceptions caught by the poll loop
+        self.slow_gaps = 0  # gaps between good looks marked blind (see _slow_gap)
         self._crash_kinds: set[str] = set()
         self._asks: list[_Ask] = []  # near-miss lookups for the next cycle (see explain)
         self.explain_queries = 0
@@ -386,6 +390,7 @@ class PostHogCollector:
             "malformed_answers": self.malformed_answers,
             "truncated_answers": self.truncated_answers,
             "internal_errors": self.internal_errors,
+            "slow_gaps": self.slow_gaps,
             "in_flight": len(self._index),
             "last_error": self.last_error,
         }
@@ -408,6 +413,7 @@ class PostHogCollector:
             if not len(self._index) and not self._asks:
                 # Idle: spend no budget. Nothing is in flight, so nothing can be missed.
                 self.coverage.looked(clock.now())
+                self._last_good_sent = None  # an idle spell is no gap between looks
                 self._wake.clear()
                 await self._wake.wait()
                 await asyncio.sleep(0.05)  # let a burst of injections register together
@@ -454,6 +460,7 @@ class PostHogCollector:
         limit: int | None = None
         first_sent: float | None = None
         received = now
+        was_blind = self.coverage.blind_now
         for page in range(MAX_PAGES + 1):
             query, lookup = build_query(watches, lo, hi, limit, self.config.max_rows)
             limit = lookup["limit"]
@@ -467,6 +474,8 @@ class PostHogCollector:
                     return self._broke(first_sent, data)
                 return self._fail(first_sent, data, self._retry_after)
             received = clock.now()
+            if page == 0 and not was_blind:
+                self._slow_gap(first_sent)  # before any sighting it may widen is judged
             self._match(data, lookup, received)  # rows seen are real sightings, cut or not
             if not self._truncated(data, limit):
                 break
@@ -490,6 +499,17 @@ class PostHogCollector:
         # Everything ingested before the first request left is visible in these answers.
         self.coverage.looked(first_sent)
         return None
+
+    def _slow_gap(self, sent: float) -> None:
+        """Looks further apart than the cadence promises (slow answers hold the next look back)
+        leave a gap the error bar alone would blame on the funnel: a lag that straddles the
+        target across it is the tracer's doing, so the gap is marked blind (``unknown``)."""
+        prev = self._last_good_sent
+        if prev is not None and sent - prev > SLOW_GAP * self.interval + SLOW_SLACK:
+            self.slow_gaps += 1
+            self.coverage.mark_blind(
+                prev, sent, f"slow answers: looks {sent - prev:.1f}s apart, {self.interval:g}s expected"
+            )
 
     @staticmethod
     def _truncated(data: dict[str, Any], limit: int) -> bool:

@@ -375,3 +375,120 @@ def test_preflight_reads_columns_by_name_and_survives_odd_counts() -> None:
         by = {f.check.split(": ", 1)[1]: f for f in findings}
         seen = by["event 'lead_captured' seen in the last 7 days"]
         assert seen.ok and seen.detail == "5 events", findings
+
+
+# -- whole probes: a hostile funnel and PostHog in one server, judged by the engine -------------
+
+SPEC = """
+service: hostile-posthog
+collectors:
+  posthog:
+    host: {url}
+    project_id: "1"
+    personal_api_key: {key}
+    queries_per_minute: 6000
+    queries_per_hour: 360000
+    budget_share: 1.0
+    min_interval: 200ms
+    max_backoff: 400ms
+    timeout: {timeout}
+steps:
+  lead:
+    inject:
+      http:
+        url: {url}/lead
+        json: {{trace: "{{trace_id}}"}}
+        timeout: 2s
+    hops:
+      - name: posthog_event
+        target: {target}
+        deadline: {deadline}
+        late_grace: {grace}
+        posthog: {{event: lead_captured, property: canary_trace_id}}
+"""
+
+
+class Funnel:
+    """Takes leads on POST /lead and makes each queryable ``ingest`` seconds later; answers each
+    query as of when it arrived, ``slow`` seconds later, or with ``fault(t)`` (t since the first
+    lead) when that says a status."""
+
+    def __init__(self, ingest: float = 0.2, slow: float = 0.0, fault: Any = None) -> None:
+        self.ingest, self.slow, self.fault = ingest, slow, fault
+        self.visible: dict[str, float] = {}
+        self.first: float | None = None
+        self.server = Hostile(self.handle)
+
+    def handle(self, req: Request, conn: socket.socket) -> None:
+        if req.path == "/lead":
+            self.first = self.first or req.at
+            self.visible[req.json()["trace"]] = req.at + self.ingest
+            conn.sendall(response(200, {"ok": True}))
+            return
+        rows = [
+            ["u", "lead_captured", "2026-01-01T00:00:00Z", None, tid, None]
+            for tid, at in list(self.visible.items())
+            if at <= req.at
+        ]
+        time.sleep(self.slow)
+        status = self.fault(req.at - self.first) if self.fault and self.first else None
+        conn.sendall(response(status, "down") if status else response(200, answer(rows)))
+
+    def run(self, target: float, deadline: float, grace: float = 0.0, timeout: float = 5.0) -> Any:
+        from tests.test_check import load
+        from tracer.engine import Engine
+
+        text = SPEC.format(
+            url=self.server.url, key=KEY, target=target, deadline=deadline, grace=grace, timeout=timeout
+        )
+
+        async def go() -> Any:
+            async with Engine(load(text)) as engine:
+                return (await engine.check(1, early_stop=False))[0].hops[0]
+
+        try:
+            return asyncio.run(go())
+        finally:
+            self.server.close()
+
+
+def test_a_slow_posthog_does_not_make_a_prompt_event_late() -> None:
+    """The event is queryable 0.2 s after injection (target 2 s), but each answer takes 2.5 s:
+    the look that saw it returned long after it arrived. That straddle is the tracer's slowness,
+    not the funnel's: unknown (with the blind window), never late."""
+    hop = Funnel(ingest=0.2, slow=2.5).run(target=2, deadline=12)
+    assert hop.verdict in ("ok", "unknown"), (hop.verdict, hop.reason)
+    if hop.verdict == "unknown":
+        assert hop.evidence["blind"] and "slow" in json.dumps(hop.evidence["blind"]), hop.evidence
+
+
+def test_a_slow_posthog_still_sees_a_really_late_event_as_late() -> None:
+    hop = Funnel(ingest=3.5, slow=1.0).run(target=2, deadline=12)
+    assert hop.verdict == "late" and hop.lag is not None and hop.lag >= 3.5, (hop.verdict, hop.reason)
+
+
+def test_posthog_failing_from_before_the_deadline_on_is_unknown_not_lost() -> None:
+    """Looks succeed for 1 s after injection, then every look is a 500 past the deadline: the
+    event (queryable only at 2 s) was never looked for, and the blind window says so."""
+    hop = Funnel(ingest=2.0, fault=lambda t: 500 if t > 1.0 else None).run(target=1, deadline=3)
+    assert hop.verdict == "unknown", (hop.verdict, hop.reason)
+    assert any("HTTP 500" in str(b) for b in hop.evidence["blind"]), hop.evidence
+
+
+def test_posthog_back_after_an_outage_sees_the_event_with_an_honest_lag() -> None:
+    """500s from injection until 2.5 s, the event queryable at 0.3 s (target 1 s): seen at the
+    first good look, but its lag straddles the target only because of the outage: unknown."""
+    hop = Funnel(ingest=0.3, fault=lambda t: 500 if t < 2.5 else None).run(target=1, deadline=6)
+    assert hop.verdict == "unknown" and hop.lag is not None, (hop.verdict, hop.reason)
+
+
+def test_an_event_queryable_after_the_deadline_is_late_within_grace_with_its_lag() -> None:
+    hop = Funnel(ingest=3.0).run(target=1, deadline=2, grace=5)
+    assert hop.verdict == "late" and hop.lag is not None and 3.0 <= hop.lag < 6, (hop.verdict, hop.lag)
+    assert hop.error_bar is not None and hop.lag - hop.error_bar <= 3.0 + 0.5
+
+
+def test_an_event_queryable_past_deadline_and_grace_is_lost_saying_when_it_was_seen_or_not() -> None:
+    """Lost is the truth here (not seen by the deadline): the reason says so, with no blind window."""
+    hop = Funnel(ingest=4.0).run(target=1, deadline=2)
+    assert hop.verdict == "lost" and not hop.evidence["blind"], (hop.verdict, hop.reason, hop.evidence)
