@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
 from tracer.evidence import Evidence, excerpt
@@ -48,7 +49,9 @@ class PostHogConfig(Model):
     host: str = Field(
         pattern=r"^https?://", description="app host for the query API, e.g. https://us.posthog.com"
     )
-    project_id: str = Field(min_length=1)
+    project_id: str = Field(
+        pattern=r"^[A-Za-z0-9@_-]+$", description="the project's id (the number in its URL), or @current"
+    )
     personal_api_key: Secret = Field(description="personal API key with query:read")
     queries_per_minute: int = Field(240, gt=0)
     queries_per_hour: int = Field(2400, gt=0)
@@ -65,6 +68,27 @@ class PostHogConfig(Model):
         pattern=r"^/?[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*/?$",
         description="webhook receiver path a PostHog realtime destination posts to (needs collectors.webhook)",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, v: str) -> str:
+        """A host is scheme, host, port and an optional path prefix: no query, fragment or
+        credentials (they would end up in the query URL, and credentials in what doctor prints)."""
+        p = urlsplit(v)
+        if not p.hostname or p.query or p.fragment or "?" in v or "#" in v or p.username or p.password:
+            raise ValueError("must be scheme://host[:port][/path], without credentials, query or fragment")
+        return v
+
+    @field_validator("personal_api_key")
+    @classmethod
+    def _header_safe_key(cls, v: Secret) -> Secret:
+        """A key read from a file or an environment variable often ends in a newline: surrounding
+        whitespace is dropped. Anything else that cannot go in an HTTP header is a setup error here,
+        not a failed look on every poll (the key itself is never echoed)."""
+        key = v.get_secret_value().strip()
+        if not key or not all(33 <= ord(c) < 127 for c in key):
+            raise ValueError("must be printable ASCII without spaces (a stray character in the secret?)")
+        return Secret(key)
 
 
 class PostHogHop(Model):

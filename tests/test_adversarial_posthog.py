@@ -492,3 +492,81 @@ def test_an_event_queryable_past_deadline_and_grace_is_lost_saying_when_it_was_s
     """Lost is the truth here (not seen by the deadline): the reason says so, with no blind window."""
     hop = Funnel(ingest=4.0).run(target=1, deadline=2)
     assert hop.verdict == "lost" and not hop.evidence["blind"], (hop.verdict, hop.reason, hop.evidence)
+
+
+# -- configuration: what a secret file, an env var or a copied URL may hold -----------------------
+
+
+@pytest.mark.parametrize("key", [KEY + "\n", f"  {KEY}\r\n", f"\t{KEY} "])
+def test_a_key_with_surrounding_whitespace_from_a_file_or_env_var_just_works(key: str) -> None:
+    w = lead()
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([row(w)])))) as srv:
+
+        async def run() -> PostHogCollector:
+            async with httpx.AsyncClient() as client:
+                cfg = PostHogConfig(host=srv.url, project_id="1", personal_api_key=key, timeout=2.0)
+                c = PostHogCollector(cfg, client=client)
+                c.watch(w)
+                await c.poll_once()
+                return c
+
+        c = asyncio.run(run())
+        assert not c.coverage.blind_now and w.first is not None, c.last_error
+        assert srv.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("personal_api_key", "phx_s3cré7"),
+        ("personal_api_key", "phx_s3cr\x017"),
+        ("personal_api_key", "phx_s3cr\r\nX-Evil: 1"),
+        ("personal_api_key", "phx_s3 cr7"),
+        ("personal_api_key", "  \n"),
+        ("project_id", "1/../../2"),
+        ("project_id", "1?personal_api_key=x"),
+        ("host", "http://admin:hunter2hunter2@127.0.0.1:1"),
+        ("host", "https://us.posthog.com/?x=1"),
+    ],
+)
+def test_a_value_that_cannot_go_on_the_wire_is_a_config_error_naming_its_path(field: str, value: str) -> None:
+    """Exit 2 with the YAML path, the value never echoed: not a failed look on every poll, nor an
+    internal error (a non-ASCII key raised out of httpx), nor a URL that asks another endpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import tmp_yaml
+
+    base = {"host": "http://127.0.0.1:1", "project_id": "1", "personal_api_key": KEY}
+    base[field] = "${PH_VALUE}"
+    text = SPEC.format(url="http://127.0.0.1:1", key=KEY, target=1, deadline=2, grace=0, timeout=1)
+    text = text.replace("host: http://127.0.0.1:1", f"host: {base['host']}")
+    text = text.replace('project_id: "1"', f'project_id: "{base["project_id"]}"')
+    text = text.replace(f"personal_api_key: {KEY}", f"personal_api_key: {base['personal_api_key']}")
+    env = {**os.environ, "PH_VALUE": value}
+    cmd = [sys.executable, "-m", "tracer.cli", "doctor", "-c", str(tmp_yaml(text))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert f"collectors.posthog.{field}" in out and "Traceback" not in out, out
+    secret = value.strip() if field == "personal_api_key" else "hunter2hunter2"
+    assert len(secret) < 3 or secret not in out, out
+
+
+def test_a_server_error_text_with_markup_brackets_is_printed_not_a_traceback() -> None:
+    """The preflight prints PostHog's own words (``HTTP 400: ...``); text that looks like console
+    markup (``[/docs]``) must come out as text, not crash ``check`` with a MarkupError."""
+    import subprocess
+    import sys
+
+    from tests.support import tmp_yaml
+
+    said = {"type": "validation_error", "detail": "see [/docs] and [bold]the [red]manual[/red]"}
+    with Hostile(lambda req, conn: conn.sendall(response(400, said))) as srv:
+        text = SPEC.format(url=srv.url, key=KEY, target=1, deadline=1, grace=0, timeout=1)
+        cmd = [sys.executable, "-m", "tracer.cli", "check", "-c", str(tmp_yaml(text)), "-n", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1, 2, 3) and "Traceback" not in out, out
+    assert "see [/docs]" in out, out
