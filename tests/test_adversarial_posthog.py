@@ -570,3 +570,24 @@ def test_a_server_error_text_with_markup_brackets_is_printed_not_a_traceback() -
     out = proc.stdout + proc.stderr
     assert proc.returncode in (0, 1, 2, 3) and "Traceback" not in out, out
     assert "see [/docs]" in out, out
+
+
+# -- the sandbox stand-in: it must refuse what PostHog refuses -----------------------------------
+
+
+@pytest.mark.parametrize("prop", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does(prop: str) -> None:
+    """PostHog's capture parses with serde_json: NaN, Infinity and out-of-range numbers make the
+    whole request a 400 (the events are lost). A sandbox that took them would pass a funnel
+    that loses events in production."""
+    from tests.test_posthog_server import serve
+    from tracer.sandbox.posthog import PostHogState, create_app
+
+    state = PostHogState()
+    with serve(create_app(state)) as url:
+        w = lead()
+        props = f'{{"canary_trace_id": "{w.trace_id}", "score": {prop}}}'
+        body = f'{{"api_key": "phc_sandbox", "batch": [{{"event": "lead_captured", "distinct_id": "d", "properties": {props}}}]}}'
+        resp = httpx.post(f"{url}/batch/", content=body, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400 and resp.json()["type"] == "validation_error", resp.text
+        assert state.captured == 0
