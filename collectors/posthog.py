@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, ClassVar, Literal
@@ -215,6 +215,24 @@ def trace_id_windows(text: str) -> set[str]:
     """Every 32-hex-character window of ``text`` (lower-cased): the trace ids it may hold."""
     low = text.lower()
     return {m.group()[i : i + 32] for m in _HEX_RUN.finditer(low) for i in range(len(m.group()) - 31)}
+
+
+WINDOW_SCAN = 4096  # hex windows in one value past which each id in flight is searched for
+FIND_IDS = 2000  # ... unless more ids than this are in flight (then the windows are cheaper)
+
+
+def trace_ids_in(text: str, in_flight: Callable[[], list[str]]) -> set[str]:
+    """Trace ids ``text`` may hold, as ``trace_id_windows`` finds them, at a bounded cost: a long
+    hex run (a hex blob, or a hostile answer) has a window per character, a million per MB and
+    a second of the event loop; there each id in flight is searched for instead (C speed)."""
+    low = text.lower()
+    runs = [m.group() for m in _HEX_RUN.finditer(low)]
+    if sum(len(r) - 31 for r in runs) <= WINDOW_SCAN:
+        return {r[i : i + 32] for r in runs for i in range(len(r) - 31)}
+    ids = in_flight()
+    if len(ids) > FIND_IDS:
+        return {r[i : i + 32] for r in runs for i in range(len(r) - 31)}
+    return {tid for tid in ids if any(tid in r for r in runs)}
 
 
 def build_query(
@@ -626,7 +644,7 @@ class PostHogCollector:
                 else:  # contains: candidate ids from the row's hex runs, then the rendered value
                     hits = [
                         w
-                        for tid in trace_id_windows(got)
+                        for tid in trace_ids_in(got, self._index.trace_ids)
                         for w in self._index.get(tid)
                         if w.sink_spec.event == g_event
                         and hop_field(w.sink_spec).expr == prop

@@ -591,3 +591,39 @@ def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does(prop: str) 
         resp = httpx.post(f"{url}/batch/", content=body, headers={"Content-Type": "application/json"})
         assert resp.status_code == 400 and resp.json()["type"] == "validation_error", resp.text
         assert state.captured == 0
+
+
+def test_long_hex_runs_in_a_contains_answer_do_not_stall_the_event_loop() -> None:
+    """16 rows of 1 MB of hex, each holding the trace id: every 32-character window of them is
+    16 million lookups. The sighting is found and the loop keeps ticking (other collectors'
+    timing depends on it)."""
+    import secrets
+
+    w = watch("lead_captured", "note", "contains", "x{trace_id}")
+    blob = secrets.token_hex(250_000) + "x" + w.trace_id + secrets.token_hex(250_000)
+    rows = [row(w, value=json.dumps(blob)[1:-1]) for _ in range(16)]
+    body = json.dumps(answer(rows)).encode()
+
+    async def run() -> tuple[PostHogCollector, float]:
+        async with httpx.AsyncClient() as client:
+            c = PostHogCollector(config(srv.url, timeout=10.0), client=client)
+            c.watch(w)
+            worst, last, done = 0.0, time.monotonic(), False
+
+            async def tick() -> None:
+                nonlocal worst, last
+                while not done:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    worst, last = max(worst, now - last), now
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.wait_for(c.poll_once(), 60)
+            done = True
+            await ticker
+            return c, worst
+
+    with Hostile(lambda req, conn: conn.sendall(response(200, body))) as srv:
+        c, worst = asyncio.run(run())
+    assert w.first is not None and not c.coverage.blind_now
+    assert worst < 3.0, f"event loop held for {worst:.1f}s"  # generous: the windows took ~15 s
