@@ -562,6 +562,7 @@ class PostHogCollector:
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
         assert self._client is not None
+        sent = clock.wall(clock.now())
         self.last_query_bytes = len(query)
         self.queries += 1
         self._retry_after = None
@@ -602,6 +603,12 @@ class PostHogCollector:
             else:
                 self.malformed_answers += 1
             return self._scrub(problem)
+        # A copy computed before this request, whatever is_cached says (a cache in between, a
+        # replayed answer): it cannot show what arrived since, so it certifies nothing.
+        refreshed = clock.parse_iso(str(data.get("last_refresh") or ""))
+        if refreshed is not None and refreshed < sent - self.config.clock_skew:
+            self.cached_results += 1
+            return f"stale answer (last_refresh {int(sent - refreshed)}s before the request)"
         return data
 
     async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes] | str:

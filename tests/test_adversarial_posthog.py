@@ -627,3 +627,18 @@ def test_long_hex_runs_in_a_contains_answer_do_not_stall_the_event_loop() -> Non
         c, worst = asyncio.run(run())
     assert w.first is not None and not c.coverage.blind_now
     assert worst < 3.0, f"event loop held for {worst:.1f}s"  # generous: the windows took ~15 s
+
+
+def test_an_answer_refreshed_long_before_the_request_is_no_look() -> None:
+    """``is_cached: false`` but ``last_refresh`` an hour old: a replayed or proxied copy that
+    cannot show what arrived since, so it must not certify the window (a false lost)."""
+    from tracer import clock
+
+    old = clock.iso(time.time() - 3600)
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([], last_refresh=old)))) as srv:
+        c = poll(srv.url, [lead()])
+        assert c.coverage.blind_now and "stale" in (c.last_error or ""), c.last_error
+    fresh = clock.iso(time.time() - 5)  # seconds of clock difference are no staleness
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer([], last_refresh=fresh)))) as srv:
+        c = poll(srv.url, [lead()])
+        assert not c.coverage.blind_now, c.last_error
