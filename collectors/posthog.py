@@ -356,6 +356,14 @@ def _ch_time(epoch: float) -> str:
     return clock.iso(math.floor(epoch))[:19].replace("T", " ")
 
 
+def new_client(agent: str) -> httpx.AsyncClient:
+    """The query client: one connection per look, never reused. A server or proxy that writes
+    more than one response leaves the extra bytes in a reused connection's buffer, and the next
+    look would read them as its own answer (an answer to no request, maybe with rows). A look
+    every few seconds can afford its handshake."""
+    return httpx.AsyncClient(headers={"User-Agent": agent}, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 class PostHogCollector:
     sink: ClassVar[str] = "posthog"
 
@@ -394,7 +402,7 @@ class PostHogCollector:
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"})
+            self._client = new_client("funnel-tracer")
         # Nothing was in flight before start, so there is nothing to have missed.
         self.coverage.looked(clock.now())
         self._task = asyncio.create_task(self._supervise(), name="posthog-poller")
@@ -941,7 +949,7 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
     grouped count for every hop's event name over the last 7 days: was it seen, and is each hop's
     field non-null on it. Two queries in all, whatever the number of hops. Nothing is captured."""
     where = "collectors.posthog"
-    async with httpx.AsyncClient(headers={"User-Agent": "funnel-tracer doctor"}) as client:
+    async with new_client("funnel-tracer doctor") as client:
         c = PostHogCollector(config.model_copy(update={"timeout": min(config.timeout, 10.0)}), client=client)
         got = await c._ask("SELECT 1", ())
         check = f"{where}: query API at {config.host} answers for project {config.project_id}"

@@ -642,3 +642,37 @@ def test_an_answer_refreshed_long_before_the_request_is_no_look() -> None:
     with Hostile(lambda req, conn: conn.sendall(response(200, answer([], last_refresh=fresh)))) as srv:
         c = poll(srv.url, [lead()])
         assert not c.coverage.blind_now, c.last_error
+
+
+def test_a_second_answer_smuggled_after_the_first_is_never_read_as_the_next() -> None:
+    """One write holds two responses on a keep-alive connection: the second (with the probe's
+    row) answers no request, so the next look must not take it as its own."""
+    w = lead()
+
+    def first(body: Any) -> bytes:
+        return response(200, body).replace(b"Connection: close", b"Connection: keep-alive")
+
+    calls = [0]
+
+    def handler(req: Request, conn: socket.socket) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            conn.sendall(first(answer([])) + first(answer([row(w)])))
+            time.sleep(1.0)  # keep the connection open while the next look goes out
+        else:
+            conn.sendall(response(200, answer([])))
+
+    with Hostile(handler) as srv:
+
+        async def run() -> PostHogCollector:
+            fast = {"queries_per_minute": 6000, "queries_per_hour": 360000, "budget_share": 1.0}
+            c = PostHogCollector(config(srv.url, min_interval=0.2, max_backoff=0.2, **fast))  # own client
+            await c.start()
+            c.watch(w)
+            await asyncio.sleep(1.5)
+            await c.close()
+            return c
+
+        c = asyncio.run(run())
+        assert w.first is None, "a smuggled answer was taken as a sighting"
+        assert c.queries >= 3 and calls[0] == c.queries  # every look reached the server itself
