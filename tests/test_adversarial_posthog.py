@@ -343,7 +343,10 @@ def test_a_garbled_near_miss_answer_costs_evidence_not_coverage(n: Any, v: Any) 
 
         async def run() -> tuple[Evidence, PostHogCollector, float]:
             async with httpx.AsyncClient() as client:
-                c = PostHogCollector(config(srv.url, min_interval=0.1, max_backoff=0.2), client=client)
+                fast = {"queries_per_minute": 6000, "queries_per_hour": 360000, "budget_share": 1.0}
+                c = PostHogCollector(
+                    config(srv.url, min_interval=0.1, max_backoff=0.2, **fast), client=client
+                )
                 await c.start()
                 c.watch(w)
                 await asyncio.sleep(0.3)
@@ -515,43 +518,47 @@ def test_a_key_with_surrounding_whitespace_from_a_file_or_env_var_just_works(key
         assert srv.requests[0].headers["authorization"] == f"Bearer {KEY}"
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("personal_api_key", "phx_s3cré7"),
-        ("personal_api_key", "phx_s3cr\x017"),
-        ("personal_api_key", "phx_s3cr\r\nX-Evil: 1"),
-        ("personal_api_key", "phx_s3 cr7"),
-        ("personal_api_key", "  \n"),
-        ("project_id", "1/../../2"),
-        ("project_id", "1?personal_api_key=x"),
-        ("host", "http://admin:hunter2hunter2@127.0.0.1:1"),
-        ("host", "https://us.posthog.com/?x=1"),
-    ],
-)
-def test_a_value_that_cannot_go_on_the_wire_is_a_config_error_naming_its_path(field: str, value: str) -> None:
-    """Exit 2 with the YAML path, the value never echoed: not a failed look on every poll, nor an
+BAD_VALUES = [
+    ("personal_api_key", "phx_s3cré7"),
+    ("personal_api_key", "phx_s3cr\x007"),
+    ("personal_api_key", "phx_s3cr\r\nX-Evil: 1"),
+    ("personal_api_key", "phx_s3 cr7"),
+    ("personal_api_key", "  \n"),
+    ("project_id", "1/../../2"),
+    ("project_id", "1?personal_api_key=x"),
+    ("host", "http://admin:hunter2hunter2@127.0.0.1:1"),
+    ("host", "https://us.posthog.com/?x=1"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+def test_a_value_that_cannot_go_on_the_wire_is_a_config_error(field: str, value: str) -> None:
+    """Refused when the spec loads: not a failed look on every poll (LocalProtocolError), nor an
     internal error (a non-ASCII key raised out of httpx), nor a URL that asks another endpoint."""
+    from pydantic import ValidationError
+
+    cfg = {"host": "http://127.0.0.1:1", "project_id": "1", "personal_api_key": KEY, field: value}
+    with pytest.raises(ValidationError) as err:
+        PostHogConfig(**cfg)
+    assert [e["loc"] for e in err.value.errors()] == [(field,)]
+    secret = value.strip() if field == "personal_api_key" else "hunter2hunter2"
+    assert len(secret) < 3 or secret not in str(err.value)
+
+
+def test_a_bad_key_from_an_env_var_exits_2_naming_its_path_never_echoing_it() -> None:
     import os
     import subprocess
     import sys
 
     from tests.support import tmp_yaml
 
-    base = {"host": "http://127.0.0.1:1", "project_id": "1", "personal_api_key": KEY}
-    base[field] = "${PH_VALUE}"
-    text = SPEC.format(url="http://127.0.0.1:1", key=KEY, target=1, deadline=2, grace=0, timeout=1)
-    text = text.replace("host: http://127.0.0.1:1", f"host: {base['host']}")
-    text = text.replace('project_id: "1"', f'project_id: "{base["project_id"]}"')
-    text = text.replace(f"personal_api_key: {KEY}", f"personal_api_key: {base['personal_api_key']}")
-    env = {**os.environ, "PH_VALUE": value}
+    text = SPEC.format(url="http://127.0.0.1:1", key="${PH_KEY}", target=1, deadline=2, grace=0, timeout=1)
     cmd = [sys.executable, "-m", "tracer.cli", "doctor", "-c", str(tmp_yaml(text))]
+    env = {**os.environ, "PH_KEY": "phx_s3cré7_secret"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
-    assert f"collectors.posthog.{field}" in out and "Traceback" not in out, out
-    secret = value.strip() if field == "personal_api_key" else "hunter2hunter2"
-    assert len(secret) < 3 or secret not in out, out
+    assert proc.returncode == 2 and "collectors.posthog.personal_api_key" in out, out
+    assert "Traceback" not in out and "s3cr" not in out, out
 
 
 def test_a_server_error_text_with_markup_brackets_is_printed_not_a_traceback() -> None:
@@ -575,8 +582,7 @@ def test_a_server_error_text_with_markup_brackets_is_printed_not_a_traceback() -
 # -- the sandbox stand-in: it must refuse what PostHog refuses -----------------------------------
 
 
-@pytest.mark.parametrize("prop", ["NaN", "Infinity", "-Infinity", "1e999"])
-def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does(prop: str) -> None:
+def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does() -> None:
     """PostHog's capture parses with serde_json: NaN, Infinity and out-of-range numbers make the
     whole request a 400 (the events are lost). A sandbox that took them would pass a funnel
     that loses events in production."""
@@ -585,11 +591,13 @@ def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does(prop: str) 
 
     state = PostHogState()
     with serve(create_app(state)) as url:
-        w = lead()
-        props = f'{{"canary_trace_id": "{w.trace_id}", "score": {prop}}}'
-        body = f'{{"api_key": "phc_sandbox", "batch": [{{"event": "lead_captured", "distinct_id": "d", "properties": {props}}}]}}'
-        resp = httpx.post(f"{url}/batch/", content=body, headers={"Content-Type": "application/json"})
-        assert resp.status_code == 400 and resp.json()["type"] == "validation_error", resp.text
+        for prop in ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]:
+            w = lead()
+            props = f'{{"canary_trace_id": "{w.trace_id}", "score": {prop}}}'
+            event = f'{{"event": "lead_captured", "distinct_id": "d", "properties": {props}}}'
+            body = f'{{"api_key": "phc_sandbox", "batch": [{event}]}}'
+            resp = httpx.post(f"{url}/batch/", content=body, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 400 and resp.json()["type"] == "validation_error", (prop, resp.text)
         assert state.captured == 0
 
 
