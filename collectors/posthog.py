@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
 from tracer.evidence import Evidence, excerpt
-from tracer.net import Backoff
+from tracer.net import Backoff, redact_url
 from tracer.payload import value_at
 from tracer.plugins import Collector, Finding, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
@@ -593,6 +593,13 @@ class PostHogCollector:
         if status == 429 or status >= 500:
             self._retry_after = headers.get("Retry-After")
             return f"HTTP {status}"
+        if 300 <= status < 400:
+            # The query API never redirects: the host (or its scheme) is wrong. Never followed,
+            # the key stays with the host configured; a setup error like a 404.
+            self._permanent = True
+            where = headers.get("Location") or ""
+            where = redact_url(where) if urlsplit(where).hostname else self._scrub(where)[:100]
+            return f"HTTP {status}: redirected{' to ' + where if where else ''}"
         if status != 200:
             # 202 (still running): no evidence; 400/401/403/404: a setup error, no look will succeed.
             self._permanent = status in PERMANENT
@@ -961,9 +968,12 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
                     False,
                     got,
                     fix=_FIXES.get(
-                        status or 0, "check collectors.posthog.host and that this host can reach it"
+                        status or 0,
+                        "set collectors.posthog.host to the app host it redirects to (scheme included)"
+                        if status and 300 <= status < 400
+                        else "check collectors.posthog.host and that this host can reach it",
                     ),
-                    blocks=status in PERMANENT,
+                    blocks=status in PERMANENT or bool(status and 300 <= status < 400),
                 )
             ]
         out = [Finding(check, True, "the key has the query scope")]

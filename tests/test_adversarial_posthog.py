@@ -293,6 +293,12 @@ def test_a_redirect_is_not_followed_and_the_key_stays_home(status: int) -> None:
             c = poll(srv.url, [lead()])
             assert c.coverage.blind_now and f"HTTP {status}" in (c.last_error or "")
             assert not other.requests  # the key never went to another host
+            # a setup error (wrong host or scheme): waits end at once, naming where it points
+            assert c.coverage.broken and other.url in c.coverage.broken, c.coverage.broken
+            from collectors.posthog import _preflight
+
+            found = asyncio.run(_preflight(config(srv.url), []))[0]
+            assert not found.ok and found.blocks and "redirects to" in (found.fix or ""), found
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
