@@ -30,7 +30,8 @@ COLUMNS = ["uuid", "event", "timestamp", "created_at", "m0", "traceparent"]
 
 def config(url: str, **cfg: Any) -> PostHogConfig:
     cfg.setdefault("timeout", 1.0)
-    return PostHogConfig(host=url, project_id="1", personal_api_key=KEY, **cfg)
+    cfg.setdefault("personal_api_key", KEY)
+    return PostHogConfig(host=url, project_id="1", **cfg)
 
 
 def answer(rows: list[list[Any]], columns: list[str] = COLUMNS, **extra: Any) -> dict[str, Any]:
@@ -690,3 +691,24 @@ def test_a_second_answer_smuggled_after_the_first_is_never_read_as_the_next() ->
         c = asyncio.run(run())
         assert w.first is None, "a smuggled answer was taken as a sighting"
         assert c.queries >= 3 and calls[0] == c.queries  # every look reached the server itself
+
+
+def test_an_event_timestamped_before_the_injection_within_clock_skew_is_seen_with_a_sane_lag() -> None:
+    """The official SDK with an explicit timestamp a minute before the injection (an emitter's
+    clock behind): found (the window has clock_skew of slack), and the lag is measured on our
+    clock, never negative; the sink's own time says the skew."""
+    from datetime import datetime, timedelta, timezone
+
+    from tests.test_posthog_server import sdk, serve
+    from tracer.sandbox.posthog import PostHogState, create_app
+
+    with serve(create_app(PostHogState())) as url:
+        w = lead()
+        past = datetime.now(timezone.utc) - timedelta(seconds=60)
+        sdk(url).capture(
+            "lead_captured", distinct_id="d", properties={"canary_trace_id": w.trace_id}, timestamp=past
+        )
+        c = poll(url, [w], personal_api_key="phx_sandbox")
+    assert w.first is not None and not c.coverage.blind_now, c.last_error
+    assert w.since <= w.first.not_before <= w.first.at
+    assert w.first.detail["timestamp"] < w.first.detail["created_at"]  # skew visible, not hidden
