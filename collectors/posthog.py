@@ -136,6 +136,9 @@ _REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")  # of a poll an
 PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
 MAX_BODY = 64 << 20  # decoded bytes of one answer; 50,000 rows of the poll's columns are ~15 MB
+# ... and at most 1 MB + ROW_BYTES per row its LIMIT allows: parsing holds the GIL (the event
+# loop with it, even off-thread), so an answer far larger than its LIMIT is cut unread.
+ROW_BYTES = 16 << 10
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
 _SEPARATORS = ",|;~^# \t"  # splitByChar needs one character absent from every value
@@ -518,7 +521,8 @@ class PostHogCollector:
             first_sent = sent if first_sent is None else first_sent
             # Every column asked for must be there: a row without its matched column cannot
             # say the probe is absent.
-            data = await self._ask(query, (*_REQUIRED_COLUMNS, *lookup["props"].values(), "traceparent"))
+            columns = (*_REQUIRED_COLUMNS, *lookup["props"].values(), "traceparent")
+            data = await self._ask(query, columns, limit)
             if isinstance(data, str):
                 if self._permanent:
                     return self._broke(first_sent, data)
@@ -565,7 +569,9 @@ class PostHogCollector:
     def _truncated(data: dict[str, Any], limit: int) -> bool:
         return len(data["results"]) >= limit or data.get("hasMore") is True
 
-    async def _ask(self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> dict[str, Any] | str:
+    async def _ask(
+        self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS, rows: int | None = None
+    ) -> dict[str, Any] | str:
         """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
@@ -579,7 +585,8 @@ class PostHogCollector:
         try:
             # One deadline for the whole answer: httpx's timeout is per read, so a body that
             # trickles a byte at a time would otherwise hold the poller for ever.
-            got = await asyncio.wait_for(self._post(url, body), self.config.timeout)
+            cap = MAX_BODY if rows is None else min(MAX_BODY, (1 << 20) + rows * ROW_BYTES)
+            got = await asyncio.wait_for(self._post(url, body, cap), self.config.timeout)
         except asyncio.TimeoutError:
             return f"timeout after {self.config.timeout:g}s"
         except httpx.TimeoutException:
@@ -611,7 +618,7 @@ class PostHogCollector:
         except (ValueError, RecursionError):
             self.malformed_answers += 1
             return "response is not JSON"
-        problem = incomplete(data, required)
+        problem = incomplete(data, required, rows)
         if problem:
             if problem.startswith("cached"):
                 self.cached_results += 1
@@ -626,9 +633,9 @@ class PostHogCollector:
             return f"stale answer (last_refresh {int(sent - refreshed)}s before the request)"
         return data
 
-    async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes] | str:
-        """Status, headers and the decoded body, read up to ``MAX_BODY`` bytes (a gzip bomb or an
-        endless body is cut there, not held in memory)."""
+    async def _post(self, url: str, body: dict[str, Any], cap: int) -> tuple[int, httpx.Headers, bytes] | str:
+        """Status, headers and the decoded body, read up to ``cap`` bytes (a gzip bomb or an
+        endless body is cut there, not held in memory nor parsed)."""
         assert self._client is not None
         headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
         async with self._client.stream(
@@ -637,9 +644,9 @@ class PostHogCollector:
             chunks, size = [], 0
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
-                if size > MAX_BODY:
+                if size > cap:
                     self.malformed_answers += 1
-                    return f"answer too large (over {MAX_BODY >> 20} MB)"
+                    return f"answer too large (over {cap >> 10} KB)"
                 chunks.append(chunk)
             return resp.status_code, resp.headers, b"".join(chunks)
 
@@ -777,7 +784,7 @@ class PostHogCollector:
             return
         self.explain_queries += 1
         try:
-            data = await self._ask(build_explain_query(asks), ("event",))
+            data = await self._ask(build_explain_query(asks), ("event",), len(asks) + 1)
         except Exception as exc:  # a failed lookup costs evidence, never the poller's coverage
             data = f"internal error: {type(exc).__name__}"
         finally:
@@ -895,7 +902,9 @@ def count(value: Any) -> int | None:
     return None
 
 
-def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str | None:
+def incomplete(
+    data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS, rows: int | None = None
+) -> str | None:
     """Why a 200 body is not a complete result set (so no evidence), or None when it is.
 
     PostHog answers 200 with other things than results: a pending async query, a maintenance or
@@ -916,6 +925,10 @@ def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str 
     if not isinstance(results, list):
         detail = f": {str(data['detail'])[:200]}" if data.get("detail") else ""
         return f"answer has no results list{detail}"
+    if rows is not None and len(results) > rows:
+        # Not the answer to a query with that LIMIT; and rows past it would only cost the event
+        # loop (a million rows are seconds of matching, other sinks' timing with them).
+        return f"answer has {len(results)} rows, more than its LIMIT {rows}"
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return "answer has no columns list"
     if len(set(columns)) != len(columns):
@@ -987,7 +1000,7 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
             f"SELECT {', '.join(cols)} FROM events WHERE event IN ({', '.join(_lit(e) for e in events)}) "
             f"AND timestamp >= toDateTime({_lit(_ch_time(since))}, 'UTC') GROUP BY event LIMIT {len(events) + 1}"
         )
-        data = await c._ask(text, ("event", "n"))
+        data = await c._ask(text, ("event", "n"), len(events) + 1)
         if isinstance(data, str):
             out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
             return out

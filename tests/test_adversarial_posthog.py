@@ -609,14 +609,14 @@ def test_the_sandbox_refuses_a_batch_that_is_no_json_as_posthog_does() -> None:
 
 
 def test_long_hex_runs_in_a_contains_answer_do_not_stall_the_event_loop() -> None:
-    """16 rows of 1 MB of hex, each holding the trace id: every 32-character window of them is
-    16 million lookups. The sighting is found and the loop keeps ticking (other collectors'
-    timing depends on it)."""
+    """2 rows of 1 MB of hex (what a LIMIT 100 answer may hold), each with the trace id in it:
+    a window per character is 2 million lookups, seconds of the event loop. The sighting is
+    found and the loop keeps ticking (other collectors' timing depends on it)."""
     import secrets
 
     w = watch("lead_captured", "note", "contains", "x{trace_id}")
     blob = secrets.token_hex(250_000) + "x" + w.trace_id + secrets.token_hex(250_000)
-    rows = [row(w, value=json.dumps(blob)[1:-1]) for _ in range(16)]
+    rows = [row(w, value=json.dumps(blob)[1:-1]) for _ in range(2)]
     body = json.dumps(answer(rows)).encode()
 
     async def run() -> tuple[PostHogCollector, float]:
@@ -641,7 +641,7 @@ def test_long_hex_runs_in_a_contains_answer_do_not_stall_the_event_loop() -> Non
     with Hostile(lambda req, conn: conn.sendall(response(200, body))) as srv:
         c, worst = asyncio.run(run())
     assert w.first is not None and not c.coverage.blind_now
-    assert worst < 3.0, f"event loop held for {worst:.1f}s"  # generous: the windows took ~15 s
+    assert worst < 2.0, f"event loop held for {worst:.1f}s"  # generous: the windows took ~5 s
 
 
 def test_an_answer_refreshed_long_before_the_request_is_no_look() -> None:
@@ -712,3 +712,44 @@ def test_an_event_timestamped_before_the_injection_within_clock_skew_is_seen_wit
     assert w.first is not None and not c.coverage.blind_now, c.last_error
     assert w.since <= w.first.not_before <= w.first.at
     assert w.first.detail["timestamp"] < w.first.detail["created_at"]  # skew visible, not hidden
+
+
+def test_an_answer_far_past_its_limit_is_refused_unparsed_and_the_loop_keeps_ticking() -> None:
+    """A server that ignores LIMIT 100 and sends a million rows (65 MB): parsing and matching
+    them held the event loop for seconds (and with it every receiver's arrival stamps, on any
+    sink), four times over as the cut answer was asked again. Refused whole, once."""
+    rows = [["u", "lead_captured", "2026-01-01T00:00:00Z", None, "x", None] for _ in range(1_000_000)]
+    body = json.dumps(answer(rows)).encode()
+    del rows
+
+    async def run() -> tuple[PostHogCollector, float]:
+        async with httpx.AsyncClient() as client:
+            c = PostHogCollector(config(srv.url, timeout=15.0), client=client)
+            c.watch(lead())
+            worst, last, done = 0.0, time.monotonic(), False
+
+            async def tick() -> None:
+                nonlocal worst, last
+                while not done:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    worst, last = max(worst, now - last), now
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.wait_for(c.poll_once(), 30)
+            done = True
+            await ticker
+            return c, worst
+
+    with Hostile(lambda req, conn: conn.sendall(response(200, body))) as srv:
+        c, worst = asyncio.run(run())
+    assert c.coverage.blind_now and "too large" in (c.last_error or ""), c.last_error
+    assert c.queries == 1 and c.truncated_answers == 0  # not asked again four times
+    assert worst < 1.5, f"event loop held for {worst:.1f}s"  # generous: it was ~3 s per look
+
+
+def test_rows_past_the_limit_in_a_small_answer_are_refused_too() -> None:
+    rows = [["u", "lead_captured", "2026-01-01T00:00:00Z", None, "x", None] for _ in range(101)]
+    with Hostile(lambda req, conn: conn.sendall(response(200, answer(rows)))) as srv:
+        c = poll(srv.url, [lead()])
+    assert c.coverage.blind_now and "more than its LIMIT" in (c.last_error or ""), c.last_error
