@@ -753,3 +753,26 @@ def test_rows_past_the_limit_in_a_small_answer_are_refused_too() -> None:
     with Hostile(lambda req, conn: conn.sendall(response(200, answer(rows)))) as srv:
         c = poll(srv.url, [lead()])
     assert c.coverage.blind_now and "more than its LIMIT" in (c.last_error or ""), c.last_error
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 4\r\n\r\n\x0b\x01\x80{",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nnope",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}",  # then the connection closes
+        b'HTTP/1.0 200 OK\r\n\r\n{"results": [], "columns": []}',  # no length, ends at close
+        b"garbage\r\n\r\n",
+        b"",
+    ],
+)
+def test_broken_http_framing_is_blind_never_a_look_or_a_crash(raw: bytes) -> None:
+    def handler(req: Request, conn: socket.socket) -> None:
+        conn.sendall(raw)
+
+    w = lead()
+    with Hostile(handler) as srv:
+        c = poll(srv.url, [w])
+    assert c.coverage.blind_now and c.internal_errors == 0 and w.first is None, c.last_error
