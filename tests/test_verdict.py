@@ -24,8 +24,9 @@ def test_ok_when_upper_bound_within_target() -> None:
 
 def test_late_when_normal_cadence_straddles_target() -> None:
     obs = Observation(at=5.5, not_before=4.5, source="poll")
-    verdict, _ = judge_present(obs, 0.0, 5.0, 15.0, poller(0.0, 4.5, 5.5), certified=True)
+    verdict, reason = judge_present(obs, 0.0, 5.0, 15.0, poller(0.0, 4.5, 5.5), certified=True)
     assert verdict == "late"
+    assert reason == "seen 5.50s after start (not before 4.50s), over the 5s target"
 
 
 def test_unknown_when_blind_window_straddles_target() -> None:

@@ -54,14 +54,15 @@ def judge_present(
             return OK, None
         if lag_lo > deadline:
             return LOST, f"first seen {lag:.2f}s after start, past the {deadline:g}s deadline"
+        late = f"seen {lag:.2f}s after start (not before {max(lag_lo, 0):.2f}s), over the {target:g}s target"
         if lag_lo > target:
-            return LATE, None
+            return LATE, late
         if blind is not None:
             return UNKNOWN, (
                 f"seen {lag:.2f}s after start, but the collector was blind for part of that window: "
                 f"the true lag is between {max(lag_lo, 0):.2f}s and {lag:.2f}s, around the {target:g}s target"
             )
-        return LATE, None
+        return LATE, late
     if not certified:
         return UNKNOWN, "the collector could not look at the sink up to the deadline"
     if not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None:
