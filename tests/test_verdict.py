@@ -22,11 +22,22 @@ def test_ok_when_upper_bound_within_target() -> None:
     assert judge_present(obs, 0.0, 5.0, 15.0, poller(0.0, 3.0, 4.0), certified=True) == ("ok", None)
 
 
-def test_late_when_normal_cadence_straddles_target() -> None:
+def test_unknown_when_normal_cadence_straddles_target() -> None:
+    """Seen at 5.5 s, not there at 4.5 s: the true lag may be 4.6 s (ok) or 5.4 s (late)."""
     obs = Observation(at=5.5, not_before=4.5, source="poll")
     verdict, reason = judge_present(obs, 0.0, 5.0, 15.0, poller(0.0, 4.5, 5.5), certified=True)
+    assert verdict == "unknown"
+    assert reason == (
+        "seen 5.50s after start, between two looks: the true lag is between 4.50s and 5.50s, "
+        "around the 5s target; look more often to tell"
+    )
+
+
+def test_late_when_the_look_before_was_already_past_target() -> None:
+    obs = Observation(at=6.5, not_before=5.5, source="poll")
+    verdict, reason = judge_present(obs, 0.0, 5.0, 15.0, poller(0.0, 5.5, 6.5), certified=True)
     assert verdict == "late"
-    assert reason == "seen 5.50s after start (not before 4.50s), over the 5s target"
+    assert reason == "seen 6.50s after start (not before 5.50s), over the 5s target"
 
 
 def test_unknown_when_blind_window_straddles_target() -> None:

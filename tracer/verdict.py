@@ -1,9 +1,9 @@
 """The verdict stage: turn what a collector saw (and when it could see) into ok/late/lost/unknown.
 
 The one rule that matters: never say ``late`` or ``lost`` about a window the collector could not
-see. Lags are upper bounds (``Observation.at``) with a stated error bar; a lag interval that
-straddles the target is ``late`` only when the straddle comes from the normal poll cadence, and
-``unknown`` when it comes from a blind window.
+see. Lags are upper bounds (``Observation.at``) with a stated error bar; ``late`` needs the lower
+bound past the target too. A lag interval that straddles the target is ``unknown``, whether the
+straddle comes from the poll cadence or from a blind window: the tracer cannot tell.
 """
 
 from __future__ import annotations
@@ -54,15 +54,21 @@ def judge_present(
             return OK, None
         if lag_lo > deadline:
             return LOST, f"first seen {lag:.2f}s after start, past the {deadline:g}s deadline"
-        late = f"seen {lag:.2f}s after start (not before {max(lag_lo, 0):.2f}s), over the {target:g}s target"
         if lag_lo > target:
-            return LATE, late
+            return LATE, (
+                f"seen {lag:.2f}s after start (not before {max(lag_lo, 0):.2f}s), over the {target:g}s target"
+            )
+        between = (
+            f"the true lag is between {max(lag_lo, 0):.2f}s and {lag:.2f}s, around the {target:g}s target"
+        )
         if blind is not None:
             return UNKNOWN, (
-                f"seen {lag:.2f}s after start, but the collector was blind for part of that window: "
-                f"the true lag is between {max(lag_lo, 0):.2f}s and {lag:.2f}s, around the {target:g}s target"
+                f"seen {lag:.2f}s after start, but the collector was blind for part of that window: {between}"
             )
-        return LATE, late
+        # The look before the one that saw it came in time, the one that saw it too late: the
+        # cadence cannot tell which side of the target the event fell. Counting it as late would
+        # let a coarse poll interval fail a funnel that meets its target.
+        return UNKNOWN, f"seen {lag:.2f}s after start, between two looks: {between}; look more often to tell"
     if not certified:
         return UNKNOWN, "the collector could not look at the sink up to the deadline"
     if not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None:
