@@ -543,23 +543,31 @@ class Engine:
                 decided.set()
 
         def arm(inflight: InFlight) -> None:
-            """A hop measured from injection and not seen by its target will be late, lost or
-            (if blind) unknown: count it as exceeded already, so a clearly late funnel fails
-            after a few probes rather than after their deadlines."""
+            """A hop measured from injection, not seen by a good look made after its target, with
+            no blind moment since injection, will be late or lost: count it as exceeded already,
+            so a clearly late funnel fails after a few probes rather than after their deadlines.
+            (Not seen *yet* at the target is not enough: the next look may find it arrived in
+            time, which is unknown, not late.)"""
             assert inflight.injection is not None
+            sent = inflight.injection.sent_at
             for hop in step.hops:
                 if hop.after or hop.expect != "present" or not inflight.injection.ok:
                     continue
                 w = inflight.watches[hop.name]
 
-                def due(w: Watch = w, hop_name: str = hop.name) -> None:
-                    if w.first is None and not w.settled and not self.collectors[w.sink].coverage.blind_now:
-                        tally.provisional(hop_name, inflight)
-                        recheck()
+                def due(w: Watch = w, hop_name: str = hop.name, moment: float = sent + hop.target) -> None:
+                    if w.first is not None or w.settled:
+                        return
+                    coverage = self.collectors[w.sink].coverage
+                    if coverage.blind_start(sent, clock.now()) is not None or coverage.blind_now:
+                        return  # whatever comes of it, it will not be a certain late
+                    if coverage.certified < moment:
+                        timers.append(loop.call_later(0.1, due))  # the look past the target is to come
+                        return
+                    tally.provisional(hop_name, inflight)
+                    recheck()
 
-                timers.append(
-                    loop.call_later(max(0.0, inflight.injection.sent_at + hop.target - clock.now()), due)
-                )
+                timers.append(loop.call_later(max(0.0, sent + hop.target - clock.now()), due))
 
         async def one() -> ProbeResult:
             try:
