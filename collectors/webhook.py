@@ -160,9 +160,10 @@ class WebhookHop(Model):
 class _Rejected(Exception):
     """A request we answer with an error status; never a crash, never a match."""
 
-    def __init__(self, status: int, counter: str, message: str, why: str) -> None:
+    def __init__(self, status: int, counter: str, message: str, why: str, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.counter, self.message = status, counter, message
+        self.close = close or status == 413  # 413: the rest of the body is not worth reading
         self.why = f"{counter}: {why}"  # the evidence's label; never names a secret
 
 
@@ -514,13 +515,14 @@ class WebhookCollector:
         if scope["type"] != "http":
             return
         self.coverage.looked(clock.now())
+        close = False
         try:
             status, text = self._handle(scope, await self._read(scope, receive))
         except _Rejected as rej:
             self.rejected[rej.counter] += 1
             path = scope.get("funnel_tracer.path")
             self.receipts.add(clock.now(), (path,) if path else (), rej.why)
-            status, text = rej.status, rej.message
+            status, text, close = rej.status, rej.message, rej.close
         except Exception:  # a receiver bug answers 500 and keeps serving
             self.counters["handler_errors"] += 1
             log.exception("webhook receiver failed on a request")
@@ -530,8 +532,8 @@ class WebhookCollector:
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(payload)).encode()),
         ]
-        if status == 413:
-            headers.append((b"connection", b"close"))  # the rest of the body is not worth reading
+        if close:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -545,6 +547,17 @@ class WebhookCollector:
         path = scope["funnel_tracer.path"] = self._hop_path(scope)
         limit = self.config.max_body
         length = _header(scope, b"content-length")
+        if length is not None and _header(scope, b"transfer-encoding") is not None:
+            # Two framings: a proxy in front may have read the body differently, so what
+            # follows on this connection may be a smuggled request (RFC 9112 6.1: refuse
+            # and close, never read on).
+            raise _Rejected(
+                400,
+                "malformed",
+                "both Content-Length and Transfer-Encoding\n",
+                "ambiguous framing",
+                close=True,
+            )
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise _Rejected(413, "oversized", "body too large\n", "over max_body")
         chunks: list[bytes] = []
@@ -625,7 +638,8 @@ class WebhookCollector:
         carried and those it matched (for the evidence)."""
         watched: set[str] = set()
         matched: set[str] = set()
-        for tid in set(TRACE_ID.findall("\n".join(strings_in(body)).lower())):
+        at_path: dict[str, set[str]] = {}  # json_path -> the trace ids found there (once a body)
+        for tid in _ids("\n".join(strings_in(body))):
             watches = list(self._index.get(tid))
             if watches:
                 watched.add(tid)
@@ -633,10 +647,7 @@ class WebhookCollector:
                 hop: WebhookHop = w.sink_spec
                 if hop.path != path:
                     continue
-                if (
-                    hop.json_path is not None
-                    and tid not in "\n".join(strings_in(value_at(body, hop.json_path))).lower()
-                ):
+                if hop.json_path is not None and tid not in _ids_at(body, hop.json_path, at_path):
                     continue
                 w.observe(Observation(at=received, not_before=received, source="push", detail={"path": path}))
                 self._index.discard(w)
@@ -645,13 +656,25 @@ class WebhookCollector:
         return watched, matched
 
 
+def _ids(text: str) -> set[str]:
+    """Trace ids in ``text``: whole 32-hex tokens only, so a longer hex run (a hash, a
+    signature) that merely contains one is not a sighting."""
+    return set(TRACE_ID.findall(text.lower()))
+
+
+def _ids_at(body: Body, json_path: str, cache: dict[str, set[str]]) -> set[str]:
+    if json_path not in cache:
+        cache[json_path] = _ids("\n".join(strings_in(value_at(body, json_path))))
+    return cache[json_path]
+
+
 def _timestamped(value: str) -> tuple[str | None, list[str]]:
     """``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` -> (t, [v1...]); (None, []) if malformed."""
     ts: str | None = None
     sigs: list[str] = []
     for item in value.split(","):
         k, _, v = item.strip().partition("=")
-        if k == "t" and v.isdigit() and len(v) <= 12:
+        if k == "t" and v.isascii() and v.isdigit() and len(v) <= 12:
             ts = v
         elif k == "v1" and v:
             sigs.append(v)
@@ -681,12 +704,13 @@ def _parse(raw: bytes, content_type: str) -> Body:
         text = raw.decode("utf-8")
         if ctype == "application/x-www-form-urlencoded":
             form = {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True, strict_parsing=True).items()}
-            return json.loads(form["payload"]) if "payload" in form else form
-        if ctype.startswith("text/"):
+            body = json.loads(form["payload"]) if "payload" in form else form
+        elif ctype.startswith("text/"):
             if not text.strip():
                 raise ValueError("empty body")
             return text
-        body = json.loads(text)
+        else:
+            body = json.loads(text)
     except (ValueError, KeyError, RecursionError) as exc:
         raise _Rejected(400, "malformed", "malformed body\n", "body not JSON, form or text") from exc
     if not isinstance(body, (dict, list, str)):

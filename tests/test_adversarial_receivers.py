@@ -1,0 +1,353 @@
+"""Adversarial re-run (issue 10) against the push receivers and channel pollers, over real sockets.
+
+Each test is one attack: a forged sighting, a hostile HTTP peer, a half-broken API answer, a
+hostile mail. The promise under attack: never a forged ``ok``, never a false ``late``/``lost``
+(what the tracer could not look at is ``unknown``), never a silent task death or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
+from tracer import clock
+from tracer.probe import Probe
+from tracer.spec import HopSpec
+from tracer.watch import Watch
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "adv-secret-path"
+KEY = "adv-hmac-key"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def hook_watch(path: str, json_path: str | None = None) -> Watch:
+    hop: dict[str, Any] = {"path": path}
+    if json_path is not None:
+        hop["json_path"] = json_path
+    return Watch(
+        probe=Probe(step="approval"),
+        hop=HopSpec(name=path.replace("/", "_"), target=300, webhook=hop),
+        since=clock.now(),
+    )
+
+
+def run_hook(main: Callable[[WebhookCollector], Awaitable[None]], **config: Any) -> WebhookCollector:
+    cfg = {"secret_path": SECRET, **config}
+    hook = WebhookCollector(WebhookConfig(**cfg))
+
+    async def go() -> None:
+        await hook.start()
+        try:
+            await main(hook)
+        finally:
+            await hook.close()
+
+    asyncio.run(go())
+    return hook
+
+
+async def exchange(port: int, data: bytes, wait: float = 1.0) -> bytes:
+    """Send raw bytes on a fresh connection; return everything the server answers until it
+    closes or goes quiet for ``wait`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=wait)
+            if not chunk:
+                break
+            out += chunk
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return out
+
+
+def statuses(answer: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)]
+
+
+def post(path: str, body: bytes, headers: dict[str, str] | None = None, version: str = "1.1") -> bytes:
+    head = f"POST /{SECRET}/{path} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    for k, v in (headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def sig(body: bytes, key: str = KEY) -> str:
+    return "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+
+
+# -- webhook: forged sightings ---------------------------------------------------------------
+
+
+def test_json_path_is_not_satisfied_by_a_longer_hex_string_holding_the_trace_id() -> None:
+    """The trace id sits in an unrelated field; the json_path field holds a longer hex run that
+    merely contains it (a hash, a signature). That is not a sighting in json_path."""
+    w = hook_watch("approvals", json_path="text")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        body = json.dumps({"text": f"digest ff{w.trace_id}ff", "meta": w.trace_id}).encode()
+        assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert w.first is None
+
+    run_hook(main)
+
+
+def test_trace_id_only_in_a_header_or_the_url_is_no_sighting() -> None:
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        body = b'{"text": "approval requested"}'
+        data = post(
+            f"approvals?trace={w.trace_id}", body, {"traceparent": f"00-{w.trace_id}-00f067aa0ba902b7-01"}
+        )
+        assert statuses(await exchange(hook.port, data)) == [200]
+        assert w.first is None and hook.counters["accepted"] == 1
+
+    run_hook(main)
+
+
+def test_homoglyph_trace_ids_are_not_sightings() -> None:
+    """Fullwidth or Cyrillic look-alikes of the hex digits never match the ASCII trace id."""
+    w = hook_watch("approvals")
+    tid = w.trace_id
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in tid)
+    cyrillic = tid.replace("a", "\u0430").replace("e", "\u0435").replace("c", "\u0441")
+    arabic_digits = "".join(chr(0x0660 + int(c)) if c.isdigit() else c for c in tid)
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        for fake in (fullwidth, cyrillic, arabic_digits):
+            if fake == tid:
+                continue
+            body = json.dumps({"text": fake}, ensure_ascii=False).encode()
+            assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert w.first is None
+
+    run_hook(main)
+
+
+def test_hmac_forgeries_are_refused() -> None:
+    """A signature over another body, a second header with a good signature after a bad one,
+    an uppercase hex signature of a different body, an empty header, and a timestamped header
+    sent to a body-scheme receiver: none may produce a sighting."""
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        body = json.dumps({"text": w.trace_id}).encode()
+        other = b'{"text": "nothing"}'
+        attempts = [
+            {"X-Signature": sig(other)},
+            {"X-Signature": sig(body, key="wrong")},
+            {"X-Signature": sig(other).upper()},
+            {"X-Signature": ""},
+            {"X-Signature": timestamped_signature(KEY, body)},
+            {"X-Signature": "sha256="},
+        ]
+        for headers in attempts:
+            assert statuses(await exchange(hook.port, post("approvals", body, headers))) == [401]
+        # Duplicated header: the good one second. h11 keeps both; we verify one. Either way
+        # no sighting may come from a request whose *first* signature is wrong unless the
+        # right one is present: the right one is, so accepting is fine, refusing is fine too.
+        dup = post("approvals", other, {"X-Signature": sig(b"x")}).replace(
+            b"\r\n\r\n", f"\r\nX-Signature: {sig(other)}\r\n\r\n".encode(), 1
+        )
+        assert statuses(await exchange(hook.port, dup)) in ([200], [401])
+        assert w.first is None
+        assert hook.rejected["unauthenticated"] == len(attempts) + (hook.counters["accepted"] == 0)
+
+    run_hook(main, hmac_secret=KEY)
+
+
+def test_timestamped_replay_and_odd_timestamps_are_refused_without_a_500() -> None:
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        body = json.dumps({"text": w.trace_id}).encode()
+        old = timestamped_signature(KEY, body, at=time.time() - 3600)
+        future = timestamped_signature(KEY, body, at=time.time() + 3600)
+        # A latin-1 superscript two (byte 0xb2): str.isdigit() says yes, int() says no. Signed
+        # by the key holder over what the receiver would hash, so only the parse can refuse it.
+        mac = hmac.new(KEY.encode(), "\u00b2".encode() + b"." + body, hashlib.sha256).hexdigest()
+        odd = post("approvals", body, {"X-Signature": f"t=@,v1={mac}"}).replace(b"t=@", b"t=\xb2")
+        for header in (old, future, "t=,v1=", "v1=abc", "t=1", f"t={int(time.time())}"):
+            data = post("approvals", body, {"X-Signature": header})
+            assert statuses(await exchange(hook.port, data)) == [401], header
+        assert statuses(await exchange(hook.port, odd)) == [401]
+        assert w.first is None and hook.counters["handler_errors"] == 0
+
+    run_hook(main, hmac_secret=KEY, hmac_scheme="timestamped")
+
+
+def test_uppercase_trace_id_is_the_same_probe() -> None:
+    """A funnel that upper-cases the id still delivered it: a sighting, not a forgery (hex case
+    carries no meaning)."""
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        body = json.dumps({"text": w.trace_id.upper()}).encode()
+        assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert w.first is not None
+
+    run_hook(main)
+
+
+# -- webhook: hostile HTTP -------------------------------------------------------------------
+
+
+def test_request_smuggling_never_yields_a_sighting() -> None:
+    """Content-Length + Transfer-Encoding and two different Content-Lengths: the hidden second
+    request (carrying the trace id) must never be read as a delivery."""
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        hidden = post("approvals", json.dumps({"text": w.trace_id}).encode())
+        outer = b'{"a": 1}'
+        cl_te = (
+            (
+                f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(outer)}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+            + b"0\r\n\r\n"
+            + hidden
+        )
+        two_cl = (
+            (
+                f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(outer)}\r\nContent-Length: {len(outer) + len(hidden)}\r\n\r\n"
+            ).encode()
+            + outer
+            + hidden
+        )
+        te_obfuscated = (
+            (
+                f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(outer) + len(hidden)}\r\nTransfer-Encoding: xchunked\r\n\r\n"
+            ).encode()
+            + outer
+            + hidden
+        )
+        for data in (cl_te, two_cl, te_obfuscated):
+            answer = await exchange(hook.port, data)
+            assert all(s >= 400 for s in statuses(answer)) or statuses(answer) == [], answer[:200]
+            assert w.first is None
+        # The receiver still serves a real delivery afterwards.
+        good = hook_watch("approvals")
+        hook.watch(good)
+        body = json.dumps({"text": good.trace_id}).encode()
+        assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert good.first is not None
+
+    run_hook(main)
+
+
+def test_pipelined_http10_and_chunked_requests_are_each_seen() -> None:
+    a, b, c = hook_watch("approvals"), hook_watch("approvals"), hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        for w in (a, b, c):
+            hook.watch(w)
+        pipelined = post("approvals", json.dumps({"t": a.trace_id}).encode()) + post(
+            "approvals", json.dumps({"t": b.trace_id}).encode(), {"Connection": "close"}
+        )
+        assert statuses(await exchange(hook.port, pipelined)) == [200, 200]
+        body = json.dumps({"t": c.trace_id}).encode()
+        chunked = (
+            (
+                f"POST /{SECRET}/approvals HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"{len(body[:10]):x}\r\n"
+            ).encode()
+            + body[:10]
+            + f"\r\n{len(body[10:]):x}\r\n".encode()
+            + body[10:]
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = await exchange(hook.port, chunked)
+        # HTTP/1.0 has no chunked coding: refusing is fine, a sighting is fine too; no 500.
+        assert statuses(answer) in ([200], [400]), answer[:200]
+        assert a.first is not None and b.first is not None
+        assert hook.counters["handler_errors"] == 0
+
+    run_hook(main)
+
+
+def test_huge_chunk_size_absurd_headers_and_bad_bodies_are_4xx_and_the_server_lives() -> None:
+    async def main(hook: WebhookCollector) -> None:
+        huge_chunk = (
+            f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "ffffffffffffffffffff\r\n"
+        ).encode() + b"a" * 300_000
+        many_headers = post("approvals", b"{}", {f"X-H{i}": "v" for i in range(5000)})
+        big_header = post("approvals", b"{}", {"X-Big": "v" * 200_000})
+        deep = b"[" * 100_000 + b"]" * 100_000
+        bad_utf8 = b'{"text": "\xff\xfe"}'
+        huge_int = b'{"n": ' + b"9" * 5000 + b"}"
+        for data in (huge_chunk, big_header):
+            answer = await exchange(hook.port, data)
+            assert all(400 <= s < 500 for s in statuses(answer)), answer[:200]
+        # 5,000 tiny headers fit h11's limits: an ordinary (empty) delivery, no harm done.
+        assert statuses(await exchange(hook.port, many_headers)) == [200]
+        for body in (bad_utf8, huge_int, b"[" * 50_000, b"null", b"1e999"):
+            answer = await exchange(hook.port, post("approvals", body))
+            assert statuses(answer) == [400], (body[:20], answer[:200])
+        answer = await exchange(hook.port, post("approvals", deep), wait=5)
+        assert statuses(answer) in ([400], [413]), answer[:200]
+        assert hook.counters["handler_errors"] == 0
+        w = hook_watch("approvals")
+        hook.watch(w)
+        body = json.dumps({"text": w.trace_id}).encode()
+        assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert w.first is not None and hook.up
+
+    run_hook(main, max_body=256 * 1024)
+
+
+def test_a_form_body_with_a_non_object_payload_is_400() -> None:
+    async def main(hook: WebhookCollector) -> None:
+        for form in (b"payload=1", b"payload=%5B%5B%5B", b"payload=" + b"%5B" * 20000, b"a&&b"):
+            head = (
+                f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n"
+            ).encode()
+            assert statuses(await exchange(hook.port, head + form)) == [400], form[:30]
+        assert hook.counters["handler_errors"] == 0
+
+    run_hook(main)
+
+
+def test_non_post_and_secretless_paths_do_not_certify_anything_false() -> None:
+    """GET / HEAD / OPTIONS hammering: answered, counted, never a sighting, never a 500."""
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        for method in ("GET", "HEAD", "OPTIONS", "DELETE", "PUT"):
+            for path in (f"/{SECRET}/approvals?{w.trace_id}", "/healthz", "/metrics", f"/{w.trace_id}"):
+                data = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                answer = await exchange(hook.port, data)
+                assert statuses(answer) and all(400 <= s < 500 for s in statuses(answer)), (method, path)
+        assert w.first is None and hook.counters["handler_errors"] == 0
+
+    run_hook(main)
