@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
+from collectors.slack import SlackCollector, SlackConfig
 from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
 from tracer import clock
 from tracer.probe import Probe
 from tracer.spec import HopSpec
-from tracer.watch import Watch
+from tracer.verdict import UNKNOWN, judge_present
+from tracer.watch import Coverage, Watch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -91,6 +93,68 @@ def post(path: str, body: bytes, headers: dict[str, str] | None = None, version:
 
 def sig(body: bytes, key: str = KEY) -> str:
     return "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+
+
+class Hostile:
+    """A tiny HTTP/1.1 server on loopback: every request gets ``answer(request_head)``, either
+    the bytes of a whole response or an async callable that writes to the stream itself (a slow
+    drip). One request per connection."""
+
+    def __init__(self, answer: Callable[[bytes], Any]) -> None:
+        self.answer = answer
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> Hostile:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            out = self.answer(head)
+            if callable(out):
+                await out(writer)
+            else:
+                writer.write(out)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def http_answer(body: bytes | str, status: int = 200, headers: dict[str, str] | None = None) -> bytes:
+    raw = body.encode() if isinstance(body, str) else body
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+    for k, v in (headers or {}).items():
+        head += f"{k}: {v}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode() + raw
+
+
+def drip(body: bytes, every: float) -> Callable[[asyncio.StreamWriter], Awaitable[None]]:
+    """Headers at once, then the body one byte per ``every`` seconds."""
+
+    async def go(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        for i in range(len(body)):
+            writer.write(body[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(every)
+
+    return go
 
 
 # -- webhook: forged sightings ---------------------------------------------------------------
@@ -351,3 +415,134 @@ def test_non_post_and_secretless_paths_do_not_certify_anything_false() -> None:
         assert w.first is None and hook.counters["handler_errors"] == 0
 
     run_hook(main)
+
+
+# -- Slack conversations.history: half answers, hostile messages ------------------------------
+
+CHANNEL = "C0ADV"
+
+
+def slack_watch(**hop: Any) -> Watch:
+    return Watch(
+        probe=Probe(step="approval"), hop=HopSpec(name="slack", target=0.5, slack=hop), since=clock.now()
+    )
+
+
+def slack_config(url: str, **over: Any) -> SlackConfig:
+    base: dict[str, Any] = {
+        "token": "xoxb-adversarial",
+        "channels": [CHANNEL],
+        "api_url": url,
+        "min_interval": "100ms",
+        "requests_per_minute": 6000,
+        "budget_share": 1,
+        "timeout": "1s",
+        "max_backoff": "500ms",
+    }
+    base.update(over)
+    return SlackConfig(**base)
+
+
+async def certifies(coverage: Coverage, within: float = 1.5) -> bool:
+    """Does a look cover the present moment within ``within`` seconds?"""
+    return await coverage.wait_certified(clock.now(), within)
+
+
+def history(messages: list[Any], **extra: Any) -> bytes:
+    return http_answer(json.dumps({"ok": True, "messages": messages, **extra}))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(json.dumps({"ok": True}), id="no-messages-key"),
+        pytest.param(json.dumps({"ok": True, "messages": None}), id="messages-null"),
+        pytest.param(json.dumps({"ok": True, "messages": {}}), id="messages-object"),
+        pytest.param(json.dumps({"ok": True, "messages": [], "has_more": True}), id="has-more-no-cursor"),
+        pytest.param(
+            json.dumps({"ok": True, "messages": [], "has_more": True, "response_metadata": []}),
+            id="metadata-a-list",
+        ),
+        pytest.param(json.dumps({"ok": "yes", "messages": []}), id="ok-not-true"),
+        pytest.param("[" * 100_000 + "]" * 100_000, id="deep-nesting"),
+        pytest.param('{"ok": true, "messages": [', id="truncated"),
+    ],
+)
+def test_slack_half_answers_never_certify_and_the_poller_lives(answer: str) -> None:
+    """A 200 that is not a complete history page is no evidence: the probe posted meanwhile must
+    end ``unknown``, never ``lost``; and no internal error (a crash loop is a blind poller too)."""
+
+    async def main() -> None:
+        async with Hostile(lambda _head: http_answer(answer)) as api:
+            col = SlackCollector(slack_config(api.url))
+            await col.start()
+            try:
+                w = slack_watch()
+                start = clock.now()
+                col.watch(w)
+                certified = await col.coverage.wait_certified(start + 0.5, 2.0)
+                v, reason = judge_present(w.first, start, 0.5, 0.5, col.coverage, certified)
+                assert v == UNKNOWN, (v, reason, col.health())
+                assert api.requests >= 2 and col.health()["internal_errors"] == 0
+                assert not col.health()["up"] and col.health()["last_error"]
+            finally:
+                await col.close()
+
+    asyncio.run(main())
+
+
+def test_slack_bad_ts_future_ts_and_odd_messages_are_skipped_not_fatal() -> None:
+    """ts missing, a number, "abc", "nan", a list; a ts a day in the future; non-dict messages:
+    skipped or matched, never an internal error, and the real message is still seen."""
+    w = slack_watch()
+    future = slack_watch()
+    msgs = [
+        {"text": "no ts"},
+        {"ts": 12.5, "text": "numeric ts"},
+        {"ts": "abc", "text": "x"},
+        {"ts": "nan", "text": "x"},
+        {"ts": ["1"], "text": "x"},
+        "a string",
+        None,
+        {"ts": f"{time.time() + 86400:.6f}", "text": f"from tomorrow {future.trace_id}"},
+        {"ts": f"{time.time():.6f}", "text": f"approval {w.trace_id}", "blocks": {"not": "a list"}},
+    ]
+
+    async def main() -> None:
+        async with Hostile(lambda _head: history(msgs)) as api:
+            col = SlackCollector(slack_config(api.url))
+            await col.start()
+            try:
+                col.watch(w)
+                col.watch(future)
+                col.watch(slack_watch())  # never posted: keeps the poller looking
+                assert await w.wait_seen(3), col.health()
+                assert await future.wait_seen(1)  # its ts is Slack's word, not ours: seen now
+                await asyncio.sleep(0.5)  # a few more cycles over the same page
+                assert col.health()["internal_errors"] == 0 and await certifies(col.coverage)
+                assert col.malformed_messages >= 5
+            finally:
+                await col.close()
+
+    asyncio.run(main())
+
+
+def test_slack_slow_drip_answer_is_blind_within_the_timeout() -> None:
+    """A server that drips one byte every 200 ms never trips httpx's per-read timeout: the poll
+    must still end at ``timeout`` and the collector say it is blind."""
+    body = json.dumps({"ok": True, "messages": []}).encode()
+
+    async def main() -> None:
+        async with Hostile(lambda _head: drip(body, 0.2)) as api:
+            col = SlackCollector(slack_config(api.url, timeout="1s"))
+            await col.start()
+            try:
+                w = slack_watch()
+                col.watch(w)
+                await asyncio.sleep(3.0)
+                assert col.coverage.blind_now and not col.health()["up"], col.health()
+                assert "1s" in (col.health()["last_error"] or "")
+            finally:
+                await col.close()
+
+    asyncio.run(main())
