@@ -18,12 +18,14 @@ from typing import Any
 
 import pytest
 
+from collectors.http_json import HttpJsonCollector, HttpJsonConfig
 from collectors.slack import SlackCollector, SlackConfig
 from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
 from tracer import clock
-from tracer.probe import Probe
+from tracer.evidence import Evidence
+from tracer.probe import Probe, new_trace_id
 from tracer.spec import HopSpec
-from tracer.verdict import UNKNOWN, judge_present
+from tracer.verdict import LOST, UNKNOWN, judge_present
 from tracer.watch import Coverage, Watch
 
 pytestmark = pytest.mark.timeout(30)
@@ -542,6 +544,136 @@ def test_slack_slow_drip_answer_is_blind_within_the_timeout() -> None:
                 await asyncio.sleep(3.0)
                 assert col.coverage.blind_now and not col.health()["up"], col.health()
                 assert "1s" in (col.health()["last_error"] or "")
+            finally:
+                await col.close()
+
+    asyncio.run(main())
+
+
+# -- JSON API poller: hostile answers, typos vs outages -----------------------------------------
+
+
+def json_watch() -> Watch:
+    return Watch(
+        probe=Probe(step="lead"), hop=HopSpec(name="crm", target=0.5, http_json={}), since=clock.now()
+    )
+
+
+def json_config(url: str, **over: Any) -> HttpJsonConfig:
+    base: dict[str, Any] = {
+        "request": {"url": url + "/contacts", "query": {"ids": "{trace_ids}"}},
+        "items": "results",
+        "min_interval": "100ms",
+        "requests_per_minute": 6000,
+        "budget_share": 1,
+        "timeout": "1s",
+        "max_backoff": "500ms",
+    }
+    base.update(over)
+    return HttpJsonConfig(**base)
+
+
+async def run_json(
+    answer: Callable[[bytes], Any], wait: float = 2.0, **over: Any
+) -> tuple[HttpJsonCollector, Watch, str]:
+    """Poll ``answer`` with one probe in flight; returns the collector, the watch and its verdict."""
+    async with Hostile(answer) as api:
+        col = HttpJsonCollector(json_config(api.url, **over))
+        await col.start()
+        try:
+            w = json_watch()
+            start = clock.now()
+            col.watch(w)
+            certified = await col.coverage.wait_certified(start + 0.5, wait)
+            v, _ = judge_present(w.first, start, 0.5, 0.5, col.coverage, certified)
+            assert col.health()["internal_errors"] == 0, col.health()
+            assert api.requests >= 1
+            return col, w, v
+        finally:
+            await col.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(http_answer("<html>maintenance</html>"), id="not-json"),
+        pytest.param(http_answer("[" * 100_000 + "]" * 100_000), id="deep-nesting"),
+        pytest.param(http_answer(json.dumps({"results": ["x" * 100] * 100})), id="over-max-bytes"),
+        pytest.param(lambda: drip(json.dumps({"results": []}).encode(), 0.2), id="slow-drip"),
+        pytest.param(http_answer("", 302, {"Location": "/contacts"}), id="redirect-loop"),
+        pytest.param(http_answer('{"error": "token expired"}', 401), id="401"),
+        pytest.param(http_answer(json.dumps({"data": []})), id="items-select-nothing"),
+        pytest.param(http_answer(json.dumps({"results": "a string"})), id="items-not-a-list"),
+    ],
+)
+def test_json_api_answers_that_are_no_evidence_give_unknown(answer: Any) -> None:
+    def respond(_head: bytes) -> Any:
+        return answer() if callable(answer) else answer
+
+    async def main() -> None:
+        col, w, verdict = await run_json(respond, max_bytes=5000)
+        assert verdict == UNKNOWN, (verdict, col.health())
+        assert col.health()["last_error"] and not col.health()["up"]
+
+    asyncio.run(main())
+
+
+def test_json_api_empty_list_vs_match_path_typo_read_differently_in_evidence() -> None:
+    """Both are ``lost`` (the API looked and the probe is not there), but the evidence must tell
+    "the API returned nothing" from "match.path selects nothing in what it returned"."""
+
+    async def main() -> None:
+        col, w, verdict = await run_json(lambda _h: http_answer(json.dumps({"results": []})))
+        assert verdict == LOST
+        empty = await col.explain(w, w.since, clock.now(), Evidence(searched={}))
+        assert "empty list" in (empty.summary or "") and empty.near_misses == 0
+
+        records = {"results": [{"id": i, "props": {"trace": new_trace_id()}} for i in range(5)]}
+        col, w, verdict = await run_json(
+            lambda _h: http_answer(json.dumps(records)), match={"path": "properties.trace"}
+        )
+        assert verdict == LOST
+        typo = await col.explain(w, w.since, clock.now(), Evidence(searched={}))
+        assert "match.path" in (typo.hint or "") and typo.near_misses == 5, typo
+
+    asyncio.run(main())
+
+
+def test_json_api_timestamps_in_any_unit_give_a_sane_sink_time() -> None:
+    now = time.time()
+    values = {
+        "s": int(now),
+        "ms": int(now * 1e3),
+        "us": int(now * 1e6),
+        "ns": int(now * 1e9),
+        "s-string": f"{now:.3f}",
+        "iso": clock.iso(now),
+        "inf": "inf",
+        "huge": 10**30,
+        "nan": "nan",
+        "negative": -5,
+        "garbage": "yesterday",
+    }
+    watches = {k: json_watch() for k in values}
+
+    def respond(_head: bytes) -> bytes:
+        items = [{"trace": watches[k].trace_id, "at": v} for k, v in values.items()]
+        return http_answer(json.dumps({"results": items}))
+
+    async def main() -> None:
+        async with Hostile(respond) as api:
+            col = HttpJsonCollector(json_config(api.url, timestamp="at"))
+            await col.start()
+            try:
+                for w in watches.values():
+                    col.watch(w)
+                for k, w in watches.items():
+                    assert await w.wait_seen(3), k
+                    t = w.first.sink_time if w.first else None
+                    if k in ("inf", "huge", "nan", "negative", "garbage"):
+                        assert t is None, (k, t)
+                    else:
+                        assert t is not None and abs(t - now) < 5, (k, t)
             finally:
                 await col.close()
 
