@@ -8,10 +8,13 @@ hostile mail. The promise under attack: never a forged ``ok``, never a false ``l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import imaplib
 import json
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,8 +22,10 @@ from typing import Any
 import pytest
 
 from collectors.http_json import HttpJsonCollector, HttpJsonConfig
+from collectors.imap import ImapCollector, ImapConfig
 from collectors.slack import SlackCollector, SlackConfig
 from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
+from tests import dovecot
 from tracer import clock
 from tracer.evidence import Evidence
 from tracer.probe import Probe, new_trace_id
@@ -674,6 +679,269 @@ def test_json_api_timestamps_in_any_unit_give_a_sane_sink_time() -> None:
                         assert t is None, (k, t)
                     else:
                         assert t is not None and abs(t - now) < 5, (k, t)
+            finally:
+                await col.close()
+
+    asyncio.run(main())
+
+
+# -- IMAP: hostile mail on a real Dovecot, a hostile IMAP server ------------------------------
+
+
+@pytest.fixture(scope="module")
+def dove() -> Any:
+    if not dovecot.available():
+        pytest.skip(dovecot.HOW_TO_GET)
+    d = dovecot.Dovecot().start()
+    yield d
+    d.close()
+
+
+def imap_config(d: Any, **over: Any) -> ImapConfig:
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": d.imaps_port,
+        "tls": "imaps",
+        "ca_file": d.cert,
+        "username": "bob",
+        "password": "bob-secret",
+        "idle_refresh": "1s",
+        "poll_interval": "300ms",
+        "max_backoff": "300ms",
+    }
+    base.update(over)
+    return ImapConfig(**base)
+
+
+def imap_watch(target: float = 300) -> Watch:
+    return Watch(
+        probe=Probe(step="approval"), hop=HopSpec(name="email", target=target, imap={}), since=clock.now()
+    )
+
+
+def run_imap(main: Callable[[ImapCollector], Awaitable[None]], cfg: ImapConfig) -> ImapCollector:
+    col = ImapCollector(cfg)
+
+    async def go() -> None:
+        await col.start()
+        try:
+            await main(col)
+        finally:
+            await col.close()
+
+    asyncio.run(go())
+    return col
+
+
+def mail(subject: str, body: str, extra: str = "") -> bytes:
+    return (
+        f"From: funnel@funnel.invalid\r\nTo: bob@funnel.invalid\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{new_trace_id()}@funnel.invalid>\r\n{extra}"
+        f"Content-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+async def judged_now(col: ImapCollector, w: Watch, start: float, deadline: float) -> str:
+    """Verdict for ``w`` once a look after its deadline came back (as the engine waits)."""
+    certified = await col.coverage.wait_certified(start + deadline, 10)
+    return judge_present(w.first, start, w.hop.target, deadline, col.coverage, certified)[0]
+
+
+def test_imap_mail_over_max_bytes_is_read_in_part_and_never_a_false_lost(dove: Any) -> None:
+    """A notification with a large attachment is over ``max_bytes``: its head is still read (the
+    trace id in its Subject is a sighting); one whose trace id lies past what was read makes the
+    probes in flight ``unknown``, never ``lost``; a probe started after it can still be lost."""
+    filler = "x" * 76 + "\r\n"
+
+    async def main(col: ImapCollector) -> None:
+        in_subject, past_the_head, bystander = imap_watch(), imap_watch(), imap_watch()
+        start = clock.now()
+        for w in (in_subject, past_the_head, bystander):
+            col.watch(w)
+        big = filler * 400  # ~31 KB, max_bytes is 4 KB
+        await asyncio.to_thread(dove.deliver, "bob", mail(f"approval {in_subject.trace_id}", big))
+        await asyncio.to_thread(dove.deliver, "bob", mail("approval", big + f"id {past_the_head.trace_id}"))
+        assert await in_subject.wait_seen(10), col.health()
+        assert await judged_now(col, past_the_head, start, 1.0) == UNKNOWN
+        assert await judged_now(col, bystander, start, 1.0) == UNKNOWN
+        later = imap_watch()
+        later_start = clock.now()
+        col.watch(later)
+        assert await judged_now(col, later, later_start, 1.0) == LOST  # nothing unread in its window
+        assert col.counters["too_large"] == 2 and col.health()["internal_errors"] == 0
+
+    run_imap(main, imap_config(dove, max_bytes=4000))
+
+
+def test_imap_forged_date_header_does_not_turn_late_into_ok(dove: Any) -> None:
+    """The lag is our clock's (and INTERNALDATE is only the sink's indicative time): a Date
+    header claiming the mail was sent at the probe's start, or in 1999, changes nothing."""
+
+    async def main(col: ImapCollector) -> None:
+        w, old = imap_watch(target=0.5), imap_watch(target=0.5)
+        start = clock.now()
+        col.watch(w)
+        col.watch(old)
+        await asyncio.sleep(1.5)  # really late
+        forged = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(clock.wall(start)))
+        await asyncio.to_thread(dove.deliver, "bob", mail(f"ok {w.trace_id}", "hi", f"Date: {forged}\r\n"))
+        await asyncio.to_thread(
+            dove.deliver, "bob", mail(f"ok {old.trace_id}", "hi", "Date: Fri, 01 Jan 1999 00:00:00 +0000\r\n")
+        )
+        assert await w.wait_seen(10) and await old.wait_seen(10)
+        for x in (w, old):
+            v, _ = judge_present(x.first, start, 0.5, 30, col.coverage, True)
+            assert v in ("late", UNKNOWN) and v != "ok", v
+            assert x.first is not None and x.first.sink_time is not None
+            assert abs(x.first.sink_time - time.time()) < 60  # INTERNALDATE, not the Date header
+
+    run_imap(main, imap_config(dove))
+
+
+def test_imap_malformed_mime_is_read_leniently_and_never_fatal(dove: Any) -> None:
+    async def main(col: ImapCollector) -> None:
+        ws = [imap_watch() for _ in range(4)]
+        for w in ws:
+            col.watch(w)
+        raws = [
+            # multipart with a boundary that never appears, and no closing one
+            f"Subject: a {ws[0].trace_id}\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n--yy\r\nx\r\n",
+            # a base64 body that is not base64, and an unknown charset
+            f"Subject: b {ws[1].trace_id}\r\nContent-Transfer-Encoding: base64\r\n"
+            "Content-Type: text/plain; charset=x-nope\r\n\r\n!!!not base64!!!\r\n",
+            # no blank line between head and body, a header line with 8-bit junk
+            f"Subject: c {ws[2].trace_id}\r\nX-Junk: \xff\xfe\r\nno colon here\r\n",
+            # a nested message/rfc822 that is truncated
+            f"Subject: d {ws[3].trace_id}\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nContent-Type: mul",
+        ]
+        for raw in raws:
+            await asyncio.to_thread(dove.deliver, "bob", raw.encode("latin-1"))
+        for w in ws:
+            assert await w.wait_seen(10), col.health()
+        assert col.health()["internal_errors"] == 0 and col.health()["up"]
+
+    run_imap(main, imap_config(dove))
+
+
+def test_imap_folder_deleted_mid_run_is_blind_then_read_again(dove: Any) -> None:
+    """The watched folder is deleted under the collector (and later recreated, with a new
+    UIDVALIDITY): blind meanwhile, so a probe in that window is ``unknown``; mail after the
+    folder is back is found."""
+
+    def admin(*commands: tuple[str, ...]) -> None:
+        ctx = ssl.create_default_context(cafile=dove.cert)
+        with imaplib.IMAP4_SSL("127.0.0.1", dove.imaps_port, ssl_context=ctx) as c:
+            c.login("bob", "bob-secret")
+            for cmd in commands:
+                getattr(c, cmd[0])(*cmd[1:])
+
+    admin(("create", "Approvals"))
+
+    async def main(col: ImapCollector) -> None:
+        during, after = imap_watch(), imap_watch()
+        start = clock.now()
+        col.watch(during)
+        await asyncio.to_thread(admin, ("delete", "Approvals"))
+        await asyncio.sleep(1.5)
+        assert col.coverage.blind_now and not col.health()["up"], col.health()
+        covered = col.coverage.certified >= start + 1.0
+        assert judge_present(None, start, 300, 1.0, col.coverage, covered)[0] == UNKNOWN
+        await asyncio.to_thread(admin, ("create", "Approvals"))
+        col.watch(after)
+        await asyncio.to_thread(dove.deliver, "bob", mail(f"back {after.trace_id}", "hi"), "Approvals")
+        assert await after.wait_seen(15), col.health()
+        assert col.health()["internal_errors"] == 0
+
+    try:
+        run_imap(main, imap_config(dove, folder="Approvals"))
+    finally:
+        with contextlib.suppress(Exception):
+            admin(("delete", "Approvals"))
+
+
+class HostileImap:
+    """Just enough of an IMAP4rev1 server (LOGIN, SELECT/EXAMINE, NOOP, UID FETCH, LOGOUT) for
+    the collector in poll mode; ``fetch_line`` is what UID FETCH answers before its OK."""
+
+    def __init__(self) -> None:
+        self.fetch_line: bytes = b""
+        self.sessions = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aenter__(self) -> HostileImap:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        writer.write(b"* OK hostile IMAP ready\r\n")
+        try:
+            while line := await reader.readline():
+                tag, _, rest = line.decode("latin-1").strip().partition(" ")
+                cmd = rest.split(" ")[0].upper()
+                if cmd == "UID":
+                    cmd = "UID " + rest.split(" ")[1].upper()
+                out = {
+                    "CAPABILITY": b"* CAPABILITY IMAP4rev1\r\n",
+                    "SELECT": b"* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 1] ok\r\n",
+                    "EXAMINE": b"* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 1] ok\r\n",
+                    "UID FETCH": self.fetch_line,
+                    "LOGOUT": b"* BYE bye\r\n",
+                }.get(cmd, b"")
+                writer.write(out + f"{tag} OK done\r\n".encode())
+                await writer.drain()
+                if cmd == "LOGOUT":
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        pytest.param(
+            b'* 1 FETCH (UID 5 INTERNALDATE "\xff\xfe" RFC822.SIZE 10)\r\n', id="internaldate-not-utf8"
+        ),
+        pytest.param(
+            b'* 1 FETCH (UID 5 INTERNALDATE "\xc3\x28" RFC822.SIZE 10)\r\n', id="internaldate-bad-utf8"
+        ),
+    ],
+)
+def test_imap_hostile_server_never_kills_the_worker_silently(poison: bytes) -> None:
+    """Whatever the server sends, the worker keeps going: an error it did not expect is
+    counted, makes the collector blind (``/healthz`` not up) and a new session follows."""
+
+    async def main() -> None:
+        async with HostileImap() as srv:
+            cfg = ImapConfig(
+                host="127.0.0.1", port=srv.port, tls="none", username="u", password="p",
+                idle=False, poll_interval="200ms", max_backoff="300ms", timeout="2s",
+            )  # fmt: skip
+            col = ImapCollector(cfg)
+            await col.start()
+            try:
+                col.watch(imap_watch())
+                assert await certifies(col.coverage, 5), col.health()
+                srv.fetch_line = poison  # the server turns hostile mid-run
+                await asyncio.sleep(1.5)
+                h = col.health()
+                assert not h["up"] and h["last_error"], h
+                assert col._thread is not None and col._thread.is_alive(), h
+                srv.fetch_line = b""  # and recovers
+                await asyncio.sleep(0.5)
+                assert await certifies(col.coverage, 5), col.health()
+                assert srv.sessions >= 2
             finally:
                 await col.close()
 
