@@ -311,6 +311,8 @@ class HttpJsonCollector:
         except AnswerError as exc:
             return sent, self._fail(sent, exc.why, None)
         received = clock.now()
+        if resp.status_code in (401, 403):
+            return sent, self._broke(sent, f"HTTP {resp.status_code}")
         if not 200 <= resp.status_code < 300:
             retry = resp.headers.get("Retry-After") if resp.status_code in (429, 503) else None
             return sent, self._fail(
@@ -401,6 +403,17 @@ class HttpJsonCollector:
             )
         )
         self._index.discard(w)
+
+    def _broke(self, sent: float, error: str) -> float:
+        """The credentials are refused (401/403): every wait ends now with it as the cause
+        (``Coverage.broke``); keep asking at the longest backoff, a good answer clears it."""
+        first = self.coverage.broken is None
+        self.failed_requests += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        if first:
+            log.error("http_json request refused: %s (hops on this sink are unknown until fixed)", error)
+        return self._backoff.longest()
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_requests += 1

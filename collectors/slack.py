@@ -41,6 +41,11 @@ from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
 
+# ``ok: false`` errors no retry can fix: the token, its scopes or the bot's membership.
+PERMANENT = frozenset(
+    ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired", "no_permission",
+     "missing_scope", "not_in_channel", "channel_not_found", "not_allowed_token_type")
+)  # fmt: skip
 MAX_ANSWER = 16 * 1024 * 1024  # bytes: a history page of 999 large messages is far below
 
 Part = Literal["text", "blocks", "attachments"]
@@ -82,6 +87,12 @@ class SlackHop(Model):
         min_length=1,
         description="where in the message the trace id may appear",
     )
+    authors: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="only messages by these user, bot or app IDs (U.../B.../A...) count; default: "
+        "anyone in the channel, so a member who pastes a trace id would count as the funnel",
+    )
 
 
 def poll_interval(cfg: SlackConfig, channels: int | None = None) -> float:
@@ -119,6 +130,7 @@ class SlackCollector:
         self.failed_calls = 0
         self.rate_limited = 0
         self.malformed_messages = 0  # messages without a valid ts: skipped
+        self.foreign = 0  # the trace id in a message by an author the hop does not accept
         self.last_error: str | None = None
 
     # -- Collector protocol -------------------------------------------------
@@ -164,6 +176,7 @@ class SlackCollector:
             "failed_calls": self.failed_calls,
             "rate_limited": self.rate_limited,
             "malformed_messages": self.malformed_messages,
+            "foreign_authors": self.foreign,
             "internal_errors": self._supervisor.crashes,
             "in_flight": len(self._index),
             "last_error": self.last_error,
@@ -237,6 +250,8 @@ class SlackCollector:
             return self._fail(sent, f"HTTP {resp.status_code}", resp.headers.get("Retry-After"))
         if not isinstance(data, dict) or data.get("ok") is not True:
             error = str(data.get("error") if isinstance(data, dict) else "malformed")[:100]
+            if error in PERMANENT:
+                return self._broke(sent, f"{name}: {error}")
             return self._fail(sent, f"{name}: {error}", "1" if error == "ratelimited" else None)
         # A half answer is no evidence (issue 10.1's rule, for Slack): without a messages list,
         # or with has_more but no cursor to the rest, this read cannot certify the channel.
@@ -275,6 +290,7 @@ class SlackCollector:
                 continue
             ch.seen.add(ts)
             ch.sweep_max_ts = max(ch.sweep_max_ts, stamp)
+            authors = {str(msg[k]) for k in ("user", "bot_id", "app_id") if msg.get(k)}
             parts = {
                 "text": msg.get("text") if isinstance(msg.get("text"), str) else "",
                 "blocks": "\n".join(strings_in(msg.get("blocks") or [])),
@@ -286,6 +302,9 @@ class SlackCollector:
                         hop: SlackHop = w.sink_spec
                         if where not in hop.where or (hop.channel is not None and hop.channel != name):
                             continue
+                        if hop.authors is not None and not (authors & set(hop.authors)):
+                            self.foreign += 1  # the trace id, posted by someone else: no sighting
+                            continue
                         not_before = ch.certified if ch.certified is not None else w.since
                         w.observe(
                             Observation(
@@ -293,10 +312,23 @@ class SlackCollector:
                                 not_before=min(max(not_before, w.since), received),
                                 source="poll",
                                 sink_time=stamp,
-                                detail={"channel": name, "ts": ts, "where": where},
+                                detail={"channel": name, "ts": ts, "where": where, "author": sorted(authors)},
                             )
                         )
                         self._index.discard(w)
+
+    def _broke(self, sent: float, error: str) -> float:
+        """A setup error (token, scope, membership): every wait ends now with it as the cause
+        (``Coverage.broke``); keep looking at the longest backoff, a good read clears it."""
+        first = self.coverage.broken is None
+        self.failed_calls += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        if first:
+            log.error(
+                "slack conversations.history refused: %s (hops on this sink are unknown until fixed)", error
+            )
+        return self._backoff.longest()
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_calls += 1

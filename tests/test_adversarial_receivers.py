@@ -946,3 +946,71 @@ def test_imap_hostile_server_never_kills_the_worker_silently(poison: bytes) -> N
                 await col.close()
 
     asyncio.run(main())
+
+
+def test_slack_authors_keeps_a_member_pasting_the_trace_id_from_forging_ok() -> None:
+    """With ``authors`` set, the trace id in a message by anyone else (a member pasting it, another
+    bot) is no sighting; the funnel bot's own message is."""
+    forged, real = slack_watch(authors=["B0FUNNEL"]), slack_watch(authors=["B0FUNNEL"])
+    now = time.time()
+    msgs = [
+        {"ts": f"{now:.6f}", "user": "U0HUMAN", "text": f"is {forged.trace_id} stuck?"},
+        {"ts": f"{now + 0.001:.6f}", "user": "U0OTHER", "bot_id": "B0OTHER", "text": f"re {forged.trace_id}"},
+        {
+            "ts": f"{now + 0.002:.6f}",
+            "user": "U0BOT",
+            "bot_id": "B0FUNNEL",
+            "text": f"approval {real.trace_id}",
+        },
+    ]
+
+    async def main() -> None:
+        async with Hostile(lambda _head: history(msgs)) as api:
+            col = SlackCollector(slack_config(api.url))
+            await col.start()
+            try:
+                col.watch(forged)
+                col.watch(real)
+                assert await real.wait_seen(3), col.health()
+                assert await certifies(col.coverage)
+                assert forged.first is None and col.health()["foreign_authors"] >= 2
+                assert real.first is not None and "B0FUNNEL" in real.first.detail["author"]
+            finally:
+                await col.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["slack-invalid_auth", "slack-not_in_channel", "json-401", "json-403"])
+def test_refused_credentials_end_the_waits_at_once_as_unknown(kind: str) -> None:
+    """A revoked token mid-run is a setup error: the hops in flight end ``unknown`` with the cause
+    now (``Coverage.broke``), instead of each waiting out its deadline."""
+    sink, _, what = kind.partition("-")
+    good = {"slack": history([]), "json": http_answer(json.dumps({"results": []}))}[sink]
+    bad = (
+        http_answer(json.dumps({"ok": False, "error": what}))
+        if sink == "slack"
+        else http_answer('{"error": "no"}', int(what))
+    )
+    state = {"answer": good}
+
+    async def main() -> None:
+        async with Hostile(lambda _head: state["answer"]) as api:
+            col: Any = (
+                SlackCollector(slack_config(api.url))
+                if sink == "slack"
+                else HttpJsonCollector(json_config(api.url))
+            )
+            await col.start()
+            try:
+                w = slack_watch() if sink == "slack" else json_watch()
+                col.watch(w)
+                assert await certifies(col.coverage)
+                state["answer"] = bad
+                seen = await asyncio.wait_for(w.wait_seen(60, col.coverage), 10)
+                assert not seen and col.coverage.broken and what in col.coverage.broken
+                assert judge_present(None, w.since, 0.5, 60, col.coverage, False)[0] == UNKNOWN
+            finally:
+                await col.close()
+
+    asyncio.run(main())
