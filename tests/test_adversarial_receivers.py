@@ -8,6 +8,7 @@ hostile mail. The promise under attack: never a forged ``ok``, never a false ``l
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ import pytest
 from collectors.http_json import HttpJsonCollector, HttpJsonConfig
 from collectors.imap import ImapCollector, ImapConfig
 from collectors.slack import SlackCollector, SlackConfig
+from collectors.smtp import SmtpCollector, SmtpConfig
 from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
 from tests import dovecot
 from tracer import clock
@@ -1014,3 +1016,102 @@ def test_refused_credentials_end_the_waits_at_once_as_unknown(kind: str) -> None
                 await col.close()
 
     asyncio.run(main())
+
+
+# -- SMTP receiver: envelope and AUTH only (its DATA path is another helper's) ----------------
+
+
+def run_smtp(main: Callable[[SmtpCollector], Awaitable[None]], **config: Any) -> None:
+    async def go() -> None:
+        mx = SmtpCollector(SmtpConfig(**config))
+        await mx.start()
+        try:
+            await main(mx)
+        finally:
+            await mx.close()
+
+    asyncio.run(go())
+
+
+def smtp_watch() -> Watch:
+    return Watch(
+        probe=Probe(step="approval"), hop=HopSpec(name="email", target=300, smtp={}), since=clock.now()
+    )
+
+
+async def smtp_dialogue(port: int, lines: list[bytes]) -> list[bytes]:
+    """One SMTP session, one command at a time; the reply to each (after the banner)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies: list[bytes] = []
+
+    async def reply() -> bytes:
+        out = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            out += line
+            if len(line) < 4 or line[3:4] != b"-":
+                return out
+
+    await reply()
+    for line in lines:
+        writer.write(line)
+        await writer.drain()
+        replies.append(await reply())
+    writer.close()
+    return replies
+
+
+def test_smtp_recipient_token_tricks_never_yield_a_sighting() -> None:
+    token = "Tok3n-adversarial"
+    w = smtp_watch()
+
+    async def main(mx: SmtpCollector) -> None:
+        mx.watch(w)
+        assert mx.port is not None
+        for rcpt in (
+            "approver@funnel.invalid",
+            "approver+wrong@funnel.invalid",
+            f"approver+{token[:-1]}@funnel.invalid",  # a prefix of the token
+            f"approver+{token}x@funnel.invalid",  # the token with a suffix
+            f"approver@{token}.funnel.invalid",  # the token in the domain
+            f'"approver+{token[::-1]}"@funnel.invalid',
+        ):
+            replies = await smtp_dialogue(
+                mx.port,
+                [
+                    b"EHLO x\r\n",
+                    b"MAIL FROM:<f@funnel.invalid>\r\n",
+                    f"RCPT TO:<{rcpt}>\r\n".encode(),
+                    b"DATA\r\n",
+                ],
+            )
+            assert replies[2].startswith(b"550"), (rcpt, replies)
+            assert replies[3][:3] in (b"503", b"554"), (rcpt, replies)  # no DATA without a recipient
+        assert w.first is None and mx.rejected["unauthenticated"] >= 6
+
+    run_smtp(main, rcpt_token=token)
+
+
+def test_smtp_auth_failures_and_skipping_auth_never_yield_a_sighting() -> None:
+    w = smtp_watch()
+    wrong = base64.b64encode(b"\0funnel\0not-the-password").decode()
+    other_user = base64.b64encode(b"\0mallory\0pw-adversarial").decode()
+
+    async def main(mx: SmtpCollector) -> None:
+        mx.watch(w)
+        assert mx.port is not None
+        mail_lines = [
+            b"MAIL FROM:<f@funnel.invalid>\r\n",
+            b"RCPT TO:<approver@funnel.invalid>\r\n",
+            b"DATA\r\n",
+            f"Subject: {w.trace_id}\r\n\r\nx\r\n.\r\n".encode(),
+        ]
+        for auth in ([], [f"AUTH PLAIN {wrong}\r\n".encode()], [f"AUTH PLAIN {other_user}\r\n".encode()]):
+            replies = await smtp_dialogue(mx.port, [b"EHLO x\r\n", *auth, *mail_lines[:3]])
+            if auth:
+                assert replies[1].startswith(b"535"), replies
+            assert replies[len(auth) + 1].startswith(b"530"), replies
+            assert not replies[-1].startswith(b"354"), replies  # never reaches DATA
+        assert w.first is None
+
+    run_smtp(main, auth_username="funnel", auth_password="pw-adversarial")
