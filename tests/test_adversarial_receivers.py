@@ -20,16 +20,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from collectors.http_json import HttpJsonCollector, HttpJsonConfig
 from collectors.imap import ImapCollector, ImapConfig
+from collectors.response import ResponseCollector, ResponseConfig
 from collectors.slack import SlackCollector, SlackConfig
 from collectors.smtp import SmtpCollector, SmtpConfig
 from collectors.webhook import WebhookCollector, WebhookConfig, timestamped_signature
 from tests import dovecot
 from tracer import clock
 from tracer.evidence import Evidence
+from tracer.inject.http import HttpRequest
+from tracer.inject.http import exchange as inject_http
 from tracer.probe import Probe, new_trace_id
 from tracer.spec import HopSpec
 from tracer.verdict import LOST, UNKNOWN, judge_present
@@ -1115,3 +1119,51 @@ def test_smtp_auth_failures_and_skipping_auth_never_yield_a_sighting() -> None:
         assert w.first is None
 
     run_smtp(main, auth_username="funnel", auth_password="pw-adversarial")
+
+
+# -- response hops: the injection's own answer -------------------------------------------------
+
+
+def response_watch() -> Watch:
+    return Watch(
+        probe=Probe(step="api"), hop=HopSpec(name="latency", target=1.5, response={}), since=clock.now()
+    )
+
+
+def test_response_lag_excludes_the_wait_for_our_own_connection_pool() -> None:
+    """Three probes through a one-connection pool to an API that answers in 1 s: each answer
+    took 1 s, the second and third only waited in the tracer's own queue first. Their lag (the
+    response hop's, and every other hop's start) must not include that wait; and a request
+    that never got a connection (PoolTimeout) is no evidence, never ``lost``."""
+
+    async def slow(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(1.0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Hostile(lambda _head: slow) as api:
+            spec = HttpRequest(url=api.url + "/health", method="GET", timeout=5)
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+                results = await asyncio.gather(
+                    *(inject_http(client, spec, Probe(step="api"), {}) for _ in range(3))
+                )
+                lags = [i.done_at - i.sent_at for i, _ in results]
+                assert all(i.ok for i, _ in results)
+                assert max(lags) < 1.8, lags  # 1 s each; queued: 2 s and 3 s before the fix
+                short = HttpRequest(url=api.url + "/health", method="GET", timeout=0.3)
+                results = await asyncio.gather(
+                    *(inject_http(client, short, Probe(step="api"), {}) for _ in range(2))
+                )
+        col = ResponseCollector(ResponseConfig())
+        kinds = sorted(str(i.attributes.get("error.type")) for i, _ in results)
+        assert kinds == ["pool_timeout", "timeout"], kinds
+        for injection, _ in results:
+            w = response_watch()
+            judged = col.observe_injection(w, injection)
+            if injection.attributes["error.type"] == "pool_timeout":
+                assert not judged and not w.settled  # no evidence: inject_failed upstream
+            else:
+                assert judged and w.settled and w.first is None  # the API really did not answer
+
+    asyncio.run(main())
