@@ -50,7 +50,7 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 from urllib.parse import parse_qs
 
 import h11
@@ -160,10 +160,15 @@ class WebhookHop(Model):
 class _Rejected(Exception):
     """A request we answer with an error status; never a crash, never a match."""
 
-    def __init__(self, status: int, counter: str, message: str, why: str, close: bool = False) -> None:
+    def __init__(
+        self, status: int, counter: str, message: str, why: str, close: bool = False, delivery: bool = False
+    ) -> None:
         super().__init__(message)
         self.status, self.counter, self.message = status, counter, message
         self.close = close or status == 413  # 413: the rest of the body is not worth reading
+        # Past authentication (or before it could be checked: an HMAC needs the whole body), so
+        # this may have been the funnel's delivery that we could not read: blind, not a miss.
+        self.delivery = delivery
         self.why = f"{counter}: {why}"  # the evidence's label; never names a secret
 
 
@@ -176,6 +181,7 @@ class _Server(uvicorn.Server):
         yield
 
 
+OVERSIZED_SCAN = 64  # x max_body: how far an oversized body is read (kept: nothing) for a trace id
 SHED_AGE = 0.5  # seconds: shedding a head younger than this may lose a delivery (blind)
 OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -523,6 +529,13 @@ class WebhookCollector:
             path = scope.get("funnel_tracer.path")
             self.receipts.add(clock.now(), (path,) if path else (), rej.why)
             status, text, close = rej.status, rej.message, rej.close
+            if rej.delivery:
+                self._blind(
+                    clock.now(),
+                    f"unreadable:{rej.counter}",
+                    "could not read a delivery on an authenticated path (%s); hops in flight may be unknown",
+                    rej.why,
+                )
         except Exception:  # a receiver bug answers 500 and keeps serving
             self.counters["handler_errors"] += 1
             log.exception("webhook receiver failed on a request")
@@ -559,7 +572,7 @@ class WebhookCollector:
                 close=True,
             )
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise _Rejected(413, "oversized", "body too large\n", "over max_body")
+            await self._oversized(receive, b"", int(length) if length.isdigit() else None)
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -569,11 +582,47 @@ class WebhookCollector:
                 raise _Rejected(400, "malformed", "client went away\n", "the sender went away mid-body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise _Rejected(413, "oversized", "body too large\n", "over max_body")
             chunks.append(chunk)
             more = message.get("more_body", False)
+            if size > limit:
+                await self._oversized(receive, b"".join(chunks), None, more)
         return path, b"".join(chunks), clock.now()
+
+    async def _oversized(
+        self,
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        head: bytes,
+        length: int | None,
+        more: bool = True,
+    ) -> NoReturn:
+        """A body over ``max_body`` is refused (413), but it may have been a probe's delivery we
+        cannot read. Read on, keeping nothing, up to ``OVERSIZED_SCAN`` x ``max_body``, looking
+        for the trace id of a probe in flight: only when one is there, or the body could not be
+        scanned to its end, is the receiver blind for that moment (``_Rejected.delivery``)."""
+        cap = OVERSIZED_SCAN * self.config.max_body
+        suspect = self._watched_in(head)
+        size, tail = len(head), head[-32:]
+        scanned = length is None or length <= cap
+        while more and scanned and not suspect:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scanned = False
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            suspect = self._watched_in(tail + chunk)  # overlap: an id split across two chunks
+            tail = chunk[-32:]
+            more = message.get("more_body", False)
+            scanned = size <= cap
+        raise _Rejected(
+            413, "oversized", "body too large\n", "over max_body", delivery=suspect or not scanned or more
+        )
+
+    def _watched_in(self, data: bytes) -> bool:
+        """Does ``data`` (raw bytes, no parsing) carry the trace id of a probe in flight?"""
+        if not len(self._index) or not data:
+            return False
+        return any(self._index.get(t) for t in _ids(data.decode("latin-1")))
 
     def _hop_path(self, scope: dict[str, Any]) -> str:
         """Strip and check the secret segment; what remains is the hop path."""
@@ -594,7 +643,13 @@ class WebhookCollector:
         path, raw, received = read
         if self.config.hmac_secret is not None:
             self._verify(scope, raw)
-        body = _parse(raw, _header(scope, b"content-type") or "")
+        try:
+            body = _parse(raw, _header(scope, b"content-type") or "")
+        except _Rejected as rej:
+            # Unreadable: a probe's delivery only if it shows a watched trace id, or if it is not
+            # even text (compressed, another charset), where no id could show.
+            rej.delivery = self._watched_in(raw) or not _is_utf8(raw)
+            raise
         self.counters["accepted"] += 1
         ids: set[str] = set()
         matched: set[str] = set()
@@ -656,6 +711,14 @@ class WebhookCollector:
         return watched, matched
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _ids(text: str) -> set[str]:
     """Trace ids in ``text``: whole 32-hex tokens only, so a longer hex run (a hash, a
     signature) that merely contains one is not a sighting."""
@@ -699,9 +762,16 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 def _parse(raw: bytes, content_type: str) -> Body:
     """JSON (the default), Slack's legacy ``payload=<json>`` form, or ``text/*``. Anything that
     does not decode is malformed (400)."""
-    ctype = content_type.split(";")[0].strip().lower()
+    ctype, _, params = content_type.partition(";")
+    ctype = ctype.strip().lower()
+    charset = "utf-8"
+    if ctype.startswith("text/"):  # JSON is UTF-8 by definition; text says what it is
+        for param in params.split(";"):
+            k, _, v = param.partition("=")
+            if k.strip().lower() == "charset" and v.strip().strip('"'):
+                charset = v.strip().strip('"')
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(charset)
         if ctype == "application/x-www-form-urlencoded":
             form = {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True, strict_parsing=True).items()}
             body = json.loads(form["payload"]) if "payload" in form else form
@@ -711,11 +781,17 @@ def _parse(raw: bytes, content_type: str) -> Body:
             return text
         else:
             body = json.loads(text)
-    except (ValueError, KeyError, RecursionError) as exc:
-        raise _Rejected(400, "malformed", "malformed body\n", "body not JSON, form or text") from exc
+    except (ValueError, KeyError, LookupError, RecursionError) as exc:
+        raise _Rejected(
+            400, "malformed", "malformed body\n", "body not JSON, form or text", delivery=True
+        ) from exc
     if not isinstance(body, (dict, list, str)):
         raise _Rejected(
-            400, "malformed", "expected a JSON object, array or string\n", "not an object or array"
+            400,
+            "malformed",
+            "expected a JSON object, array or string\n",
+            "not an object or array",
+            delivery=True,
         )
     return body
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import hashlib
 import hmac
 import imaplib
@@ -285,6 +286,49 @@ def test_uppercase_trace_id_is_the_same_probe() -> None:
         hook.watch(w)
         body = json.dumps({"text": w.trace_id.upper()}).encode()
         assert statuses(await exchange(hook.port, post("approvals", body))) == [200]
+        assert w.first is not None
+
+    run_hook(main)
+
+
+UNREADABLE = {
+    "oversized": (lambda tid: json.dumps({"text": tid, "pad": "x" * 4000}).encode(), {}),
+    "gzip": (lambda tid: gzip.compress(json.dumps({"text": tid}).encode()), {"Content-Encoding": "gzip"}),
+    "latin-1-json": (
+        lambda tid: json.dumps({"text": f"caf\u00e9 {tid}"}, ensure_ascii=False).encode("latin-1"),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_a_delivery_we_could_not_read_makes_hops_unknown_not_lost(kind: str) -> None:
+    """An authenticated delivery over max_body (a notification with a big payload), gzip-encoded
+    or not UTF-8: we refused to read it, so it may have been the probe's: ``unknown``, never
+    ``lost``."""
+    body, headers = UNREADABLE[kind]
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        start = clock.now()
+        hook.watch(w)
+        answer = await exchange(hook.port, post("approvals", body(w.trace_id), headers))
+        assert statuses(answer)[0] in (400, 413), answer[:100]
+        certified = await hook.coverage.wait_certified(clock.now(), 3)
+        v, reason = judge_present(None, start, 300, clock.now() - start, hook.coverage, certified)
+        assert v == UNKNOWN, (v, reason)
+
+    run_hook(main, max_body=2000)
+
+
+def test_a_text_body_is_read_in_its_declared_charset() -> None:
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        hook.watch(w)
+        text = f"caf\u00e9 approval {w.trace_id}".encode("latin-1")
+        data = post("approvals", text).replace(b"application/json", b"text/plain; charset=ISO-8859-1")
+        assert statuses(await exchange(hook.port, data)) == [200]
         assert w.first is not None
 
     run_hook(main)
