@@ -99,8 +99,11 @@ def statuses(answer: bytes) -> list[int]:
 
 
 def post(path: str, body: bytes, headers: dict[str, str] | None = None, version: str = "1.1") -> bytes:
+    """One raw POST; ``Connection: close`` unless ``headers`` say otherwise (so ``exchange``
+    returns as soon as the answer is complete)."""
     head = f"POST /{SECRET}/{path} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    for k, v in (headers or {}).items():
+    headers = {"Connection": "close", **(headers or {})}
+    for k, v in headers.items():
         head += f"{k}: {v}\r\n"
     return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
@@ -390,9 +393,9 @@ def test_pipelined_http10_and_chunked_requests_are_each_seen() -> None:
     async def main(hook: WebhookCollector) -> None:
         for w in (a, b, c):
             hook.watch(w)
-        pipelined = post("approvals", json.dumps({"t": a.trace_id}).encode()) + post(
-            "approvals", json.dumps({"t": b.trace_id}).encode(), {"Connection": "close"}
-        )
+        pipelined = post(
+            "approvals", json.dumps({"t": a.trace_id}).encode(), {"Connection": "keep-alive"}
+        ) + post("approvals", json.dumps({"t": b.trace_id}).encode(), {"Connection": "close"})
         assert statuses(await exchange(hook.port, pipelined)) == [200, 200]
         body = json.dumps({"t": c.trace_id}).encode()
         chunked = (
@@ -450,7 +453,7 @@ def test_a_form_body_with_a_non_object_payload_is_400() -> None:
         for form in (b"payload=1", b"payload=%5B%5B%5B", b"payload=" + b"%5B" * 20000, b"a&&b"):
             head = (
                 f"POST /{SECRET}/approvals HTTP/1.1\r\nHost: x\r\n"
-                f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n"
+                f"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\nContent-Length: {len(form)}\r\n\r\n"
             ).encode()
             assert statuses(await exchange(hook.port, head + form)) == [400], form[:30]
         assert hook.counters["handler_errors"] == 0
