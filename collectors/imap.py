@@ -177,6 +177,14 @@ class ImapError(Exception):
     """The session broke (server said BAD/NO/BYE, or the socket failed): reconnect, blind."""
 
 
+class LoginRefused(ImapError):
+    """The server refused our credentials (RFC 5530 AUTHENTICATIONFAILED, Gmail's "Invalid
+    credentials"): a setup error no retry fixes, so every wait ends now (``Coverage.broke``)."""
+
+
+_REFUSED = ("AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "INVALID CREDENTIALS", "EXPIRED")
+
+
 _FETCH_META = re.compile(rb"UID (\d+)|INTERNALDATE \"([^\"]+)\"|RFC822\.SIZE (\d+)")
 _EXISTS = re.compile(rb"^\* \d+ EXISTS", re.I)
 
@@ -316,8 +324,12 @@ class ImapCollector:
                 if self._stop.is_set():
                     break
                 self.last_error = f"{type(exc).__name__}: {_clean(str(exc))}"
-                self._call(self.coverage.failed, clock.now(), self.last_error)
-                backoff = min(self.config.max_backoff, max(0.25, backoff * 2))
+                if isinstance(exc, LoginRefused):
+                    self._call(self.coverage.broke, clock.now(), str(exc))
+                    backoff = self.config.max_backoff  # a password is not fixed in seconds
+                else:
+                    self._call(self.coverage.failed, clock.now(), self.last_error)
+                    backoff = min(self.config.max_backoff, max(0.25, backoff * 2))
                 log.warning("imap session failed (%s); reconnecting in %.2fs", self.last_error, backoff)
                 self._stop.wait(backoff)
             except Exception as exc:  # noqa: BLE001 (never a silent death of the worker)
@@ -347,13 +359,19 @@ class ImapCollector:
             if cfg.tls == "starttls":
                 conn.starttls(ssl_context=ctx)
         conn.file = self._reader = _Reader(conn.sock)  # type: ignore[assignment]  # see _Reader
-        if cfg.oauth2_token is not None:
-            token = cfg.oauth2_token.get_secret_value()
-            blob = f"user={cfg.username}\x01auth=Bearer {token}\x01\x01".encode()
-            conn.authenticate("XOAUTH2", lambda _challenge: blob)
-        else:
-            assert cfg.password is not None
-            conn.login(cfg.username, cfg.password.get_secret_value())
+        try:
+            if cfg.oauth2_token is not None:
+                token = cfg.oauth2_token.get_secret_value()
+                blob = f"user={cfg.username}\x01auth=Bearer {token}\x01\x01".encode()
+                conn.authenticate("XOAUTH2", lambda _challenge: blob)
+            else:
+                assert cfg.password is not None
+                conn.login(cfg.username, cfg.password.get_secret_value())
+        except imaplib.IMAP4.error as exc:
+            text = _clean(str(exc))  # the server's words; it never echoes the password
+            if any(code in text.upper() for code in _REFUSED):
+                raise LoginRefused(f"login refused: {text}") from None
+            raise
         typ, caps = conn.capability()  # after auth: servers add IDLE, MOVE... once logged in
         self._caps = (
             set(caps[0].decode().upper().split())

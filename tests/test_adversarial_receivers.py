@@ -1214,3 +1214,29 @@ def test_response_lag_excludes_the_wait_for_our_own_connection_pool() -> None:
                 assert judged and w.settled and w.first is None  # the API really did not answer
 
     asyncio.run(main())
+
+
+def test_imap_password_changed_mid_run_ends_the_waits_as_unknown_with_the_cause() -> None:
+    """The mailbox password is rotated under a running collector: the next session's LOGIN is
+    refused, which no retry fixes, so the hops in flight end ``unknown`` now (not at their
+    deadline, never ``lost``), with the server's reason and never the password."""
+    if not dovecot.available():
+        pytest.skip(dovecot.HOW_TO_GET)
+    d = dovecot.Dovecot().start()
+    try:
+
+        async def main(col: ImapCollector) -> None:
+            assert await certifies(col.coverage, 5), col.health()
+            w = imap_watch(target=300)
+            col.watch(w)
+            (d.dir / "passwd").write_text("bob:{PLAIN}rotated-secret::::::\n")
+            await asyncio.to_thread(d.stop)  # drops the session; the new one must log in again
+            await asyncio.to_thread(d.start)
+            seen = await asyncio.wait_for(w.wait_seen(300, col.coverage), 15)
+            assert not seen and col.coverage.broken and "login refused" in col.coverage.broken
+            assert judge_present(None, w.since, 300, 300, col.coverage, False)[0] == UNKNOWN
+            assert "bob-secret" not in repr(col.health()) and "rotated-secret" not in repr(col.health())
+
+        run_imap(main, imap_config(d, max_backoff="300ms", timeout="2s"))
+    finally:
+        d.close()
