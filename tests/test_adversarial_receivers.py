@@ -15,8 +15,11 @@ import hashlib
 import hmac
 import imaplib
 import json
+import os
 import re
+import resource
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -322,6 +325,64 @@ def test_a_delivery_we_could_not_read_makes_hops_unknown_not_lost(kind: str) -> 
         assert v == UNKNOWN, (v, reason)
 
     run_hook(main, max_body=2000)
+
+
+CLIENT = """
+import socket, sys, time
+time.sleep(float(sys.argv[3]))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+body = sys.argv[2].encode()
+s.sendall(b"POST /%s/approvals HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\n"
+          b"Connection: close\\r\\nContent-Length: %d\\r\\n\\r\\n" % (sys.argv[4].encode(), len(body)) + body)
+try:
+    print(s.recv(100)[:12])
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_out_of_file_descriptors_the_receiver_is_blind_not_late() -> None:
+    """The process hits its file-descriptor limit (a leak elsewhere, a flood on another port):
+    asyncio stops accepting, the funnel's delivery waits in the kernel's backlog and is read
+    seconds later. The heartbeat must not certify that window: the late-looking sighting is
+    ``unknown``, never a false ``late``."""
+    w = hook_watch("approvals")
+
+    async def main(hook: WebhookCollector) -> None:
+        start = clock.now()
+        hook.watch(w)
+        body = json.dumps({"text": w.trace_id})
+        # Started before the limit bites (it needs pipes); it posts 1.5 s later, mid-starvation.
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, str(hook.port), body, "1.5", SECRET, stdout=asyncio.subprocess.PIPE
+        )
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hog: list[Any] = []
+
+        async def grab() -> None:  # whatever fd frees up is taken at once, as under a real leak
+            while True:
+                with contextlib.suppress(OSError):
+                    while True:
+                        hog.append(open(os.devnull))  # noqa: SIM115, ASYNC230
+                await asyncio.sleep(0.002)
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        grabber = asyncio.create_task(grab())
+        try:
+            await asyncio.sleep(4.0)
+        finally:
+            grabber.cancel()
+            await asyncio.gather(grabber, return_exceptions=True)
+            for f in hog:
+                f.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await asyncio.wait_for(client.communicate(), 10)
+        assert await w.wait_seen(5), hook.health()  # read once descriptors are back
+        certified = await hook.coverage.wait_certified(clock.now(), 3)
+        v, reason = judge_present(w.first, start, 3.0, 30, hook.coverage, certified)
+        assert v == UNKNOWN, (v, reason, w.first.at - start if w.first else None)
+
+    run_hook(main)
 
 
 def test_a_text_body_is_read_in_its_declared_charset() -> None:
