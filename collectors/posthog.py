@@ -21,17 +21,18 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tracer import clock
 from tracer.evidence import Evidence, excerpt
-from tracer.net import Backoff
+from tracer.net import Backoff, redact_url
 from tracer.payload import value_at
 from tracer.plugins import Collector, Finding, Need, PushReceiver, SinkPlugin
 from tracer.schema import Duration, Model, Secret
@@ -48,7 +49,9 @@ class PostHogConfig(Model):
     host: str = Field(
         pattern=r"^https?://", description="app host for the query API, e.g. https://us.posthog.com"
     )
-    project_id: str = Field(min_length=1)
+    project_id: str = Field(
+        pattern=r"^[A-Za-z0-9@_-]+$", description="the project's id (the number in its URL), or @current"
+    )
     personal_api_key: Secret = Field(description="personal API key with query:read")
     queries_per_minute: int = Field(240, gt=0)
     queries_per_hour: int = Field(2400, gt=0)
@@ -65,6 +68,27 @@ class PostHogConfig(Model):
         pattern=r"^/?[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*/?$",
         description="webhook receiver path a PostHog realtime destination posts to (needs collectors.webhook)",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, v: str) -> str:
+        """A host is scheme, host, port and an optional path prefix: no query, fragment or
+        credentials (they would end up in the query URL, and credentials in what doctor prints)."""
+        p = urlsplit(v)
+        if not p.hostname or p.query or p.fragment or "?" in v or "#" in v or p.username or p.password:
+            raise ValueError("must be scheme://host[:port][/path], without credentials, query or fragment")
+        return v
+
+    @field_validator("personal_api_key")
+    @classmethod
+    def _header_safe_key(cls, v: Secret) -> Secret:
+        """A key read from a file or an environment variable often ends in a newline: surrounding
+        whitespace is dropped. Anything else that cannot go in an HTTP header is a setup error here,
+        not a failed look on every poll (the key itself is never echoed)."""
+        key = v.get_secret_value().strip()
+        if not key or not all(33 <= ord(c) < 127 for c in key):
+            raise ValueError("must be printable ASCII without spaces (a stray character in the secret?)")
+        return Secret(key)
 
 
 class PostHogHop(Model):
@@ -111,6 +135,10 @@ def poll_interval(cfg: PostHogConfig) -> float:
 _REQUIRED_COLUMNS = ("uuid", "event", "timestamp", "created_at")  # of a poll answer
 PERMANENT = frozenset({400, 401, 403, 404})  # query rejected, key or scope, project: setup errors
 MAX_ROWS = 50_000  # PostHog's largest LIMIT
+MAX_BODY = 64 << 20  # decoded bytes of one answer; 50,000 rows of the poll's columns are ~15 MB
+# ... and at most 1 MB + ROW_BYTES per row its LIMIT allows: parsing holds the GIL (the event
+# loop with it, even off-thread), so an answer far larger than its LIMIT is cut unread.
+ROW_BYTES = 16 << 10
 MAX_PAGES = 4  # extra looks per cycle when an answer is truncated, before giving up (blind)
 _HEX_RUN = re.compile(r"[0-9a-f]{32,}")
 _SEPARATORS = ",|;~^# \t"  # splitByChar needs one character absent from every value
@@ -192,6 +220,24 @@ def trace_id_windows(text: str) -> set[str]:
     return {m.group()[i : i + 32] for m in _HEX_RUN.finditer(low) for i in range(len(m.group()) - 31)}
 
 
+WINDOW_SCAN = 4096  # hex windows in one value past which each id in flight is searched for
+FIND_IDS = 2000  # ... unless more ids than this are in flight (then the windows are cheaper)
+
+
+def trace_ids_in(text: str, in_flight: Callable[[], list[str]]) -> set[str]:
+    """Trace ids ``text`` may hold, as ``trace_id_windows`` finds them, at a bounded cost: a long
+    hex run (a hex blob, or a hostile answer) has a window per character, a million per MB and
+    a second of the event loop; there each id in flight is searched for instead (C speed)."""
+    low = text.lower()
+    runs = [m.group() for m in _HEX_RUN.finditer(low)]
+    if sum(len(r) - 31 for r in runs) <= WINDOW_SCAN:
+        return {r[i : i + 32] for r in runs for i in range(len(r) - 31)}
+    ids = in_flight()
+    if len(ids) > FIND_IDS:
+        return {r[i : i + 32] for r in runs for i in range(len(r) - 31)}
+    return {tid for tid in ids if any(tid in r for r in runs)}
+
+
 def build_query(
     watches: list[Watch],
     lo_epoch: float,
@@ -247,6 +293,9 @@ def build_query(
     return query, {"props": props, "groups": groups, "limit": limit}
 
 
+# Good looks further apart than SLOW_GAP x interval + SLOW_SLACK seconds leave a blind gap:
+# the slack absorbs event-loop jitter on a loaded host, so only real slowness counts.
+SLOW_GAP, SLOW_SLACK = 2.0, 1.0
 EXPLAIN_BATCH = 40  # near-miss lookups answered by one query; the rest wait for the next cycle
 EXPLAIN_WAIT = 12.0  # how long explain() waits for its batch (the engine gives it 15 s)
 # Near-miss counts look a little past the hop's window for an emitter's clock skew: 1 s before the
@@ -310,6 +359,14 @@ def _ch_time(epoch: float) -> str:
     return clock.iso(math.floor(epoch))[:19].replace("T", " ")
 
 
+def new_client(agent: str) -> httpx.AsyncClient:
+    """The query client: one connection per look, never reused. A server or proxy that writes
+    more than one response leaves the extra bytes in a reused connection's buffer, and the next
+    look would read them as its own answer (an answer to no request, maybe with rows). A look
+    every few seconds can afford its handshake."""
+    return httpx.AsyncClient(headers={"User-Agent": agent}, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 class PostHogCollector:
     sink: ClassVar[str] = "posthog"
 
@@ -336,6 +393,7 @@ class PostHogCollector:
         self.malformed_answers = 0  # 200s that were not a complete result set
         self.truncated_answers = 0  # answers cut by their LIMIT (looked at again)
         self.internal_errors = 0  # unexpected exceptions caught by the poll loop
+        self.slow_gaps = 0  # gaps between good looks marked blind (see _slow_gap)
         self._crash_kinds: set[str] = set()
         self._asks: list[_Ask] = []  # near-miss lookups for the next cycle (see explain)
         self.explain_queries = 0
@@ -347,7 +405,7 @@ class PostHogCollector:
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"})
+            self._client = new_client("funnel-tracer")
         # Nothing was in flight before start, so there is nothing to have missed.
         self.coverage.looked(clock.now())
         self._task = asyncio.create_task(self._supervise(), name="posthog-poller")
@@ -385,6 +443,7 @@ class PostHogCollector:
             "malformed_answers": self.malformed_answers,
             "truncated_answers": self.truncated_answers,
             "internal_errors": self.internal_errors,
+            "slow_gaps": self.slow_gaps,
             "in_flight": len(self._index),
             "last_error": self.last_error,
         }
@@ -407,6 +466,7 @@ class PostHogCollector:
             if not len(self._index) and not self._asks:
                 # Idle: spend no budget. Nothing is in flight, so nothing can be missed.
                 self.coverage.looked(clock.now())
+                self._last_good_sent = None  # an idle spell is no gap between looks
                 self._wake.clear()
                 await self._wake.wait()
                 await asyncio.sleep(0.05)  # let a burst of injections register together
@@ -453,27 +513,35 @@ class PostHogCollector:
         limit: int | None = None
         first_sent: float | None = None
         received = now
+        was_blind = self.coverage.blind_now
         for page in range(MAX_PAGES + 1):
             query, lookup = build_query(watches, lo, hi, limit, self.config.max_rows)
             limit = lookup["limit"]
             sent = clock.now()
             first_sent = sent if first_sent is None else first_sent
-            data = await self._ask(query)
+            # Every column asked for must be there: a row without its matched column cannot
+            # say the probe is absent.
+            columns = (*_REQUIRED_COLUMNS, *lookup["props"].values(), "traceparent")
+            data = await self._ask(query, columns, limit)
             if isinstance(data, str):
                 if self._permanent:
                     return self._broke(first_sent, data)
                 return self._fail(first_sent, data, self._retry_after)
             received = clock.now()
+            if page == 0 and not was_blind:
+                self._slow_gap(first_sent)  # before any sighting it may widen is judged
             self._match(data, lookup, received)  # rows seen are real sightings, cut or not
             if not self._truncated(data, limit):
                 break
             self.truncated_answers += 1
-            last = clock.parse_iso(str(data["results"][-1][data["columns"].index("timestamp")]))
+            last = _last_in_order(data, hi)
+            if isinstance(last, str):
+                return self._fail(first_sent, last, None)
             if page == MAX_PAGES:
                 return self._fail(first_sent, f"truncated answer after {page + 1} looks", None)
             if limit < self.config.max_rows:
                 limit = min(self.config.max_rows, limit * 8)
-            elif last is not None and math.floor(last) > lo:
+            elif math.floor(last) > lo:
                 lo = math.floor(last)  # rows before this second are all seen; ties are looked at again
             else:
                 return self._fail(first_sent, f"truncated answer: over {limit} rows in one second", None)
@@ -486,48 +554,105 @@ class PostHogCollector:
         self.coverage.looked(first_sent)
         return None
 
+    def _slow_gap(self, sent: float) -> None:
+        """Looks further apart than the cadence promises (slow answers hold the next look back)
+        leave a gap the error bar alone would blame on the funnel: a lag that straddles the
+        target across it is the tracer's doing, so the gap is marked blind (``unknown``)."""
+        prev = self._last_good_sent
+        if prev is not None and sent - prev > SLOW_GAP * self.interval + SLOW_SLACK:
+            self.slow_gaps += 1
+            self.coverage.mark_blind(
+                prev, sent, f"slow answers: looks {sent - prev:.1f}s apart, {self.interval:g}s expected"
+            )
+
     @staticmethod
     def _truncated(data: dict[str, Any], limit: int) -> bool:
         return len(data["results"]) >= limit or data.get("hasMore") is True
 
-    async def _ask(self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> dict[str, Any] | str:
+    async def _ask(
+        self, query: str, required: tuple[str, ...] = _REQUIRED_COLUMNS, rows: int | None = None
+    ) -> dict[str, Any] | str:
         """One query; a complete result set, or why this answer is no evidence."""
         url = f"{self.config.host.rstrip('/')}/api/projects/{self.config.project_id}/query/"
-        headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
         body = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": "force_blocking"}
         assert self._client is not None
+        sent = clock.wall(clock.now())
         self.last_query_bytes = len(query)
         self.queries += 1
         self._retry_after = None
         self._permanent = False
         self.last_status: int | None = None
         try:
-            resp = await self._client.post(url, json=body, headers=headers, timeout=self.config.timeout)
-            self.last_status = resp.status_code
+            # One deadline for the whole answer: httpx's timeout is per read, so a body that
+            # trickles a byte at a time would otherwise hold the poller for ever.
+            cap = MAX_BODY if rows is None else min(MAX_BODY, (1 << 20) + rows * ROW_BYTES)
+            got = await asyncio.wait_for(self._post(url, body, cap), self.config.timeout)
+        except asyncio.TimeoutError:
+            return f"timeout after {self.config.timeout:g}s"
         except httpx.TimeoutException:
             return f"timeout after {self.config.timeout:g}s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}"
-        if resp.status_code == 429 or resp.status_code >= 500:
-            self._retry_after = resp.headers.get("Retry-After")
-            return f"HTTP {resp.status_code}"
-        if resp.status_code != 200:
+        if isinstance(got, str):
+            return got
+        status, headers, raw = got
+        self.last_status = status
+        if status == 429 or status >= 500:
+            self._retry_after = headers.get("Retry-After")
+            return f"HTTP {status}"
+        if 300 <= status < 400:
+            # The query API never redirects: the host (or its scheme) is wrong. Never followed,
+            # the key stays with the host configured; a setup error like a 404.
+            self._permanent = True
+            where = headers.get("Location") or ""
+            where = redact_url(where) if urlsplit(where).hostname else self._scrub(where)[:100]
+            return f"HTTP {status}: redirected{' to ' + where if where else ''}"
+        if status != 200:
             # 202 (still running): no evidence; 400/401/403/404: a setup error, no look will succeed.
-            self._permanent = resp.status_code in PERMANENT
-            detail = excerpt(_error_detail(resp), [self.config.personal_api_key.get_secret_value()], 200)
-            return f"HTTP {resp.status_code}{': ' + detail if detail else ''}"
+            self._permanent = status in PERMANENT
+            detail = self._scrub(_error_detail(raw))
+            return f"HTTP {status}{': ' + detail if detail else ''}"
         try:
-            data = resp.json()
-        except ValueError:
+            # A large answer is parsed off the event loop: other collectors keep their timing.
+            data = json.loads(raw) if len(raw) < 1 << 20 else await asyncio.to_thread(json.loads, raw)
+        except (ValueError, RecursionError):
+            self.malformed_answers += 1
             return "response is not JSON"
-        problem = incomplete(data, required)
+        problem = incomplete(data, required, rows)
         if problem:
             if problem.startswith("cached"):
                 self.cached_results += 1
             else:
                 self.malformed_answers += 1
-            return problem
+            return self._scrub(problem)
+        # A copy computed before this request, whatever is_cached says (a cache in between, a
+        # replayed answer): it cannot show what arrived since, so it certifies nothing.
+        refreshed = clock.parse_iso(str(data.get("last_refresh") or ""))
+        if refreshed is not None and refreshed < sent - self.config.clock_skew:
+            self.cached_results += 1
+            return f"stale answer (last_refresh {int(sent - refreshed)}s before the request)"
         return data
+
+    async def _post(self, url: str, body: dict[str, Any], cap: int) -> tuple[int, httpx.Headers, bytes] | str:
+        """Status, headers and the decoded body, read up to ``cap`` bytes (a gzip bomb or an
+        endless body is cut there, not held in memory nor parsed)."""
+        assert self._client is not None
+        headers = {"Authorization": f"Bearer {self.config.personal_api_key.get_secret_value()}"}
+        async with self._client.stream(
+            "POST", url, json=body, headers=headers, timeout=self.config.timeout
+        ) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    self.malformed_answers += 1
+                    return f"answer too large (over {cap >> 10} KB)"
+                chunks.append(chunk)
+            return resp.status_code, resp.headers, b"".join(chunks)
+
+    def _scrub(self, text: str) -> str:
+        """An answer's own words, one line, the key replaced: a server may echo what it was sent."""
+        return excerpt(text, [self.config.personal_api_key.get_secret_value()], 200)
 
     def _match(self, data: dict[str, Any], lookup: dict[str, Any], received: float) -> None:
         columns = data["columns"]
@@ -548,7 +673,7 @@ class PostHogCollector:
                 else:  # contains: candidate ids from the row's hex runs, then the rendered value
                     hits = [
                         w
-                        for tid in trace_id_windows(got)
+                        for tid in trace_ids_in(got, self._index.trace_ids)
                         for w in self._index.get(tid)
                         if w.sink_spec.event == g_event
                         and hop_field(w.sink_spec).expr == prop
@@ -659,39 +784,35 @@ class PostHogCollector:
             return
         self.explain_queries += 1
         try:
-            data = await self._ask(build_explain_query(asks), ("event",))
+            data = await self._ask(build_explain_query(asks), ("event",), len(asks) + 1)
         except Exception as exc:  # a failed lookup costs evidence, never the poller's coverage
             data = f"internal error: {type(exc).__name__}"
         finally:
             self._permanent = False  # a refused lookup costs evidence, never the collector
-        if not isinstance(data, str):
-            data = self._explained(data, len(asks))
+        answers = data if isinstance(data, str) else self._explained(data, asks)
         for i, a in enumerate(asks):
-            if a.answer.done():
-                continue
-            if isinstance(data, str):
-                a.answer.set_result(data)
-            else:
-                row = data.get(a.event, {})
-                a.answer.set_result(
-                    {
-                        "n": int(row.get(f"n{i}") or 0),
-                        "z": int(row.get(f"z{i}") or 0),
-                        "h": int(row.get(f"h{i}") or 0),
-                        "v": [str(v) for v in (row.get(f"v{i}") or [])],
-                    }
-                )
+            if not a.answer.done():
+                a.answer.set_result(answers if isinstance(answers, str) else answers[i])
 
     @staticmethod
-    def _explained(data: dict[str, Any], asks: int) -> dict[str, dict[str, Any]] | str:
-        """The grouped answer by event name, or why it is no evidence."""
+    def _explained(data: dict[str, Any], asks: list[_Ask]) -> list[dict[str, Any]] | str:
+        """Each lookup's counts and values from the grouped answer, or why it is no evidence
+        (a count that is no count is a malformed answer, not an error in the poller)."""
         columns = data["columns"]
-        if "event" not in columns or len(data["results"]) > asks:
+        if "event" not in columns or len(data["results"]) > len(asks):
             return "malformed near-miss answer"
-        out = {}
-        for row in data["results"]:
-            rec = dict(zip(columns, row, strict=True))
-            out[str(rec["event"])] = rec
+        by_event = {
+            str(rec["event"]): rec for rec in (dict(zip(columns, r, strict=True)) for r in data["results"])
+        }
+        out = []
+        for i, a in enumerate(asks):
+            rec = by_event.get(a.event, {})
+            counts = [count(rec.get(f"{k}{i}", 0)) for k in "nzh"]
+            values = rec.get(f"v{i}") or []
+            if any(c is None for c in counts) or not isinstance(values, list):
+                return "malformed near-miss answer"
+            n, z, h = counts
+            out.append({"n": n, "z": z, "h": h, "v": [str(v) for v in values]})
         return out
 
     # -- push: a PostHog realtime destination posting to the webhook receiver ------------
@@ -759,15 +880,31 @@ class PostHogCollector:
         return delay
 
 
-def _error_detail(resp: httpx.Response) -> str:
+def _error_detail(raw: bytes) -> str:
     try:
-        data = resp.json()
-    except ValueError:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return ""
     return str(data.get("detail") or data.get("error") or "")[:200] if isinstance(data, dict) else ""
 
 
-def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str | None:
+def count(value: Any) -> int | None:
+    """A count from an answer (PostHog sends UInt64 as a number, or as text past 2**53), or None
+    when it is none: negative, fractional, NaN, infinite, not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def incomplete(
+    data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS, rows: int | None = None
+) -> str | None:
     """Why a 200 body is not a complete result set (so no evidence), or None when it is.
 
     PostHog answers 200 with other things than results: a pending async query, a maintenance or
@@ -788,14 +925,33 @@ def incomplete(data: Any, required: tuple[str, ...] = _REQUIRED_COLUMNS) -> str 
     if not isinstance(results, list):
         detail = f": {str(data['detail'])[:200]}" if data.get("detail") else ""
         return f"answer has no results list{detail}"
+    if rows is not None and len(results) > rows:
+        # Not the answer to a query with that LIMIT; and rows past it would only cost the event
+        # loop (a million rows are seconds of matching, other sinks' timing with them).
+        return f"answer has {len(results)} rows, more than its LIMIT {rows}"
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return "answer has no columns list"
+    if len(set(columns)) != len(columns):
+        return "answer has duplicate columns"
     missing = [c for c in required if c not in columns]
     if missing:
         return f"answer lacks columns {missing}"
     if any(not isinstance(r, list) or len(r) != len(columns) for r in results):
         return "answer rows do not match its columns"
     return None
+
+
+def _last_in_order(data: dict[str, Any], hi: float) -> float | str:
+    """The timestamp of a cut answer's last row, which keyset paging moves the window to; or why
+    that is unsafe. Only an answer in timestamp order, inside the window asked for, says every
+    row before its last one was shown."""
+    col = data["columns"].index("timestamp")
+    stamps = [clock.parse_iso(str(r[col])) for r in data["results"]]
+    if any(t is None for t in stamps):
+        return "truncated answer with unreadable timestamps"
+    if any(b < a for a, b in zip(stamps, stamps[1:], strict=False)) or stamps[-1] > hi + 1:  # type: ignore[operator]
+        return "truncated answer out of timestamp order"
+    return stamps[-1]  # type: ignore[return-value]
 
 
 PREFLIGHT_DAYS = 7
@@ -813,7 +969,7 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
     grouped count for every hop's event name over the last 7 days: was it seen, and is each hop's
     field non-null on it. Two queries in all, whatever the number of hops. Nothing is captured."""
     where = "collectors.posthog"
-    async with httpx.AsyncClient(headers={"User-Agent": "funnel-tracer doctor"}) as client:
+    async with new_client("funnel-tracer doctor") as client:
         c = PostHogCollector(config.model_copy(update={"timeout": min(config.timeout, 10.0)}), client=client)
         got = await c._ask("SELECT 1", ())
         check = f"{where}: query API at {config.host} answers for project {config.project_id}"
@@ -825,9 +981,12 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
                     False,
                     got,
                     fix=_FIXES.get(
-                        status or 0, "check collectors.posthog.host and that this host can reach it"
+                        status or 0,
+                        "set collectors.posthog.host to the app host it redirects to (scheme included)"
+                        if status and 300 <= status < 400
+                        else "check collectors.posthog.host and that this host can reach it",
                     ),
-                    blocks=status in PERMANENT,
+                    blocks=status in PERMANENT or bool(status and 300 <= status < 400),
                 )
             ]
         out = [Finding(check, True, "the key has the query scope")]
@@ -841,14 +1000,23 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
             f"SELECT {', '.join(cols)} FROM events WHERE event IN ({', '.join(_lit(e) for e in events)}) "
             f"AND timestamp >= toDateTime({_lit(_ch_time(since))}, 'UTC') GROUP BY event LIMIT {len(events) + 1}"
         )
-        data = await c._ask(text, ("event", "n"))
+        data = await c._ask(text, ("event", "n"), len(events) + 1)
         if isinstance(data, str):
             out.append(Finding(f"{where}: recent events", False, f"the count query failed ({data})"))
             return out
-    seen = {str(r[0]): dict(zip(data["columns"], r, strict=True)) for r in data["results"]}
+    rows = (dict(zip(data["columns"], r, strict=True)) for r in data["results"])
+    seen = {str(rec["event"]): rec for rec in rows}  # by name: columns may come in any order
+    malformed = "the count query's answer is no count"
     for hop in sorted(hops, key=lambda h: (h.event, hop_field(h).name)):
         rec = seen.get(hop.event, {})
-        n = int(rec.get("n") or 0)
+        n = count(rec.get("n", 0))
+        if n is None:
+            out.append(
+                Finding(
+                    f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", False, malformed
+                )
+            )
+            continue
         if n == 0:
             out.append(
                 Finding(
@@ -865,8 +1033,11 @@ async def _preflight(config: PostHogConfig, hops: list[PostHogHop]) -> list[Find
                 f"{where}: event {hop.event!r} seen in the last {PREFLIGHT_DAYS} days", True, f"{n} events"
             )
         )
-        set_on = int(rec.get(f"f{fields.index(hop_field(hop).expr)}") or 0)
+        set_on = count(rec.get(f"f{fields.index(hop_field(hop).expr)}", 0))
         name = hop_field(hop).name
+        if set_on is None:
+            out.append(Finding(f"{where}: {name} is set on recent {hop.event} events", False, malformed))
+            continue
         out.append(
             Finding(
                 f"{where}: {name} is set on recent {hop.event} events",

@@ -1298,6 +1298,7 @@ def test_imap_password_changed_mid_run_ends_the_waits_as_unknown_with_the_cause(
             assert judge_present(None, w.since, 300, 300, col.coverage, False)[0] == UNKNOWN
             assert "bob-secret" not in repr(col.health()) and "rotated-secret" not in repr(col.health())
 
-        run_imap(main, imap_config(d, max_backoff="300ms", timeout="2s"))
+        # timeout over Dovecot's auth_failure_delay (2 s): the refusal itself must arrive
+        run_imap(main, imap_config(d, max_backoff="300ms", timeout="5s"))
     finally:
         d.close()

@@ -168,10 +168,15 @@ def test_instances_share_a_receiver_each_sighting_matched_exactly_once_and_redis
             if name == "a" or not overlaps:
                 # A's own probes are matched locally; B's outside the outage through the ledger.
                 assert hop.verdict == "ok", (name, hop)
-                # The sighting's time crossed instances intact: lag ~ the 0.2 s webhook delay.
-                assert 0.2 <= hop.lag <= 0.6, (name, hop)
+                assert hop.lag >= 0.2, (name, hop)  # the funnel's webhook delay
     b_ok_remote = [r for r in results["b"] if r.hops[0].verdict == "ok"]
     assert len(b_ok_remote) >= 12
+    # B's lags (matched through the ledger) look like A's (matched locally): no gross error in the
+    # time that crossed (the exact stamp round trip is the first test). Compared within this run,
+    # so a loaded machine slows both alike.
+    a_lags = sorted(r.hops[0].lag for r in results["a"] if r.hops[0].verdict == "ok")
+    b_lags = sorted(r.hops[0].lag for r in b_ok_remote)
+    assert b_lags[len(b_lags) // 2] <= a_lags[len(a_lags) // 2] + 0.15, (a_lags, b_lags)
     # B could not hear from A during the outage: that window is blind for B's receiver (without
     # it, B's probes whose deadline fell in the outage would have been called lost).
     assert b.engine.collectors["webhook"].coverage.blind_start(down + 0.5, up - 0.5) is not None

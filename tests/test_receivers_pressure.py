@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import smtplib
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from tests.canary_helpers import load, parse_prometheus, prom_value
 from tracer import clock
 from tracer.export.metrics import CanaryMetrics
 from tracer.export.spans import resource
-from tracer.probe import Probe
+from tracer.probe import SCAN_WINDOW, TRACE_ID, Probe, trace_ids
 from tracer.sandbox.approvals import ApprovalSettings, approval_email
 from tracer.spec import HopSpec
 from tracer.verdict import judge_present
@@ -306,22 +307,43 @@ def test_hostile_mail_is_refused_off_the_loop_and_the_next_good_mail_is_seen() -
     run_mx(main)
 
 
+def test_trace_ids_in_windows_find_what_one_findall_finds() -> None:
+    """The receiver's parser looks for ids window by window (a 4 MB regex call holds the GIL and
+    so the loop); ids straddling, starting or ending at a window edge are all found, and none
+    is made up of two halves."""
+    rnd = random.Random(7)
+    edge = SCAN_WINDOW
+    for alphabet in ("0123456789abcdefABCDEF", "0123456789abcdef -\n", "0aZ"):
+        for n in (0, 31, 32, 33, edge - 1, edge, edge + 33):
+            text = "".join(rnd.choice(alphabet) for _ in range(n))
+            assert trace_ids(text) == set(TRACE_ID.findall(text.lower())), (n, alphabet)
+        text = "".join(rnd.choice(alphabet) for _ in range(edge + 100))
+        for at in range(edge - 40, edge + 6):  # an id (in capitals) across, at, after the edge
+            tid = f"{rnd.getrandbits(128):032X}"
+            planted = text[:at] + f"-{tid}-" + text[at + 34 :]
+            assert trace_ids(planted) == set(TRACE_ID.findall(planted.lower())), (at, alphabet)
+            assert tid.lower() in trace_ids(planted)
+            longer = text[:at] + f"-{tid}a-" + text[at + 35 :]  # 33 hex digits: no id at all
+            assert trace_ids(longer) == set(TRACE_ID.findall(longer.lower())), (at, alphabet)
+
+
 def test_deep_nesting_and_too_many_headers_are_bounded() -> None:
     deep = [b"From: x@funnel.invalid", b"To: a@funnel.invalid", b"MIME-Version: 1.0"]
     for d in range(30):
         deep += [b'Content-Type: multipart/mixed; boundary="b%d"' % d, b"", b"--b%d" % d]
     deep += [b"Content-Type: text/plain", b"", b"x"]
     headers = [b"X-H%d: v" % i for i in range(5000)] + [b"Subject: s", b"", b"body"]
+    empty = [b"From: x@funnel.invalid", b"Subject: s", b""] + [b""] * 1_000_000  # 2 MB, one part
 
     async def main(mx: SmtpCollector) -> None:
         assert mx.port is not None
         mx.watch(mail_watch())
         to = f"approver+{TOKEN}@funnel.invalid"
-        for raw in (b"\r\n".join(deep) + b"\r\n", b"\r\n".join(headers) + b"\r\n"):
+        for lines in (deep, headers, empty):
             with pytest.raises(smtplib.SMTPDataError) as refused:
-                await asyncio.to_thread(smtp_send, mx.port, raw, to)
+                await asyncio.to_thread(smtp_send, mx.port, b"\r\n".join(lines) + b"\r\n", to)
             assert refused.value.smtp_code == 552
-        assert mx.health()["too_complex"] == 2
+        assert mx.health()["too_complex"] == 3
 
     run_mx(main)
 

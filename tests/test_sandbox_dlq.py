@@ -35,7 +35,9 @@ def test_first_retry_after_interval_and_resolved(redis_url: str, shape: str) -> 
 
             await _until(retried)
             lag = w.history[0].started - w.parked_at[entry["id"]]
-            assert 0.3 <= lag <= 0.3 + 0.1, lag
+            # Due at created_at + 0.3 s (wall clock), stamped a moment before park() wrote it; the
+            # upper bound leaves room for a loaded machine.
+            assert 0.3 - 0.05 <= lag <= 0.3 + 0.7, lag
             assert w.history[0].ok and w.history[0].attempt == 1
 
             async def drained() -> bool:

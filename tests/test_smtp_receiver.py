@@ -177,3 +177,35 @@ def test_heartbeat_certifies_and_a_closed_listener_turns_blind() -> None:
         assert mx.coverage.blind_now and not mx.health()["up"]
 
     run(main, heartbeat=0.1)
+
+
+def test_data_over_the_size_limit_is_552_with_a_receipt_and_the_session_goes_on() -> None:
+    """No SIZE= on MAIL, so the receiver's own DATA reader meets the limit: 552 after the
+    dot, a receipt that names the limit, and the next mail of the same session is read."""
+
+    async def main(mx: SmtpCollector) -> None:
+        w = watch()
+        mx.watch(w)
+
+        def go() -> tuple[int, int]:
+            assert mx.port is not None
+            with smtplib.SMTP("127.0.0.1", mx.port, timeout=5) as smtp:
+                smtp.ehlo()
+                smtp.mail("funnel@funnel.invalid")
+                smtp.rcpt(APPROVER)
+                big = smtp.data(f"Subject: {w.trace_id}\r\n\r\n".encode() + b"0123456789\r\n" * 2000)
+                smtp.mail("funnel@funnel.invalid")  # the envelope was reset: a new transaction
+                smtp.rcpt(APPROVER)
+                good = smtp.data(f"Subject: approval {w.trace_id}\r\n\r\nbody\r\n".encode())
+            return big[0], good[0]
+
+        assert await asyncio.to_thread(go) == (552, 250)
+        assert await w.wait_seen(2)
+        receipts, _ = mx.receipts.window(0, clock.now())
+        assert [(r.where, r.rejected) for r in receipts] == [
+            ((APPROVER,), "oversized: over data_size_limit"),
+            ((APPROVER,), None),
+        ]
+        assert mx.health()["received"] == 1  # the refused mail never reached the handler
+
+    run(main, data_size_limit=10_000)

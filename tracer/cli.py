@@ -59,16 +59,22 @@ def _load(path: str) -> FunnelSpec:
     except SpecError as exc:
         if len(exc.problems) == 1 and not exc.problems[0][0]:  # about the file as a whole: one line
             err.print(
-                f"[red]error:[/] {exc.source or path}: invalid funnel spec: {exc.problems[0][1]}",
+                f"[red]error:[/] {escape(str(exc.source or path))}: invalid funnel spec: "
+                f"{escape(exc.problems[0][1])}",
                 highlight=False,
                 soft_wrap=True,
             )
             sys.exit(2)
         err.print(
-            f"[red]error:[/] {exc.source or path}: invalid funnel spec", highlight=False, soft_wrap=True
+            f"[red]error:[/] {escape(str(exc.source or path))}: invalid funnel spec",
+            highlight=False,
+            soft_wrap=True,
         )
         for where, message in exc.problems:
-            err.print(f"  [bold]{where or '(top)'}[/]: {message}", highlight=False, soft_wrap=True)
+            # Messages may quote a pattern or a server's words: printed as text, never as markup.
+            err.print(
+                f"  [bold]{escape(where or '(top)')}[/]: {escape(message)}", highlight=False, soft_wrap=True
+            )
         sys.exit(2)
 
 
@@ -245,7 +251,7 @@ def run_check(
     try:
         results, gauges, planned = asyncio.run(_check(spec, samples, quantile, confidence, blocked))
     except StartError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     summary = summarize(
         spec,
@@ -285,7 +291,10 @@ def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
             with target.open("a", encoding="utf-8"):
                 pass
         except OSError as exc:
-            err.print(f"[red]error:[/] {option} {path}: cannot write: {exc.strerror}", highlight=False)
+            err.print(
+                f"[red]error:[/] {option} {escape(str(path))}: cannot write: {escape(str(exc.strerror))}",
+                highlight=False,
+            )
             sys.exit(2)
         if not existed:
             target.unlink()
@@ -298,7 +307,7 @@ def _preflight(spec: FunnelSpec) -> dict[str, str]:
 
     findings = asyncio.run(preflight.run(spec))
     for f in preflight.problems(findings):
-        err.print(f"[yellow]preflight:[/] {preflight.line(f)}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]preflight:[/] {escape(preflight.line(f))}", highlight=False, soft_wrap=True)
     return preflight.blocked_sinks(findings)
 
 

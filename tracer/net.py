@@ -14,16 +14,27 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from redis.exceptions import RedisError
 
 from tracer.schema import Secret
 
 
 def redact_url(url: str) -> str:
-    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets."""
+    """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets.
+    Never raises: a URL that does not parse (a password with an unencoded ``/`` in it makes
+    part of the password look like a port) is shown as its scheme alone."""
     p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        return f"{p.scheme}://(unparsable URL)"
+    if "@" in p.path + p.query + p.fragment:
+        return f"{p.scheme}://(unparsable URL)"
     host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if port:
+        host = f"{host}:{port}"
     return f"{p.scheme}://{host}{p.path}"
 
 
@@ -36,12 +47,38 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def from_redis_library(exc: BaseException) -> bool:
+    """Raised inside redis-py itself (an AttributeError, TypeError, ... from parsing a reply):
+    the server's answer was not what Redis sends, which is the server's fault, not a bug here."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    path = last.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/redis/" in path and "/collectors/" not in path and "/tracer/" not in path
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """Anything talking to a Redis-or-not server can throw at us that is not our own bug."""
+    return isinstance(exc, (RedisError, OSError, asyncio.TimeoutError)) or from_redis_library(exc)
+
+
 def short_redis_error(exc: BaseException, url: str) -> str:
     """A short, secret-free description of a Redis failure."""
     name = type(exc).__name__
+    if isinstance(exc, UnicodeDecodeError):
+        return "a reply that is not UTF-8 text"
+    if not isinstance(exc, (RedisError, OSError)) and from_redis_library(exc):
+        return f"not a Redis reply ({name} in the client)"
     if isinstance(exc, TimeoutError) or name == "TimeoutError":
         return "timeout"
     if isinstance(exc, OSError) or name == "ConnectionError":
+        # A server that answers, but to say it will not serve us, is worth its own words.
+        said = str(exc)
+        if name == "ConnectionError" and said and not said.startswith(("Error ", "Connection ")):
+            return "connection refused: " + scrub(said, url)[:120]
         return "connection refused or lost"
     if name == "AuthenticationError":
         return "authentication failed"
@@ -49,9 +86,21 @@ def short_redis_error(exc: BaseException, url: str) -> str:
 
 
 def check_redis_url(v: Secret) -> Secret:
-    """Pydantic field validator for Redis URLs (the value itself is never echoed)."""
-    if not v.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+    """Pydantic field validator for Redis URLs (the value itself is never echoed, not even in
+    part: a password with an unencoded ``/``, ``?`` or ``#`` would split the URL inside it)."""
+    url = v.get_secret_value()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = -1
+    if port == -1 or "@" in p.path + p.query + p.fragment or (url.startswith("redis") and not p.hostname):
+        raise ValueError(
+            "is not a valid Redis URL (value not shown): characters such as @ : / ? # in the "
+            "user or password must be percent-encoded (%40 %3A %2F %3F %23)"
+        )
     return v
 
 

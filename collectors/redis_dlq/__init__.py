@@ -36,6 +36,21 @@ mode a good look is not enough to certify: a PING on the listener's connection i
 after every notification published before it, so coverage is certified through the earlier of
 the last good look and the last answered PING, and a dead or lagging listener certifies nothing.
 
+Taken, or wiped? An entry gone from the DLQ is a retry only when a worker could have taken it.
+When it went with the key itself (DEL, RENAME, EXPIRE, eviction, SET over it, XTRIM; in push
+mode, told by the event), in a FLUSHALL/FLUSHDB/SWAPDB (their call counts in ``INFO
+commandstats`` are read inside every look; they send no event), with a stream that was deleted,
+with no removal event at all (push: notifications switched off), while its key could not be read
+(WRONGTYPE), or in a server restart, its absence proves nothing: the probe's trace is marked
+``lost`` (its retry and resolution unknown, ``(previous look, this look]`` blind, and ``explain``
+says why). Before judging such a look in push mode, a PING on the listener's connection makes
+sure every event published before it has been read. Only in poll mode is a DEL of a list or zset
+key indistinguishable from a worker's pop. A probe's entry is pinned to its own ``id`` at first
+sight: another entry carrying the same trace id under another id (a copy, a forgery) is never
+its retry, processing or dead entry. A glob matching more than ``max_keys`` keys is a partial
+look (blind), like a key longer than ``max_scan``. Without permission to run INFO, flushes are
+not counted and each reconnect is taken as a possible restart.
+
 Assumptions worth knowing: ``resolved`` requires that the worker moves an entry atomically (the
 reliable-queue pattern: claim into ``processing_key``, re-park or dead-letter in the same MULTI or
 Lua call); a worker that holds an entry only in memory while retrying looks resolved until it

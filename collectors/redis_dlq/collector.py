@@ -94,6 +94,7 @@ class RedisDlqCollector:
             "failed_looks": s.failed_looks,
             "reconnects": s.reconnects,
             "possible_misses": s.possible_misses,
+            "wipes": s.wipes,  # looks that found a watched entry wiped (flushed, deleted), not retried
             "internal_errors": s.supervisor.crashes,
             "in_flight": sum(len(t.index) for t in self._targets),
             "last_error": s.last_error,

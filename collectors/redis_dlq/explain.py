@@ -82,7 +82,9 @@ def _entry(tr: Trace) -> dict[str, Any]:
     if hit is not None:
         out.update(key=hit.key, entry_id=hit.info.entry_id)
     if tr.lost:
-        out["redis_restarted"] = True
+        out["vanished"] = tr.lost  # why its absence proves nothing
+        if tr.lost.startswith("Redis restarted"):
+            out["redis_restarted"] = True
     return out
 
 
@@ -94,11 +96,12 @@ def _where(tr: Trace, event: str, t: Target) -> tuple[str, str | None]:
     """One clause on where the probe's entry was at the last look, and what to check."""
     spec = t.spec
     attempt = "?" if tr.attempt is None else tr.attempt
-    if tr.state == "parked" and tr.lost:
+    if tr.lost and tr.state in ("parked", "gone"):
+        # Gone, but not by anything a look can tell from a retry: say so, claim nothing.
         return (
-            f"the entry was parked at attempt {attempt} (last seen {_ago(tr.last_at)}), then Redis "
-            "restarted and it is gone: it was removed without any retry being seen",
-            "Redis lost its data (restart without persistence?): the entry never reached the worker.",
+            f"the entry was in {spec.key} at attempt {attempt} (last seen {_ago(tr.last_at)}), then "
+            f"{tr.lost[:1].lower()}{tr.lost[1:]}: it is gone, and whether it was retried first is unknown",
+            "Something other than the retry worker removed the DLQ's data: run the check again.",
         )
     if tr.state == "parked":
         timing = f"parked {_ago(tr.first_at)}, last seen {_ago(tr.last_at)}"

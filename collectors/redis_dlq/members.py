@@ -57,13 +57,15 @@ class MemberShape:
             raise_if_error(size, k, self.name)
             raise_if_error(raw, k, self.name)
             members = _members(raw)
-            if size > len(members):
+            ks.partial = size > len(members)
+            if ks.partial:
                 partial = k
             now = Counter(members)
             visible = sum((ks.members - now).values()) if ks.members is not None else 0
             # Removal notifications this look cannot pin on an entry it saw leave. A negative
             # balance (the removal seen before its notification arrived) is credit for one look.
             unexplained = removes.get(k, 0) - visible + ks.credit
+            ks.unnoted = -unexplained if push and ks.members is not None else 0
             ks.credit = min(0, removes.get(k, 0) - visible)
             missed = missed or (push and ks.members is not None and unexplained > 0)
             ks.members = now
@@ -71,7 +73,7 @@ class MemberShape:
                 t.saw(k, m, info.traces)
                 for tid in info.traces:
                     if tid in t.traces:
-                        main.setdefault(tid, Hit(k, info))
+                        t.offer(main, tid, Hit(k, info))
         return main, partial, missed
 
     async def parse_aux(self, r: Redis, t: Target, key: str, raw: Any) -> dict[str, Hit]:
@@ -79,7 +81,7 @@ class MemberShape:
         for info in (await t.entries.of_members(r, _members(raw), t.traces)).values():
             for tid in info.traces:
                 if tid in t.traces:
-                    hits.setdefault(tid, Hit(key, info))
+                    t.offer(hits, tid, Hit(key, info))
         return hits
 
 

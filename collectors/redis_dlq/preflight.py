@@ -5,16 +5,15 @@ do about keyspace notifications. Reads only (PING, TYPE, CONFIG GET): nothing is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
 
 from collectors.redis_dlq.config import GLOB, RedisDlqConfig, RedisDlqHop
 from collectors.redis_dlq.session import NOTIFY
-from tracer.net import redact_url
+from tracer.net import is_redis_failure, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.plugins import Finding
 
@@ -30,7 +29,8 @@ async def preflight(config: RedisDlqConfig, hops: list[Any]) -> list[Finding]:
     )
     try:
         try:
-            await r.ping()
+            if await r.ping() is not True:  # something answered, but not PONG
+                raise InvalidResponse("not a Redis reply to PING")
         except AuthenticationError as exc:
             return [
                 Finding(
@@ -41,7 +41,9 @@ async def preflight(config: RedisDlqConfig, hops: list[Any]) -> list[Finding]:
                     blocks=True,
                 )
             ]
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
             return [
                 Finding(
                     f"{WHERE}: Redis at {shown}",
@@ -75,7 +77,9 @@ async def _keys(r: Redis, url: str, hops: list[RedisDlqHop]) -> list[Finding]:
     for key, (expected, why) in sorted(want.items()):
         try:
             actual = await r.type(key)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
             out.append(Finding(f"{WHERE}: key {key!r}", False, f"TYPE failed: {short_error(exc, url)}"))
             continue
         if actual == "none":

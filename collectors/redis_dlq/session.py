@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, InvalidResponse, RedisError, ResponseError
 
 from collectors.redis_dlq.config import RedisDlqConfig
 from collectors.redis_dlq.entries import Hit
@@ -33,7 +33,7 @@ from collectors.redis_dlq.shape import Checks, LookError, raise_if_error
 from collectors.redis_dlq.stream_shape import STREAM, stream_id
 from collectors.redis_dlq.target import Target, Targets, When
 from tracer import clock
-from tracer.net import redact_url
+from tracer.net import is_redis_failure, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.supervise import Supervisor
 from tracer.watch import Coverage
@@ -68,6 +68,12 @@ class Session:
         self._looked_through = -math.inf
         self._notes_through = -math.inf
         self._ping_sent: float | None = None
+        self._pings: dict[bytes, float] = {}  # PING token on the listener -> when it was sent
+        self._ping_seq = 0
+        self._pong_seq = 0  # the latest token answered
+        self._pong = asyncio.Event()
+        self._ps: PubSub | None = None
+        self._flush_stats = False  # INFO commandstats readable: flushes are counted per look
         self._failed_at = -math.inf  # the latest failure: nothing certifies back past it
         self._closing = False
         self.notifications = "not tried"
@@ -78,6 +84,7 @@ class Session:
         self.failed_looks = 0
         self.reconnects = 0
         self.possible_misses = 0
+        self.wipes = 0  # looks that found a watched entry wiped (flushed, deleted) rather than retried
         self.last_error: str | None = None
 
     async def start(self) -> None:
@@ -127,10 +134,9 @@ class Session:
             self._session_ok = False
             try:
                 await self._session()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                self._down(exc)
-            except Exception as exc:  # a bug must not end the collector silently
-                log.exception("redis_dlq: unexpected error")
+            except Exception as exc:
+                if not is_redis_failure(exc):  # a bug must not end the collector silently
+                    log.exception("redis_dlq: unexpected error")
                 self._down(exc)
             finally:
                 self.push = False
@@ -171,16 +177,17 @@ class Session:
         ps: PubSub | None = None
         helpers: list[asyncio.Task[None]] = []
         try:
-            info = await r.info("server")
             self._db = int(r.connection_pool.connection_kwargs.get("db") or 0)
-            self._resync(str(info.get("run_id", "")))
+            self._resync(await self._server_run(r))
             self._looked_through = self._notes_through = -math.inf
             self._ping_sent = None
+            self._pings.clear()
+            self._flush_stats = await self._can_count_flushes(r)
             if self.config.mode == "push":
                 self.push = await self._enable_notifications(r)
                 self._notify_checked = clock.now()
                 if self.push:
-                    ps = listener.pubsub()
+                    ps = self._ps = listener.pubsub()
                     await ps.subscribe(CONTROL)
                     helpers.append(
                         asyncio.create_task(self._helper(self._listen(ps)), name="redis-dlq-listen")
@@ -197,12 +204,32 @@ class Session:
                 if t.guard is not None:
                     await t.guard.close()
                     t.guard = None
+            self._ps = None
             if ps is not None:
                 with contextlib.suppress(Exception):
                     await ps.aclose()
             for client in (r, listener):
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    async def _server_run(self, r: Redis) -> str:
+        """The server's run_id: a new one means it restarted and lost what it held (unless it
+        persisted it). Without permission to run INFO, every reconnect counts as a restart."""
+        try:
+            info = await r.info("server")
+        except ResponseError:
+            if not self._info_warned:
+                self._info_warned = True
+                log.warning(
+                    "redis_dlq %s: INFO refused: each reconnect is taken as a possible restart",
+                    redact_url(self._url),
+                )
+            return f"unknown-{self.reconnects}"
+        if not isinstance(info, dict):
+            raise InvalidResponse("INFO did not answer as Redis does")
+        return str(info.get("run_id", ""))
+
+    _info_warned = False
 
     def _resync(self, run_id: str) -> None:
         """After a (re)connect: notification counts restart; after a server restart, what we
@@ -215,11 +242,13 @@ class Session:
             t.first_note = t.last_note = None
             for ks in t.keys.values():
                 ks.removes, ks.credit, ks.last_op = 0, 0, ""
+                ks.unnoted = 0
                 if restarted:
                     ks.members, ks.cursor, ks.added, ks.fresh = None, None, None, []
             if restarted:
+                t.flushes = None  # the counters restart with the server
                 for tid in t.present | set(t.handles.values()):
-                    t.traces[tid].lost = True
+                    t.traces[tid].lost = "Redis restarted and its data was lost"
                 t.present.clear()
                 t.handles.clear()
         if restarted:
@@ -265,14 +294,56 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not isinstance(exc, (RedisError, OSError)):
+            if not is_redis_failure(exc):
                 log.exception("redis_dlq: helper task failed")
             self.failure = exc
             self.wake.set()
 
-    async def _ping(self, ps: PubSub) -> None:
-        self._ping_sent = clock.now()
-        await ps.ping()
+    async def _ping(self, ps: PubSub, certify: bool = True) -> int:
+        """PING on the listener's connection; its PONG comes after every notification published
+        before it. Each carries a token, so a PONG certifies its own PING's time, no later one."""
+        self._ping_seq += 1
+        token = str(self._ping_seq).encode()
+        sent = clock.now()
+        self._pings[token] = sent
+        if certify:
+            self._ping_sent = sent
+        await ps.ping(token)
+        return self._ping_seq
+
+    async def _barrier(self) -> bool:
+        """Wait until every notification published before now has been read (push only): a look
+        that found a watched entry gone needs all the events about it before judging how it went."""
+        if self._ps is None:
+            return False
+        seq = await self._ping(self._ps, certify=False)
+        end = clock.now() + self.config.timeout
+        while self._pong_seq < seq:
+            left = end - clock.now()
+            if left <= 0 or self.failure is not None:
+                return False
+            self._pong.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pong.wait(), left)
+        return True
+
+    async def _can_count_flushes(self, r: Redis) -> bool:
+        """FLUSHALL, FLUSHDB and SWAPDB send no keyspace event; their call counts in INFO
+        commandstats, read inside every look, are how a look knows one happened since the last."""
+        try:
+            await r.info("commandstats")
+        except ResponseError:
+            if not self._flush_stats_warned:
+                self._flush_stats_warned = True
+                log.warning(
+                    "redis_dlq %s: INFO commandstats refused: a FLUSHALL/FLUSHDB by someone else "
+                    "cannot be told from a retry in poll mode",
+                    redact_url(self._url),
+                )
+            return False
+        return True
+
+    _flush_stats_warned = False
 
     def _certify(self) -> None:
         through = min(self._looked_through, self._notes_through) if self.push else self._looked_through
@@ -291,8 +362,14 @@ class Session:
             if msg is None:
                 continue
             if msg["type"] == "pong":
-                if self._ping_sent is not None:
-                    self._notes_through = self._ping_sent
+                token = bytes(msg["data"] or b"")
+                sent = self._pings.pop(token, None)
+                if sent is not None:
+                    self._notes_through = max(self._notes_through, sent)
+                    self._pong_seq = max(self._pong_seq, int(token))
+                    for old in [k for k in self._pings if int(k) < self._pong_seq]:
+                        del self._pings[old]  # PONGs come in order: those will never come
+                    self._pong.set()
                     self._certify()
                 continue
             if msg["type"] != "pmessage":
@@ -305,6 +382,8 @@ class Session:
                     ks = t.keys.get(key)
                     if ks is None and len(t.keys) < self.config.max_keys:
                         ks = t.keys[key] = t.shape.new_key()
+                    elif ks is None:
+                        t.over_keys = True  # a key we will not read
                     if ks is not None:
                         ks.note(op)
                 t.first_note = t.first_note if t.first_note is not None else now
@@ -395,7 +474,9 @@ class Session:
         have = set(current.replace("A", "g$lshzxetd"))
         if all(c in have for c in NOTIFY):
             return
-        self.coverage.mark_blind(checked, self._notify_checked)
+        self.coverage.mark_blind(
+            checked, self._notify_checked, f"notify-keyspace-events was changed to {current!r} by someone"
+        )
         if not await self._enable_notifications(r):
             raise ConnectionError("keyspace notifications were switched off")
 
@@ -430,8 +511,10 @@ class Session:
                 checks[k].append((tid, entry_id))
         notes = (t.first_note, t.last_note)
         removes = {k: ks.removes for k, ks in t.keys.items()}
+        wiped = {k: ks.wiped for k, ks in t.keys.items() if ks.wiped}
         for ks in t.keys.values():
-            ks.removes = 0
+            ks.removes, ks.wiped = 0, None
+        stats = self._flush_stats
         t.first_note = t.last_note = None
         t.dirty = False
 
@@ -442,6 +525,8 @@ class Session:
                 for k in (spec.processing_key, spec.dead_key):
                     if k:
                         t.shape.read_aux(p, k, cfg.max_scan)
+            if stats:
+                p.info("commandstats")
 
         issued = clock.now()
         changed: bool | None = None
@@ -460,9 +545,19 @@ class Session:
             when = When(done, t.prev_issue, "poll")  # sometime since the previous look
         prev_issue, t.prev_issue = t.prev_issue, issued
         t.entries.meta_read_at = None
+        flushed = self._flushed(t, res.pop() if stats else None)
         try:
             main, proc, dead, partial, missed = await self._parse(r, t, keys, res, aux, removes, checks)
+            wipe = await self._wiped(t, main, wiped, flushed)
         except LookError as exc:
+            for k, op in wiped.items():  # still to be judged by the next good look
+                if k in t.keys and not t.keys[k].wiped:
+                    t.keys[k].wiped = op
+            # What the keys held meanwhile is unknown: a watched entry's absence at the next
+            # good look says nothing about a retry.
+            for tid in t.present:
+                if (tr := t.traces.get(tid)) is not None:
+                    tr.lost = tr.lost or f"its key could not be read ({exc})"
             self.failed_looks += 1
             if str(exc) != self.last_error:
                 log.warning("redis_dlq %s: %s", redact_url(self._url), exc)
@@ -474,35 +569,108 @@ class Session:
             # Metadata is read just after the snapshot: a bump it shows may be that recent.
             when = When(max(when.at, read_at), when.not_before, "poll")
         t.digest(main, proc, dead, when, complete=True)
-        if changed and prev_issue is not None:
-            missed = True  # poll: the key changed at all since the last snapshot
+        if wipe is not None:
+            # Watched entries were taken by something that is no retry: whatever their retry hop
+            # would have shown in (previous look, this look] cannot be known.
+            self.wipes += 1
+            if wipe != self._last_wipe:
+                log.warning(
+                    "redis_dlq %s: %s; those entries' retries are unknown", redact_url(self._url), wipe
+                )
+            self._last_wipe = wipe
+            self.coverage.mark_blind(prev_issue if prev_issue is not None else issued, issued, wipe)
+        if (changed or flushed) and prev_issue is not None:
+            missed = True  # poll: the key changed at all since the last snapshot; or a flush
         if missed and prev_issue is not None and t.awaiting:
             # Something came and went unseen while a probe's entry is still awaited: it may have
             # been that entry. (previous look, this look] is blind.
             self.possible_misses += 1
-            self.coverage.mark_blind(prev_issue, issued)
-        if partial:
+            self.coverage.mark_blind(
+                prev_issue, issued, flushed or "an entry may have come and gone between two looks"
+            )
+        if partial or t.over_keys:
             self.failed_looks += 1
-            self.last_error = f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
+            self.last_error = (
+                f"{partial} holds more than max_scan={cfg.max_scan} entries; look is partial"
+                if partial
+                else f"{spec.key} matches more than max_keys={cfg.max_keys} keys; look is partial"
+            )
             self._fail(issued, self.last_error)
             return False
         return True
 
+    _last_wipe: str | None = None
+
+    def _flushed(self, t: Target, stats: Any) -> str | None:
+        """Did a FLUSHALL, FLUSHDB or SWAPDB run since this target's previous look?"""
+        if not isinstance(stats, dict):
+            before, t.flushes = t.flushes, None
+            return None
+        calls = sum(
+            int((stats.get(f"cmdstat_{c}") or {}).get("calls", 0)) for c in ("flushall", "flushdb", "swapdb")
+        )
+        before, t.flushes = t.flushes, calls
+        if before is not None and calls != before:  # more calls, or CONFIG RESETSTAT: can't tell
+            return "the database was flushed (FLUSHALL, FLUSHDB or SWAPDB) by someone"
+        return None
+
+    async def _wiped(
+        self, t: Target, main: dict[str, Hit], wiped: dict[str, str], flushed: str | None
+    ) -> str | None:
+        """Watched entries that left the DLQ since the last look, but not one by one as a worker
+        takes them: the key was deleted, renamed, expired, flushed; or (push) they left with no
+        notification at all. Those are marked ``lost`` (their absence proves no retry); returns
+        why, or None."""
+        gone = [tid for tid in t.present if tid not in main]
+        if not gone:
+            return None
+        if self.push and not await self._barrier():
+            raise LookError("keyspace listener did not answer in time")
+        why = None
+        for tid in gone:
+            tr = t.traces.get(tid)
+            if tr is None:  # unwatched while we waited for the listener
+                continue
+            key = tr.hit.key if tr.hit is not None else t.spec.key
+            reason = flushed or self._key_wiped(t, key, wiped.get(key))
+            if reason is not None:
+                tr.lost = why = reason
+        return why
+
+    def _key_wiped(self, t: Target, key: str, op: str | None) -> str | None:
+        ks = t.keys.get(key)
+        if ks is None:
+            return None
+        if ks.gone:
+            return f"the stream {key!r} was deleted"
+        if ks.partial:
+            return f"{key!r} holds more than max_scan entries: it may only be past the part read"
+        if not self.push:
+            return None
+        op = op or ks.wiped  # also events that came in while we made sure all had
+        if op is not None:
+            return f"{key!r} was wiped by someone (event {op!r})"
+        if ks.unnoted - ks.removes > 0:
+            return f"entries left {key!r} without any notification (a flush, or notifications off)"
+        return None
+
     async def _discover(self, r: Redis, t: Target) -> None:
         """Keys matching a glob pattern (bounded SCAN), minus the hop's own aux keys."""
         found: set[str] = set()
+        t.over_keys = False
         async for key in r.scan_iter(match=t.spec.key, count=1000, _type=t.shape.name):
             if key not in t.aux:
+                if len(found) >= self.config.max_keys:
+                    t.over_keys = True  # keys we will not read: a probe's entry may be in one
+                    break
                 found.add(key)
-            if len(found) >= self.config.max_keys:
-                break
         for key in found - set(t.keys):
             t.keys[key] = t.shape.new_key()
         held = {k for k, _ in t.handles}
         for key in set(t.keys) - found:
             if not t.keys[key].members and key not in held:
                 del t.keys[key]
-        t.rescan = False
+        t.rescan = t.over_keys  # push: look for the pattern's keys again until they fit
 
     # -- reading what a look returned ----------------------------------------
     async def _parse(
@@ -521,13 +689,19 @@ class Session:
         proc: set[str] = set()
         dead: dict[str, Hit] | None = None
         if aux:
+            cut = False  # an aux key read only in part: absence from it proves nothing
             if spec.processing_key:
                 raw = next(it)
                 raise_if_error(raw, spec.processing_key, spec.shape)
                 proc = set(await t.shape.parse_aux(r, t, spec.processing_key, raw))
+                if len(raw) >= self.config.max_scan:
+                    cut, partial = True, partial or spec.processing_key
             dead = {}
             if spec.dead_key:
                 raw = next(it)
                 raise_if_error(raw, spec.dead_key, spec.shape)
                 dead = await t.shape.parse_aux(r, t, spec.dead_key, raw)
+                if len(raw) >= self.config.max_scan:
+                    cut, partial = True, partial or spec.dead_key
+            t.aux_cut = cut
         return main, proc, dead, partial, missed

@@ -29,6 +29,22 @@ Checks = dict[str, list[tuple[str, str]]]  # per key: (trace id, stream entry id
 # removal (conservative: an unknown event can only make us report blindness, never hide it).
 ADDS = {"lpush", "rpush", "linsert", "zadd", "zincr", "xadd"}
 NEUTRAL = {"expire", "persist", "new", "hset", "hdel", "hincrby", "hincrbyfloat"}
+# Events that take entries away without any worker touching them one by one: someone deleted,
+# renamed, overwrote or trimmed the key, or Redis expired or evicted it. An entry gone with one
+# of these was wiped, not retried (an explicit ``del`` counts; the implicit one after the last
+# element's removal does not).
+WIPES = {
+    "del",
+    "rename_from",
+    "move_from",
+    "expired",
+    "evicted",
+    "set",
+    "copy_to",
+    "restore",
+    "sortstore",
+    "xtrim",
+}
 
 
 @dataclass
@@ -43,12 +59,18 @@ class Key:
     added: int | None = None  # stream: entries-added at the last look
     last_generated: str = "0-0"
     fresh: list[str] = field(default_factory=list)  # stream ids accepted since the last look
+    wiped: str | None = None  # push: a WIPES event since the last look (its name)
+    unnoted: int = 0  # list/zset push: removals the last look saw that no notification explains
+    gone: bool = False  # stream: the key vanished or was recreated since the last look
+    partial: bool = False  # list/zset: longer than max_scan at the last look (its tail unread)
 
     def note(self, op: str) -> None:
         # An LREM/ZREM that empties a key is followed by an implicit 'del': one removal, not two.
         implicit = op == "del" and self.last_op not in ("", *ADDS, *NEUTRAL)
         if op not in ADDS and op not in NEUTRAL and not implicit:
             self.removes += 1
+            if op in WIPES:
+                self.wiped = op
         self.last_op = op
 
 

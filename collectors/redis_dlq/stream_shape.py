@@ -57,14 +57,23 @@ class StreamShape:
             missed = missed or lost
             for tid, key_hits in hits.items():
                 live.update({(h.key, h.handle or ""): tid for h in key_hits})
-                best = max(key_hits, key=lambda h: h.info.attempt or 0)  # a re-parked copy wins
-                if tid not in main or (best.info.attempt or 0) > (main[tid].info.attempt or 0):
+
+                # The probe's own entry first (not a copy under another id), then a re-parked one.
+                def rank(h: Hit, tid: str = tid) -> tuple[bool, int]:
+                    return t.ours(tid, h), h.info.attempt or 0
+
+                best = max(key_hits, key=rank)
+                if tid not in main or rank(best) > rank(main[tid]):
                     main[tid] = best
         t.handles = live  # the entries we follow that exist now
         return main, None, missed
 
     async def parse_aux(self, r: Redis, t: Target, key: str, raw: Any) -> dict[str, Hit]:
-        return {tid: key_hits[0] for tid, key_hits in self.hits(t, key, raw).items()}
+        out: dict[str, Hit] = {}
+        for tid, key_hits in self.hits(t, key, raw).items():
+            for h in key_hits:
+                t.offer(out, tid, h)
+        return out
 
     def _look(
         self,
@@ -78,8 +87,14 @@ class StreamShape:
         """One stream key: new entries since our cursor, which tracked entries still exist, and
         whether entries were added that we never received (``entries-added`` accounting)."""
         ks = t.keys[key]
+        ks.gone = False
         if isinstance(stream_info, ResponseError) and "no such key" in str(stream_info).lower():
             added, last_generated = 0, "0-0"
+            # XDEL never removes the stream itself: a stream that is gone was deleted (or
+            # flushed) by someone, so what it held was wiped, not retried; read any new one whole.
+            ks.gone = ks.added is not None and ks.added > 0
+            ks.cursor = None if ks.cursor is None else "0-0"
+            ks.fresh = []
         else:
             raise_if_error(stream_info, key, "stream")
             added, last_generated = (
@@ -107,10 +122,14 @@ class StreamShape:
                 if stream_id(ks.last_generated) < stream_id(i) <= stream_id(last_generated)
             )
             missed = added - ks.added > got or added < ks.added
+            if added < ks.added:  # deleted and created again between two looks
+                ks.gone = True
         ks.fresh = [i for i in ks.fresh if stream_id(i) > stream_id(last_generated)]
         ks.added, ks.last_generated = added, last_generated
         if stream_id(ks.cursor) < stream_id(last_generated) and len(new) < t.max_scan:
             ks.cursor = last_generated  # entries between were deleted before anyone could read them
+        if ks.gone:  # a new stream may reuse lower ids (explicit ones): read it from the start
+            ks.cursor, ks.fresh = "0-0", []
         return hits, missed
 
     def hits(self, t: Target, key: str, entries: list[Any], main: bool = False) -> dict[str, list[Hit]]:
@@ -137,7 +156,8 @@ class StreamShape:
             ks.cursor = entry_id
             ks.fresh.append(entry_id)
             for tid, hits in self.hits(t, key, [(entry_id, fields)], main=True).items():
-                t.digest({tid: hits[0]}, set(), None, when, complete=False)
+                if t.ours(tid, hits[0]):  # a copy under another id waits for a full look
+                    t.digest({tid: hits[0]}, set(), None, when, complete=False)
 
 
 def stream_id(entry_id: str) -> tuple[int, int]:

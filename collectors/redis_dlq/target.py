@@ -50,7 +50,13 @@ class Trace:
 
     seen: dict[str, Seen] = field(default_factory=dict)
     attempt0: int | None = None  # attempt at first sight
-    lost: bool = False  # Redis restarted since it was present: its absence is no evidence
+    # The entry's own id at first sight. While an entry with that id is there, other entries
+    # carrying the same trace id (someone's copy, a forgery) are not read as the probe's entry;
+    # once it is gone, one under another id counts (a worker that re-parks under a new id).
+    entry_id: str | None = None
+    # Why its absence from the DLQ is no evidence of a retry (Redis restarted since it was
+    # present, the key was flushed or deleted by someone, or could not be read), or None.
+    lost: str | None = None
     # Where the entry was at the last look, for ``explain``: parked, processing, dead, gone.
     state: str | None = None
     attempt: int | None = None  # at the last look that saw it
@@ -91,7 +97,12 @@ class Target:
         self.last_note: float | None = None
         self.dirty = True
         self.rescan = True  # glob: SCAN for matching keys at the next look
+        self.over_keys = False
+        # The processing or dead key was longer than max_scan at the last look: an entry absent
+        # from the part read may be there, so that look proves no resolution.
+        self.aux_cut = False  # glob: more keys match than max_keys, so some go unread
         self.guard: Guard | None = None
+        self.flushes: int | None = None  # FLUSHALL+FLUSHDB+SWAPDB calls at the last look
         # For ``explain``'s near misses: each distinct entry met in a DLQ key, (key, member or
         # stream id) -> [first seen, last seen, its trace ids]; bounded, oldest dropped first.
         self.sightings: dict[tuple[str, str], list[Any]] = {}
@@ -118,6 +129,18 @@ class Target:
             if f <= end and last >= start and tid not in traces
         )
         return n, start < self.sightings_cut
+
+    def ours(self, tid: str, hit: Hit) -> bool:
+        """Is ``hit`` the probe's own entry (same id as at first sight, when both have one)?"""
+        tr = self.traces.get(tid)
+        pinned = tr.entry_id if tr is not None else None
+        return pinned is None or hit.info.entry_id is None or hit.info.entry_id == pinned
+
+    def offer(self, hits: dict[str, Hit], tid: str, hit: Hit) -> None:
+        """Keep the first hit per trace id, unless a later one is the probe's own entry."""
+        cur = hits.get(tid)
+        if cur is None or (not self.ours(tid, cur) and self.ours(tid, hit)):
+            hits[tid] = hit
 
     def matches(self, key: str) -> str | None:
         """The role ``key`` plays for this target: main, aux or None."""
@@ -181,7 +204,7 @@ class Target:
                 if hit.handle is not None:
                     self.handles[(hit.key, hit.handle)] = tid
                 if "entry" not in tr.seen:
-                    tr.attempt0 = attempt
+                    tr.attempt0, tr.entry_id = attempt, hit.info.entry_id
                     self._emit(tid, "entry", when, hit)
                     if attempt is not None and attempt > first:  # retried before we first saw it
                         self._emit(tid, "retry", when, hit)
@@ -190,7 +213,7 @@ class Target:
                 if tid in self.traces:
                     self.present.add(tid)
                     self.leaving.discard(tid)
-                    tr.lost = False
+                    tr.lost = None
                 continue
             if not complete:
                 continue
@@ -198,6 +221,8 @@ class Target:
             self.present.discard(tid)
             in_proc = tid in proc
             gone = dead.get(tid) if dead else None
+            if in_proc or gone:
+                tr.lost = None  # found again where a worker puts what it took
             if in_proc or gone or was:
                 tr.state = "dead" if gone else "processing" if in_proc else "gone"
                 tr.first_at = when.at if tr.first_at is None else tr.first_at
@@ -208,12 +233,13 @@ class Target:
                     tr.attempt, tr.hit = gone.info.attempt, gone
             if (in_proc or gone) and "entry" not in tr.seen:  # taken before we saw it parked
                 tr.attempt0 = (gone.info.attempt if gone else None) or first
+                tr.entry_id = gone.info.entry_id if gone else None
                 self._emit(tid, "entry", when, gone)
             if "entry" in tr.seen and ((was and not tr.lost) or in_proc or gone):
                 self._emit(tid, "retry", when, gone)
             if gone is not None:
                 self._emit(tid, "dead", when, gone)
-            elif dead is not None and not in_proc and "retry" in tr.seen and not tr.lost:
+            elif dead is not None and not self.aux_cut and not in_proc and "retry" in tr.seen and not tr.lost:
                 self._emit(tid, "resolved", when, None)
             elif "retry" in tr.seen and tid in self.traces and self.needs_aux():
                 self.leaving.add(tid)  # in processing, or gone before a look read the aux keys

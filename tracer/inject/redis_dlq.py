@@ -19,11 +19,10 @@ from pydantic import Field, field_validator
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from tracer import clock
 from tracer.inject import CleanupOutcome, Injection
-from tracer.net import check_redis_url, redact_url
+from tracer.net import check_redis_url, is_redis_failure, redact_url
 from tracer.net import short_redis_error as short_error
 from tracer.plugins import InjectContext, InjectorPlugin
 from tracer.probe import Probe
@@ -96,6 +95,7 @@ async def send(spec: DlqInject, probe: Probe, client: Redis | None = None) -> In
     r = client or Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="replace",  # someone's binary member must not stop the sweep
         socket_timeout=spec.timeout,
         socket_connect_timeout=spec.timeout,
         retry=Retry(NoBackoff(), 0),
@@ -113,7 +113,9 @@ async def send(spec: DlqInject, probe: Probe, client: Redis | None = None) -> In
             )
         else:
             attrs["messaging.message.id"] = await r.xadd(spec.key, stream_fields(entry))
-    except (RedisError, OSError) as exc:
+    except Exception as exc:
+        if not is_redis_failure(exc):
+            raise
         error = short_error(exc, url)
         attrs["error.type"] = type(exc).__name__
         return Injection(sent, clock.now(), ok=False, error=error, attributes=attrs)
@@ -136,6 +138,7 @@ async def remove_entries(spec: DlqInject, probe: Probe, client: Redis | None = N
     r = client or Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="replace",  # someone's binary member must not stop the sweep
         socket_timeout=spec.timeout,
         socket_connect_timeout=spec.timeout,
         retry=Retry(NoBackoff(), 0),
@@ -158,7 +161,9 @@ async def remove_entries(spec: DlqInject, probe: Probe, client: Redis | None = N
                     ids = [i for i, fields in rows if any(tid in str(v) for v in fields.values())]
                     removed = int(await r.xdel(key, *ids)) if ids else 0
                 out.append(CleanupOutcome(f"remove synthetic entries from {key}", ok=True, removed=removed))
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
                 out.append(
                     CleanupOutcome(
                         f"remove synthetic entries from {key}", ok=False, error=short_error(exc, url)

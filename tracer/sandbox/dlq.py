@@ -67,16 +67,31 @@ end
 return 0
 """
 # KEYS: processing, destination (dlq or dead). ARGV: old member, new member ('' = resolved), score.
+# Only what is still in processing is finished, so a finish whose reply was lost (Redis restarted)
+# can be sent again without parking the entry twice.
 _FINISH_LIST = """
-redis.call('LREM', KEYS[1], 1, ARGV[1])
-if ARGV[2] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[2]) end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 and ARGV[2] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+end
 return 1
 """
 _FINISH_ZSET = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+end
 return 1
 """
+# KEYS: stream, destination. ARGV: group, entry id, then the new entry's field/value pairs (none
+# = resolved). Same rule: only an entry still in the stream is finished.
+_FINISH_STREAM = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and #ARGV > 2 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+end
+return 1
+"""
+SCAN_LIMIT = 1000  # list: entries looked at per tick
+FINISH_TRIES = 5  # a finish interrupted by a Redis outage is sent again this many times
 
 
 class RetryFailed(Exception):
@@ -159,7 +174,10 @@ class DlqWorker:
         self.consumer = consumer
         self.history: list[RetryRecord] = []
         self.parked_at: dict[str, float] = {}  # entry id -> monotonic time park() wrote it
-        self._redis = Redis.from_url(redis_url, decode_responses=True)
+        # Someone else's binary member must not stop the worker: it is read as replaced text.
+        self._redis = Redis.from_url(redis_url, decode_responses=True, encoding_errors="replace")
+        self._logged: set[str] = set()  # unexpected error kinds logged already (once each)
+        self.skipped = 0  # members that are not an entry of ours (not a JSON object): left alone
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._pending: dict[str, dict[str, Any]] = {}  # stream: delivered, not yet retried
@@ -174,7 +192,7 @@ class DlqWorker:
     def due_at(self, entry: dict[str, Any]) -> float:
         """Epoch seconds when ``entry`` should next be retried."""
         last = clock.parse_iso(str(entry.get("last_attempt_at") or entry.get("created_at") or "")) or 0.0
-        return last + self.retry_delay(int(entry.get("attempt") or 1))
+        return last + self.retry_delay(_count(entry.get("attempt"), 1))
 
     async def park(self, queue: str, payload: Any, error: str) -> dict[str, Any]:
         """Write a new entry, as the funnel does when a delivery fails."""
@@ -257,15 +275,38 @@ class DlqWorker:
             except RedisError as exc:  # Redis restarting: keep trying, like a real worker
                 log.warning("dlq worker: %s", type(exc).__name__)
                 await asyncio.sleep(0.2)
+            except Exception as exc:  # a bug or a hostile entry must not stop the worker silently
+                if type(exc).__name__ not in self._logged:
+                    self._logged.add(type(exc).__name__)
+                    log.exception("dlq worker: unexpected error; going on")
+                await asyncio.sleep(0.2)
             await asyncio.sleep(self.tick)
 
     async def _due(self) -> list[str]:
         now = time.time()
         if self.shape == "list":
-            return [m for m in await self._redis.lrange(self.key, 0, -1) if self.due_at(json.loads(m)) <= now]
+            due = []
+            # The oldest SCAN_LIMIT entries (LPUSH parks at the head): a huge DLQ must not stall us.
+            for m in await self._redis.lrange(self.key, -SCAN_LIMIT, -1):
+                entry = self._entry(m)
+                if entry is not None and self.due_at(entry) <= now:
+                    due.append(m)
+            return due
         if self.shape == "zset":
-            return list(await self._redis.zrangebyscore(self.key, "-inf", now, start=0, num=100))
+            members = await self._redis.zrangebyscore(self.key, "-inf", now, start=0, num=100)
+            return [m for m in members if self._entry(m) is not None]
         return [i for i, e in self._pending.items() if i not in self._claimed and self.due_at(e) <= now]
+
+    def _entry(self, member: str) -> dict[str, Any] | None:
+        """The entry a member holds, or None for someone else's member (left where it is)."""
+        try:
+            entry = json.loads(member)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            self.skipped += 1
+            return None
+        return entry
 
     async def _claim(self, member: str) -> bool:
         if self.shape == "list":
@@ -287,7 +328,9 @@ class DlqWorker:
                 )
             except ResponseError as exc:  # NOGROUP: the stream was deleted under us
                 if "NOGROUP" not in str(exc):
-                    raise
+                    log.warning("dlq stream reader: %s", str(exc)[:120])  # e.g. WRONGTYPE
+                    await asyncio.sleep(0.2)
+                    continue
                 with contextlib.suppress(ResponseError):
                     await self._redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
                 continue
@@ -310,22 +353,34 @@ class DlqWorker:
                 raise RetryFailed("retry failed (injected)")
             if self.handler is not None:
                 with telemetry.continued(
-                    "dlq retry", entry.get("trace"), **{"dlq.attempt": int(entry.get("attempt") or 1)}
+                    "dlq retry", entry.get("trace"), **{"dlq.attempt": _count(entry.get("attempt"), 1)}
                 ):
                     await self.handler(entry)
         except Exception as exc:  # the handler's failure is the retry's failure
             error = f"{type(exc).__name__}: {exc}"[:200]
-        attempt = int(entry.get("attempt") or 1)
+        attempt = _count(entry.get("attempt"), 1)
         new: dict[str, Any] | None = None
         dead = False
         if error is not None:
             now = time.time()
             new = {**entry, "attempt": attempt + 1, "last_attempt_at": clock.iso(now), "error": error}
-            if attempt + 1 >= int(entry.get("max_attempts") or self.max_attempts):
+            if attempt + 1 >= _count(entry.get("max_attempts"), self.max_attempts):
                 new["dead_at"] = clock.iso(now)
                 dead = True
         self.history.append(RetryRecord(str(entry.get("id")), attempt, started, ok=error is None, dead=dead))
-        await self._finish(member, new, dead)
+        for n in range(FINISH_TRIES):  # as a real worker would: the entry is never left half done
+            try:
+                await self._finish(member, new, dead)
+                return
+            except (RedisError, OSError) as exc:
+                if n == FINISH_TRIES - 1:
+                    log.warning(
+                        "dlq worker: could not finish %s (%s); it stays in processing",
+                        entry.get("id"),
+                        type(exc).__name__,
+                    )
+                    return
+                await asyncio.sleep(0.2 * 2**n)
 
     async def _finish(self, member: str, new: dict[str, Any] | None, dead: bool) -> None:
         dest = self.dead_key if dead else self.key
@@ -339,14 +394,18 @@ class DlqWorker:
                 _FINISH_ZSET, 2, self.processing_key, dest, member, _dump(new) if new else "", score
             )
         else:
-            async with self._redis.pipeline(transaction=True) as p:
-                if new is not None:
-                    p.xadd(dest, to_fields(new))
-                p.xack(self.key, self.group, member)
-                p.xdel(self.key, member)
-                await p.execute()
+            pairs = [x for kv in to_fields(new).items() for x in kv] if new is not None else []
+            await self._redis.eval(_FINISH_STREAM, 2, self.key, dest, self.group, member, *pairs)
             self._pending.pop(member, None)
             self._claimed.discard(member)
+
+
+def _count(value: Any, default: int) -> int:
+    """An attempt counter as someone else may have written it ("2", 2.0, "many", null)."""
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
 
 
 def _dump(entry: dict[str, Any]) -> str:

@@ -87,9 +87,22 @@ def _decode_body(raw: bytes, encoding: str, compression: str) -> Any:
     if len(raw) > MAX_BODY:
         raise _Refused(413, "validation_error", "payload_too_large", "payload exceeds 20 MB")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise _invalid(f"body is not valid JSON: {exc}") from None
+
+
+def _not_json(token: str) -> Any:
+    """``NaN``/``Infinity``: Python's json reads them (and the Python SDK writes them for a float
+    property), but they are no JSON: PostHog's capture (serde_json) refuses the whole request."""
+    raise ValueError(f"{token} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
 
 
 def _token_of(obj: Any) -> str | None:
