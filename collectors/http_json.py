@@ -29,6 +29,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -37,7 +40,8 @@ from jmespath.exceptions import JMESPathError
 from pydantic import Field, field_validator
 
 from tracer import clock
-from tracer.net import Backoff
+from tracer.evidence import Evidence
+from tracer.net import AnswerError, Backoff, fetch_json
 from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -100,8 +104,9 @@ class HttpJsonConfig(Model):
     min_interval: Duration = Field(1.0, gt=0)
     max_ids: int = Field(100, ge=1, description="trace ids per request (the API's filter-list limit)")
     clock_skew: Duration = Field(2.0, ge=0)
-    timeout: Duration = Field(10.0, gt=0)
+    timeout: Duration = Field(10.0, gt=0, description="for the whole answer, not each read")
     max_backoff: Duration = Field(60.0, gt=0)
+    max_bytes: int = Field(16 * 1024 * 1024, gt=0, description="a larger answer is no evidence (blind)")
 
     @field_validator("items", "timestamp")
     @classmethod
@@ -147,15 +152,33 @@ def render(template: Any, ids: list[str], since: float) -> Any:
 
 
 def _epoch(value: Any) -> float | None:
+    """Epoch seconds from seconds, ms, µs or ns (told apart by size: every unit's present-day
+    value is 1,000 times the previous one's), or ISO-8601; None for what is no time."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return value / 1000.0 if value > 1e11 else float(value)  # epoch ms or s
+        if not math.isfinite(value):
+            return None
+        seconds = float(value)
+        for _ in range(3):  # ms, µs, ns
+            if seconds <= 1e11:  # up to year 5138 in seconds
+                break
+            seconds /= 1000.0
+        return seconds if 0 < seconds <= 1e11 else None
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             return _epoch(float(value))
         return clock.parse_iso(value)
     return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One good answer, for ``explain``: when, how many items, how many had ``match.path``."""
+
+    at: float
+    items: int
+    with_path: int
 
 
 class HttpJsonCollector:
@@ -176,6 +199,7 @@ class HttpJsonCollector:
         self._wake = asyncio.Event()
         self._last_good_sent: float | None = None
         self._backoff = Backoff(config.max_backoff)
+        self.answers: deque[Answer] = deque(maxlen=512)
         self.requests = 0
         self.failed_requests = 0
         self.last_error: str | None = None
@@ -272,33 +296,56 @@ class HttpJsonCollector:
         sent = clock.now()
         self.requests += 1
         try:
-            resp = await self._client.request(
-                r.method, render(r.url, ids, since), timeout=self.config.timeout, **kwargs
+            resp, data = await fetch_json(
+                self._client,
+                r.method,
+                render(r.url, ids, since),
+                timeout=self.config.timeout,
+                max_bytes=self.config.max_bytes,
+                **kwargs,
             )
         except httpx.TimeoutException:
             return sent, self._fail(sent, f"timeout after {self.config.timeout:g}s", None)
         except httpx.HTTPError as exc:
             return sent, self._fail(sent, type(exc).__name__, None)
+        except AnswerError as exc:
+            return sent, self._fail(sent, exc.why, None)
         received = clock.now()
+        if resp.status_code in (401, 403):
+            return sent, self._broke(sent, f"HTTP {resp.status_code}")
         if not 200 <= resp.status_code < 300:
             retry = resp.headers.get("Retry-After") if resp.status_code in (429, 503) else None
             return sent, self._fail(
                 sent, f"HTTP {resp.status_code}", retry or ("1" if resp.status_code == 429 else None)
             )
         try:
-            items = self._items.search(resp.json())
-        except ValueError:
-            return sent, self._fail(sent, "response is not JSON", None)
+            # Off the loop: a 10 MB answer of 100,000 items costs a second of selecting and
+            # scanning, which must not stall every other collector.
+            items, hits, with_path = await asyncio.to_thread(self._select, data)
+        except (JMESPathError, RecursionError, TypeError, ValueError) as exc:
+            return sent, self._fail(sent, f"items ({self.config.items}) failed: {type(exc).__name__}", None)
         if not isinstance(items, list):
             return sent, self._fail(sent, f"items ({self.config.items}) selected no list", None)
-        self._match(items, received)
+        self.answers.append(Answer(received, len(items), with_path))
+        for i, tids in hits:
+            for tid in tids:
+                for w in list(self._index.get(tid)):
+                    self._observe(w, items[i], received)
         return sent, 0.0
 
-    def _match(self, items: list[Any], received: float) -> None:
+    def _select(self, data: Any) -> tuple[Any, list[tuple[int, set[str]]], int]:
+        """In a worker thread (pure: no watch is touched): the items, the trace ids each one
+        carries where the matcher looks, and how many items have ``match.path`` at all."""
+        items = self._items.search(data)
+        if not isinstance(items, list):
+            return items, [], 0
         equals = self.config.match.mode == "equals"
-        for item in items:
+        hits: list[tuple[int, set[str]]] = []
+        with_path = 0
+        for i, item in enumerate(items):
             if self._path is not None:
                 value = self._path.search(item)
+                with_path += value is not None
                 texts = (
                     [value]
                     if isinstance(value, str)
@@ -306,11 +353,39 @@ class HttpJsonCollector:
                 )
             else:
                 texts = list(strings_in(item))
+            tids: set[str] = set()
             for text in texts:
-                candidates = [text.lower()] if equals else set(TRACE_ID.findall(text.lower()))
-                for tid in candidates:
-                    for w in list(self._index.get(tid)):
-                        self._observe(w, item, received)
+                tids.update([text.lower()] if equals else TRACE_ID.findall(text.lower()))
+            if tids:
+                hits.append((i, tids))
+        return items, hits, with_path
+
+    async def explain(self, w: Watch, start: float, end: float, base: Evidence) -> Evidence:
+        """What the API answered in the hop's window, so an empty answer (nothing there, or a
+        filter that finds nothing), a ``match.path`` that selects nothing (a typo) and records
+        without the trace id read differently from an outage (which ``base.blind`` shows)."""
+        got = [a for a in self.answers if start <= a.at <= end]
+        items = max((a.items for a in got), default=0)
+        found: dict[str, Any] = {"answers": len(got), "most_items": items}
+        base.near_misses, base.found = items, found
+        path = self.config.match.path
+        if not got:
+            base.summary = "no answer was read in the window"
+        elif not items:
+            base.summary = (
+                f"the API answered {len(got)} time(s), always an empty list at items ({self.config.items})"
+            )
+            base.hint = (
+                "Nothing came back: does the request's filter find the probe's record, and does "
+                "items select the list the API returns?"
+            )
+        elif path is not None and not any(a.with_path for a in got):
+            found["items_with_match_path"] = 0
+            base.summary = f"the answers held up to {items} item(s), none with a value at match.path ({path})"
+            base.hint = f"Check match.path: {path} selects nothing in the items the API returns."
+        else:
+            base.summary = f"the answers held up to {items} item(s), none carrying the trace id"
+        return base
 
     def _observe(self, w: Watch, item: Any, received: float) -> None:
         not_before = max(w.since, self._last_good_sent if self._last_good_sent is not None else w.since)
@@ -328,6 +403,17 @@ class HttpJsonCollector:
             )
         )
         self._index.discard(w)
+
+    def _broke(self, sent: float, error: str) -> float:
+        """The credentials are refused (401/403): every wait ends now with it as the cause
+        (``Coverage.broke``); keep asking at the longest backoff, a good answer clears it."""
+        first = self.coverage.broken is None
+        self.failed_requests += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        if first:
+            log.error("http_json request refused: %s (hops on this sink are unknown until fixed)", error)
+        return self._backoff.longest()
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_requests += 1

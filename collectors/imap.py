@@ -57,6 +57,7 @@ from tracer.net import is_loopback
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
 from tracer.schema import Duration, Model, Secret
+from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ class Found:
     at: float
     not_before: float
     internaldate: float | None
-    mail: mime.MailText | None  # None: too large, or not downloaded (nothing in flight)
+    mail: mime.MailText | None  # None: not downloaded (nothing in flight), or unreadable
+    unread: str | None = None  # why part or all of a mail we meant to read was not read
 
 
 class _Reader:
@@ -175,6 +177,14 @@ class ImapError(Exception):
     """The session broke (server said BAD/NO/BYE, or the socket failed): reconnect, blind."""
 
 
+class LoginRefused(ImapError):
+    """The server refused our credentials (RFC 5530 AUTHENTICATIONFAILED, Gmail's "Invalid
+    credentials"): a setup error no retry fixes, so every wait ends now (``Coverage.broke``)."""
+
+
+_REFUSED = ("AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "INVALID CREDENTIALS", "EXPIRED")
+
+
 _FETCH_META = re.compile(rb"UID (\d+)|INTERNALDATE \"([^\"]+)\"|RFC822\.SIZE (\d+)")
 _EXISTS = re.compile(rb"^\* \d+ EXISTS", re.I)
 
@@ -193,6 +203,7 @@ class ImapCollector:
     def __init__(self, config: ImapConfig) -> None:
         self.config = config
         self.coverage = Coverage(retroactive=True)
+        self._supervisor = Supervisor("imap-worker", self.coverage)  # its crashed(): one rule for all
         self._index = WatchIndex()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -239,11 +250,15 @@ class ImapCollector:
 
     def health(self) -> dict[str, Any]:
         return {
-            "up": not self.coverage.blind_now and self._connected.is_set(),
+            "up": not self.coverage.blind_now
+            and self._connected.is_set()
+            and self._thread is not None
+            and self._thread.is_alive(),
             "mode": self.mode,
             "folder": self.config.folder,
             "in_flight": len(self._index),
             "last_error": self.last_error,
+            "internal_errors": self._supervisor.crashes,
             **self.counters,
         }
 
@@ -255,6 +270,10 @@ class ImapCollector:
 
     def _on_found(self, found: list[Found]) -> None:
         for f in found:
+            before = self.counters["matched"]
+            if f.unread is not None and f.mail is None:
+                self._missed(f)
+                continue
             if f.mail is None:
                 continue
             for where, text in f.mail.sections.items():
@@ -284,6 +303,13 @@ class ImapCollector:
                         self.counters["matched"] += 1
                         if self.config.cleanup:
                             self._cleanup.put(f.uid)
+            if f.unread is not None and self.counters["matched"] == before:
+                self._missed(f)
+
+    def _missed(self, f: Found) -> None:
+        """A mail we could not read whole and that was no probe's, as far as we read: it may have
+        been any in-flight probe's notification, and no later look will read it better."""
+        self.coverage.missed(f.not_before, f.at, f"a mail {f.unread}")
 
     # -- worker thread ------------------------------------------------------------
     def _work(self) -> None:
@@ -298,9 +324,23 @@ class ImapCollector:
                 if self._stop.is_set():
                     break
                 self.last_error = f"{type(exc).__name__}: {_clean(str(exc))}"
-                self._call(self.coverage.failed, clock.now())
-                backoff = min(self.config.max_backoff, max(0.25, backoff * 2))
+                if isinstance(exc, LoginRefused):
+                    self._call(self.coverage.broke, clock.now(), str(exc))
+                    backoff = self.config.max_backoff  # a password is not fixed in seconds
+                else:
+                    self._call(self.coverage.failed, clock.now(), self.last_error)
+                    backoff = min(self.config.max_backoff, max(0.25, backoff * 2))
                 log.warning("imap session failed (%s); reconnecting in %.2fs", self.last_error, backoff)
+                self._stop.wait(backoff)
+            except Exception as exc:  # noqa: BLE001 (never a silent death of the worker)
+                # What a hostile or broken server can make imaplib (or our parsing) raise beyond
+                # its own errors, e.g. UnicodeDecodeError on non-ASCII where it expects ASCII:
+                # counted, logged once per kind, blind, and a new session like any failure.
+                if self._stop.is_set():
+                    break
+                self.last_error = f"internal error ({type(exc).__name__})"
+                self._call(self._supervisor.crashed, exc)
+                backoff = min(self.config.max_backoff, max(1.0, backoff * 2))
                 self._stop.wait(backoff)
             finally:
                 if conn is not None:
@@ -319,13 +359,19 @@ class ImapCollector:
             if cfg.tls == "starttls":
                 conn.starttls(ssl_context=ctx)
         conn.file = self._reader = _Reader(conn.sock)  # type: ignore[assignment]  # see _Reader
-        if cfg.oauth2_token is not None:
-            token = cfg.oauth2_token.get_secret_value()
-            blob = f"user={cfg.username}\x01auth=Bearer {token}\x01\x01".encode()
-            conn.authenticate("XOAUTH2", lambda _challenge: blob)
-        else:
-            assert cfg.password is not None
-            conn.login(cfg.username, cfg.password.get_secret_value())
+        try:
+            if cfg.oauth2_token is not None:
+                token = cfg.oauth2_token.get_secret_value()
+                blob = f"user={cfg.username}\x01auth=Bearer {token}\x01\x01".encode()
+                conn.authenticate("XOAUTH2", lambda _challenge: blob)
+            else:
+                assert cfg.password is not None
+                conn.login(cfg.username, cfg.password.get_secret_value())
+        except imaplib.IMAP4.error as exc:
+            text = _clean(str(exc))  # the server's words; it never echoes the password
+            if any(code in text.upper() for code in _REFUSED):
+                raise LoginRefused(f"login refused: {text}") from None
+            raise
         typ, caps = conn.capability()  # after auth: servers add IDLE, MOVE... once logged in
         self._caps = (
             set(caps[0].decode().upper().split())
@@ -404,23 +450,36 @@ class ImapCollector:
             want = len(self._index) > 0  # read after the answer: a watch added before is seen
             floor = self._rescan_floor
             fresh = [m for m in metas if floor is None or m[1] is None or m[1] >= floor]
-            small = [uid for uid, _, size in fresh if size <= self.config.max_bytes]
-            self.counters["too_large"] += sum(1 for m in fresh if m[2] > self.config.max_bytes)
+            limit = self.config.max_bytes
+            small = [uid for uid, _, size in fresh if size <= limit]
+            big = {uid for uid, _, size in fresh if size > limit}
+            self.counters["too_large"] += len(big)
             mails = self._read(conn, small) if want and small else {}
+            if want and big:
+                # Its first max_bytes: the head, where notifications carry the trace id.
+                mails.update(self._read(conn, sorted(big), f"BODY.PEEK[]<0.{limit}>"))
+            wanted = {uid for uid, _, _ in fresh} if want else set()
             for uid, idate, _ in sorted(metas):
-                found.append(Found(uid, at, min(lo, at), idate, mails.get(uid)))
+                unread = None
+                if uid in wanted and uid not in mails:
+                    unread = "that could not be read (unparsable, or gone before we read it)"
+                elif uid in big and uid in mails:
+                    unread = f"over max_bytes, read only in its first {limit} bytes"
+                found.append(Found(uid, at, min(lo, at), idate, mails.get(uid), unread))
                 self._last_uid = max(self._last_uid or 0, uid)
             self.counters["mails"] += len(metas)
             self._call(self._on_found, found)
         self._call(self.coverage.looked, sent)
         return sent
 
-    def _read(self, conn: imaplib.IMAP4, uids: list[int]) -> dict[int, mime.MailText]:
+    def _read(
+        self, conn: imaplib.IMAP4, uids: list[int], section: str = "BODY.PEEK[]"
+    ) -> dict[int, mime.MailText]:
         """Download and parse mails, 50 a command (a flood costs a few round trips, not one each)."""
         out: dict[int, mime.MailText] = {}
         for i in range(0, len(uids), 50):
             batch = ",".join(str(u) for u in uids[i : i + 50])
-            typ, data = conn.uid("FETCH", batch, "(UID BODY.PEEK[])")
+            typ, data = conn.uid("FETCH", batch, f"(UID {section})")
             if typ != "OK":
                 raise ImapError(f"UID FETCH BODY answered {typ}")
             for item in data:

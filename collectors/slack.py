@@ -22,8 +22,8 @@ next good read still finds what was posted meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -31,7 +31,7 @@ import httpx
 from pydantic import Field, field_validator
 
 from tracer import clock
-from tracer.net import Backoff
+from tracer.net import AnswerError, Backoff, fetch_json
 from tracer.payload import strings_in
 from tracer.plugins import SinkPlugin
 from tracer.probe import TRACE_ID
@@ -40,6 +40,13 @@ from tracer.supervise import Supervisor
 from tracer.watch import Coverage, Observation, Watch, WatchIndex
 
 log = logging.getLogger(__name__)
+
+# ``ok: false`` errors no retry can fix: the token, its scopes or the bot's membership.
+PERMANENT = frozenset(
+    ("invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired", "no_permission",
+     "missing_scope", "not_in_channel", "channel_not_found", "not_allowed_token_type")
+)  # fmt: skip
+MAX_ANSWER = 16 * 1024 * 1024  # bytes: a history page of 999 large messages is far below
 
 Part = Literal["text", "blocks", "attachments"]
 
@@ -80,6 +87,12 @@ class SlackHop(Model):
         min_length=1,
         description="where in the message the trace id may appear",
     )
+    authors: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="only messages by these user, bot or app IDs (U.../B.../A...) count; default: "
+        "anyone in the channel, so a member who pastes a trace id would count as the funnel",
+    )
 
 
 def poll_interval(cfg: SlackConfig, channels: int | None = None) -> float:
@@ -116,6 +129,8 @@ class SlackCollector:
         self.calls = 0
         self.failed_calls = 0
         self.rate_limited = 0
+        self.malformed_messages = 0  # messages without a valid ts: skipped
+        self.foreign = 0  # the trace id in a message by an author the hop does not accept
         self.last_error: str | None = None
 
     # -- Collector protocol -------------------------------------------------
@@ -160,6 +175,8 @@ class SlackCollector:
             "calls": self.calls,
             "failed_calls": self.failed_calls,
             "rate_limited": self.rate_limited,
+            "malformed_messages": self.malformed_messages,
+            "foreign_authors": self.foreign,
             "internal_errors": self._supervisor.crashes,
             "in_flight": len(self._index),
             "last_error": self.last_error,
@@ -210,34 +227,44 @@ class SlackCollector:
         sent = clock.now()
         self.calls += 1
         try:
-            resp = await self._client.get(
+            resp, data = await fetch_json(
+                self._client,
+                "GET",
                 f"{self.config.api_url}/conversations.history",
                 params=params,
                 headers=headers,
                 timeout=self.config.timeout,
+                max_bytes=MAX_ANSWER,
             )
         except httpx.TimeoutException:
             return self._fail(sent, f"timeout after {self.config.timeout:g}s", None)
         except httpx.HTTPError as exc:
             return self._fail(sent, type(exc).__name__, None)
+        except AnswerError as exc:
+            return self._fail(sent, exc.why, None)
         received = clock.now()
         if resp.status_code == 429:
             self.rate_limited += 1
             return self._fail(sent, "HTTP 429 (rate limited)", resp.headers.get("Retry-After") or "1")
         if resp.status_code != 200:
             return self._fail(sent, f"HTTP {resp.status_code}", resp.headers.get("Retry-After"))
-        try:
-            data = resp.json()
-        except ValueError:
-            return self._fail(sent, "response is not JSON", None)
-        if not isinstance(data, dict) or not data.get("ok"):
+        if not isinstance(data, dict) or data.get("ok") is not True:
             error = str(data.get("error") if isinstance(data, dict) else "malformed")[:100]
+            if error in PERMANENT:
+                return self._broke(sent, f"{name}: {error}")
             return self._fail(sent, f"{name}: {error}", "1" if error == "ratelimited" else None)
+        # A half answer is no evidence (issue 10.1's rule, for Slack): without a messages list,
+        # or with has_more but no cursor to the rest, this read cannot certify the channel.
+        messages = data.get("messages")
+        meta = data.get("response_metadata")
+        cursor = meta.get("next_cursor") if isinstance(meta, dict) and data.get("has_more") else None
+        if not isinstance(messages, list):
+            return self._fail(sent, f"{name}: answer without a messages list", None)
+        if data.get("has_more") and not (isinstance(cursor, str) and cursor):
+            return self._fail(sent, f"{name}: has_more without a next_cursor", None)
         if ch.sweep_sent is None:
             ch.sweep_sent = sent
-        messages = data.get("messages") if isinstance(data.get("messages"), list) else []
         self._match(name, ch, messages, received)
-        cursor = (data.get("response_metadata") or {}).get("next_cursor") if data.get("has_more") else None
         if cursor:
             ch.cursor = str(cursor)  # more of this sweep next cycle; nothing certified yet
         else:
@@ -254,12 +281,16 @@ class SlackCollector:
 
     def _match(self, name: str, ch: _Channel, messages: list[Any], received: float) -> None:
         for msg in messages:
-            if not isinstance(msg, dict) or not isinstance(msg.get("ts"), str) or msg["ts"] in ch.seen:
+            ts = msg.get("ts") if isinstance(msg, dict) else None
+            stamp = _float(ts) if isinstance(ts, str) else None
+            if stamp is None or not math.isfinite(stamp):
+                self.malformed_messages += 1  # Slack's ts is always "<epoch>.<micro>"
                 continue
-            ts = msg["ts"]
+            if ts in ch.seen:
+                continue
             ch.seen.add(ts)
-            with contextlib.suppress(ValueError):
-                ch.sweep_max_ts = max(ch.sweep_max_ts, float(ts))
+            ch.sweep_max_ts = max(ch.sweep_max_ts, stamp)
+            authors = {str(msg[k]) for k in ("user", "bot_id", "app_id") if msg.get(k)}
             parts = {
                 "text": msg.get("text") if isinstance(msg.get("text"), str) else "",
                 "blocks": "\n".join(strings_in(msg.get("blocks") or [])),
@@ -271,17 +302,33 @@ class SlackCollector:
                         hop: SlackHop = w.sink_spec
                         if where not in hop.where or (hop.channel is not None and hop.channel != name):
                             continue
+                        if hop.authors is not None and not (authors & set(hop.authors)):
+                            self.foreign += 1  # the trace id, posted by someone else: no sighting
+                            continue
                         not_before = ch.certified if ch.certified is not None else w.since
                         w.observe(
                             Observation(
                                 at=received,
                                 not_before=min(max(not_before, w.since), received),
                                 source="poll",
-                                sink_time=_float(ts),
-                                detail={"channel": name, "ts": ts, "where": where},
+                                sink_time=stamp,
+                                detail={"channel": name, "ts": ts, "where": where, "author": sorted(authors)},
                             )
                         )
                         self._index.discard(w)
+
+    def _broke(self, sent: float, error: str) -> float:
+        """A setup error (token, scope, membership): every wait ends now with it as the cause
+        (``Coverage.broke``); keep looking at the longest backoff, a good read clears it."""
+        first = self.coverage.broken is None
+        self.failed_calls += 1
+        self.last_error = error
+        self.coverage.broke(sent, error)
+        if first:
+            log.error(
+                "slack conversations.history refused: %s (hops on this sink are unknown until fixed)", error
+            )
+        return self._backoff.longest()
 
     def _fail(self, sent: float, error: str, retry_after: str | None) -> float:
         self.failed_calls += 1

@@ -50,7 +50,7 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 from urllib.parse import parse_qs
 
 import h11
@@ -160,9 +160,15 @@ class WebhookHop(Model):
 class _Rejected(Exception):
     """A request we answer with an error status; never a crash, never a match."""
 
-    def __init__(self, status: int, counter: str, message: str, why: str) -> None:
+    def __init__(
+        self, status: int, counter: str, message: str, why: str, close: bool = False, delivery: bool = False
+    ) -> None:
         super().__init__(message)
         self.status, self.counter, self.message = status, counter, message
+        self.close = close or status == 413  # 413: the rest of the body is not worth reading
+        # Past authentication (or before it could be checked: an HMAC needs the whole body), so
+        # this may have been the funnel's delivery that we could not read: blind, not a miss.
+        self.delivery = delivery
         self.why = f"{counter}: {why}"  # the evidence's label; never names a secret
 
 
@@ -175,6 +181,8 @@ class _Server(uvicorn.Server):
         yield
 
 
+ACCEPT_PROBE = 1.0  # seconds: the heartbeat's connection to itself must be accepted within this
+OVERSIZED_SCAN = 64  # x max_body: how far an oversized body is read (kept: nothing) for a trace id
 SHED_AGE = 0.5  # seconds: shedding a head younger than this may lose a delivery (blind)
 OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -193,6 +201,7 @@ class _Guard:
     def __init__(self, collector: WebhookCollector) -> None:
         self.collector = collector
         self.conns: dict[_GuardedH11, None] = {}  # insertion-ordered set
+        self.probes: dict[Any, asyncio.Future[None]] = {}  # our own accept probes, by client address
 
     def admit(self, p: _GuardedH11) -> bool:
         cfg = self.collector.config
@@ -277,12 +286,21 @@ class _GuardedH11(H11Protocol):
         self.logger = _QuietLog(self.logger, self.guard.collector._throttle)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        probe = self.guard.probes.get(transport.get_extra_info("peername"))
+        if probe is not None:  # the heartbeat's own accept probe: answered, never admitted
+            if not probe.done():
+                probe.set_result(None)
+            self.refused = True
+            transport.close()
+            return
         super().connection_made(transport)
         self.phase, self.since = "idle", clock.now()
         self.guard.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.conns.pop(self, None)
+        if self.refused and self.transport is None:
+            return  # an accept probe: uvicorn never saw this connection
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -475,9 +493,47 @@ class WebhookCollector:
             now = clock.now()
             self._guard.sweep(now)
             if self._serving is not None and not self._serving.done():
-                # Closes a blind window a refusal opened: from here on we are admitting again.
-                self.coverage.looked(now)
+                if await self._accepts():
+                    # Closes a blind window a refusal opened: from here on we are admitting again.
+                    self.coverage.looked(now)
+                else:
+                    self._blind(
+                        now,
+                        "accept",
+                        "the receiver cannot accept connections (out of file descriptors?); hops may be unknown",
+                    )
             await asyncio.sleep(self.config.heartbeat)
+
+    async def _accepts(self) -> bool:
+        """Can the server accept a connection right now? A running server is not enough: out of
+        file descriptors, asyncio stops accepting for a while and senders wait in the kernel's
+        backlog, so a heartbeat that only checked "serving" would certify a window in which a
+        delivery sat unread (a false ``late``). One connection to ourselves, seen accepted."""
+        assert self.port is not None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.config.host, self.config.host)
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[None] = loop.create_future()
+        sock: socket.socket | None = None
+        addr = None
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.bind((host, 0))
+            addr = sock.getsockname()
+            self._guard.probes[addr[:2]] = seen
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # races the inner result, and close() would then wait for this heartbeat forever.
+            async with asyncio.timeout(ACCEPT_PROBE):
+                await loop.sock_connect(sock, (host, self.port))
+                await seen
+            return True
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if addr is not None:
+                self._guard.probes.pop(addr[:2], None)
+            if sock is not None:
+                sock.close()
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -514,13 +570,21 @@ class WebhookCollector:
         if scope["type"] != "http":
             return
         self.coverage.looked(clock.now())
+        close = False
         try:
             status, text = self._handle(scope, await self._read(scope, receive))
         except _Rejected as rej:
             self.rejected[rej.counter] += 1
             path = scope.get("funnel_tracer.path")
             self.receipts.add(clock.now(), (path,) if path else (), rej.why)
-            status, text = rej.status, rej.message
+            status, text, close = rej.status, rej.message, rej.close
+            if rej.delivery:
+                self._blind(
+                    clock.now(),
+                    f"unreadable:{rej.counter}",
+                    "could not read a delivery on an authenticated path (%s); hops in flight may be unknown",
+                    rej.why,
+                )
         except Exception:  # a receiver bug answers 500 and keeps serving
             self.counters["handler_errors"] += 1
             log.exception("webhook receiver failed on a request")
@@ -530,8 +594,8 @@ class WebhookCollector:
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(payload)).encode()),
         ]
-        if status == 413:
-            headers.append((b"connection", b"close"))  # the rest of the body is not worth reading
+        if close:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -545,8 +609,19 @@ class WebhookCollector:
         path = scope["funnel_tracer.path"] = self._hop_path(scope)
         limit = self.config.max_body
         length = _header(scope, b"content-length")
+        if length is not None and _header(scope, b"transfer-encoding") is not None:
+            # Two framings: a proxy in front may have read the body differently, so what
+            # follows on this connection may be a smuggled request (RFC 9112 6.1: refuse
+            # and close, never read on).
+            raise _Rejected(
+                400,
+                "malformed",
+                "both Content-Length and Transfer-Encoding\n",
+                "ambiguous framing",
+                close=True,
+            )
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise _Rejected(413, "oversized", "body too large\n", "over max_body")
+            await self._oversized(receive, b"", int(length) if length.isdigit() else None)
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -556,11 +631,47 @@ class WebhookCollector:
                 raise _Rejected(400, "malformed", "client went away\n", "the sender went away mid-body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                raise _Rejected(413, "oversized", "body too large\n", "over max_body")
             chunks.append(chunk)
             more = message.get("more_body", False)
+            if size > limit:
+                await self._oversized(receive, b"".join(chunks), None, more)
         return path, b"".join(chunks), clock.now()
+
+    async def _oversized(
+        self,
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        head: bytes,
+        length: int | None,
+        more: bool = True,
+    ) -> NoReturn:
+        """A body over ``max_body`` is refused (413), but it may have been a probe's delivery we
+        cannot read. Read on, keeping nothing, up to ``OVERSIZED_SCAN`` x ``max_body``, looking
+        for the trace id of a probe in flight: only when one is there, or the body could not be
+        scanned to its end, is the receiver blind for that moment (``_Rejected.delivery``)."""
+        cap = OVERSIZED_SCAN * self.config.max_body
+        suspect = self._watched_in(head)
+        size, tail = len(head), head[-32:]
+        scanned = length is None or length <= cap
+        while more and scanned and not suspect:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scanned = False
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            suspect = self._watched_in(tail + chunk)  # overlap: an id split across two chunks
+            tail = chunk[-32:]
+            more = message.get("more_body", False)
+            scanned = size <= cap
+        raise _Rejected(
+            413, "oversized", "body too large\n", "over max_body", delivery=suspect or not scanned or more
+        )
+
+    def _watched_in(self, data: bytes) -> bool:
+        """Does ``data`` (raw bytes, no parsing) carry the trace id of a probe in flight?"""
+        if not len(self._index) or not data:
+            return False
+        return any(self._index.get(t) for t in _ids(data.decode("latin-1")))
 
     def _hop_path(self, scope: dict[str, Any]) -> str:
         """Strip and check the secret segment; what remains is the hop path."""
@@ -581,7 +692,13 @@ class WebhookCollector:
         path, raw, received = read
         if self.config.hmac_secret is not None:
             self._verify(scope, raw)
-        body = _parse(raw, _header(scope, b"content-type") or "")
+        try:
+            body = _parse(raw, _header(scope, b"content-type") or "")
+        except _Rejected as rej:
+            # Unreadable: a probe's delivery only if it shows a watched trace id, or if it is not
+            # even text (compressed, another charset), where no id could show.
+            rej.delivery = self._watched_in(raw) or not _is_utf8(raw)
+            raise
         self.counters["accepted"] += 1
         ids: set[str] = set()
         matched: set[str] = set()
@@ -625,7 +742,8 @@ class WebhookCollector:
         carried and those it matched (for the evidence)."""
         watched: set[str] = set()
         matched: set[str] = set()
-        for tid in set(TRACE_ID.findall("\n".join(strings_in(body)).lower())):
+        at_path: dict[str, set[str]] = {}  # json_path -> the trace ids found there (once a body)
+        for tid in _ids("\n".join(strings_in(body))):
             watches = list(self._index.get(tid))
             if watches:
                 watched.add(tid)
@@ -633,10 +751,7 @@ class WebhookCollector:
                 hop: WebhookHop = w.sink_spec
                 if hop.path != path:
                     continue
-                if (
-                    hop.json_path is not None
-                    and tid not in "\n".join(strings_in(value_at(body, hop.json_path))).lower()
-                ):
+                if hop.json_path is not None and tid not in _ids_at(body, hop.json_path, at_path):
                     continue
                 w.observe(Observation(at=received, not_before=received, source="push", detail={"path": path}))
                 self._index.discard(w)
@@ -645,13 +760,33 @@ class WebhookCollector:
         return watched, matched
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _ids(text: str) -> set[str]:
+    """Trace ids in ``text``: whole 32-hex tokens only, so a longer hex run (a hash, a
+    signature) that merely contains one is not a sighting."""
+    return set(TRACE_ID.findall(text.lower()))
+
+
+def _ids_at(body: Body, json_path: str, cache: dict[str, set[str]]) -> set[str]:
+    if json_path not in cache:
+        cache[json_path] = _ids("\n".join(strings_in(value_at(body, json_path))))
+    return cache[json_path]
+
+
 def _timestamped(value: str) -> tuple[str | None, list[str]]:
     """``t=<unix seconds>,v1=<hex>[,v1=<hex>...]`` -> (t, [v1...]); (None, []) if malformed."""
     ts: str | None = None
     sigs: list[str] = []
     for item in value.split(","):
         k, _, v = item.strip().partition("=")
-        if k == "t" and v.isdigit() and len(v) <= 12:
+        if k == "t" and v.isascii() and v.isdigit() and len(v) <= 12:
             ts = v
         elif k == "v1" and v:
             sigs.append(v)
@@ -676,22 +811,36 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 def _parse(raw: bytes, content_type: str) -> Body:
     """JSON (the default), Slack's legacy ``payload=<json>`` form, or ``text/*``. Anything that
     does not decode is malformed (400)."""
-    ctype = content_type.split(";")[0].strip().lower()
+    ctype, _, params = content_type.partition(";")
+    ctype = ctype.strip().lower()
+    charset = "utf-8"
+    if ctype.startswith("text/"):  # JSON is UTF-8 by definition; text says what it is
+        for param in params.split(";"):
+            k, _, v = param.partition("=")
+            if k.strip().lower() == "charset" and v.strip().strip('"'):
+                charset = v.strip().strip('"')
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(charset)
         if ctype == "application/x-www-form-urlencoded":
             form = {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True, strict_parsing=True).items()}
-            return json.loads(form["payload"]) if "payload" in form else form
-        if ctype.startswith("text/"):
+            body = json.loads(form["payload"]) if "payload" in form else form
+        elif ctype.startswith("text/"):
             if not text.strip():
                 raise ValueError("empty body")
             return text
-        body = json.loads(text)
-    except (ValueError, KeyError, RecursionError) as exc:
-        raise _Rejected(400, "malformed", "malformed body\n", "body not JSON, form or text") from exc
+        else:
+            body = json.loads(text)
+    except (ValueError, KeyError, LookupError, RecursionError) as exc:
+        raise _Rejected(
+            400, "malformed", "malformed body\n", "body not JSON, form or text", delivery=True
+        ) from exc
     if not isinstance(body, (dict, list, str)):
         raise _Rejected(
-            400, "malformed", "expected a JSON object, array or string\n", "not an object or array"
+            400,
+            "malformed",
+            "expected a JSON object, array or string\n",
+            "not an object or array",
+            delivery=True,
         )
     return body
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import random
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from redis.exceptions import RedisError
 
 from tracer.schema import Secret
@@ -134,3 +137,48 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = 0.0
+
+
+class AnswerError(Exception):
+    """An HTTP answer that is no evidence: too slow overall, too large, or not JSON. ``why`` is
+    short and secret-free (for ``Coverage.failed`` and logs)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+OFF_LOOP_BYTES = 256 * 1024  # bodies larger than this are parsed in a worker thread
+
+
+async def fetch_json(
+    client: httpx.AsyncClient, method: str, url: str, *, timeout: float, max_bytes: int, **kwargs: Any
+) -> tuple[httpx.Response, Any]:
+    """One request for a poller: ``(response, parsed JSON or None for a non-2xx answer)``.
+
+    Why not ``client.request(...).json()``: httpx's timeout is per socket operation, so a server
+    that drips a byte a second holds a poll (and the collector's coverage) forever; and it reads
+    any size into memory. Here ``timeout`` bounds the whole exchange, the body stops at
+    ``max_bytes``, and a large body is parsed off the event loop (deep nesting, which makes the
+    json module raise ``RecursionError``, is "not JSON" like any other bad body). Transport
+    errors are httpx's own; answers that are no evidence raise ``AnswerError``."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream(method, url, timeout=timeout, **kwargs) as resp:
+                if not 200 <= resp.status_code < 300:
+                    return resp, None
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise AnswerError(f"answer over {max_bytes} bytes")
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise AnswerError(f"no complete answer within {timeout:g}s") from None
+    raw = b"".join(chunks)
+    try:
+        data = await asyncio.to_thread(json.loads, raw) if len(raw) > OFF_LOOP_BYTES else json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AnswerError("response is not JSON") from None
+    return resp, data

@@ -73,6 +73,8 @@ def judge_present(
         return UNKNOWN, "the collector could not look at the sink up to the deadline"
     if not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None:
         return UNKNOWN, "not seen, but the collector was blind during part of the window"
+    if coverage.missed_start(start, start + deadline) is not None:
+        return UNKNOWN, "not seen, but something arrived in the window that the collector could not read"
     return LOST, f"not seen within the {deadline:g}s deadline"
 
 
@@ -82,8 +84,10 @@ def judge_absent(
     """Verdict for a negative probe: it must NOT appear (e.g. a mis-signed webhook)."""
     if obs is not None:
         return BREACH, f"appeared {obs.at - start:.2f}s after start but should have been rejected"
-    if not certified or (
-        not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None
+    if (
+        not certified
+        or (not coverage.retroactive and coverage.blind_start(start, start + deadline) is not None)
+        or coverage.missed_start(start, start + deadline) is not None
     ):
         return UNKNOWN, "the collector could not watch the whole window, so absence is not proven"
     return OK, None

@@ -190,6 +190,7 @@ class Coverage:
         self.failures = 0
         self._holds: dict[str, float] = {}  # external blindness (see hold), key -> since
         self._caps: dict[str, float] = {}  # external limits on certification (see cap)
+        self._missed: deque[tuple[float, float]] = deque(maxlen=keep)  # see missed
 
     @property
     def blind_now(self) -> bool:
@@ -249,6 +250,29 @@ class Coverage:
         else:
             self._blind.append(entry)
         self._wake()
+
+    def missed(self, start: float, end: float, why: str) -> None:
+        """Something arrived in ``[start, end]`` that the collector saw but could not read (a
+        mail too large to download whole, one the parser could not read). A later look will not
+        read it either, so even a retroactive collector cannot say a probe whose window overlaps
+        is absent: verdicts treat this window as blind whatever ``retroactive`` says. Shown as a
+        blind window in the evidence; the current state (blind or not) is unchanged."""
+        if end < start:
+            start, end = end, start
+        self._missed.append((start, end))
+        entry = [start, end, why]
+        if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
+            self._blind.popleft()
+        if self._open:
+            self._blind.insert(len(self._blind) - 1, entry)  # the open interval stays last
+        else:
+            self._blind.append(entry)
+        self._wake()
+
+    def missed_start(self, start: float, end: float) -> float | None:
+        """Earliest start of a ``missed`` window overlapping ``[start, end]``, or None."""
+        found = [m0 for m0, m1 in self._missed if m0 <= end and m1 >= start]
+        return min(found) if found else None
 
     def hold(self, key: str, at: float) -> None:
         """Blind from ``at`` for a reason outside the collector's own looks (which keep

@@ -194,16 +194,32 @@ async def exchange(
                 attrs["error.type"] = "auth"
                 return Injection(now, now, ok=False, error=str(exc), attributes=attrs), None
         method, url, headers, body = build_request(spec, probe, {**extra_headers, **auth_headers})
-        sent = clock.now()
+        left = _FirstByte()
+        queued = clock.now()
         try:
-            resp = await client.request(method, url, headers=headers, content=body, timeout=spec.timeout)
+            resp = await client.request(
+                method, url, headers=headers, content=body, timeout=spec.timeout, extensions={"trace": left}
+            )
+        except httpx.PoolTimeout:
+            # Our own connection pool was full (the tracer's load, not the funnel's): nothing
+            # left, so nothing can be said about the funnel.
+            attrs["error.type"] = "pool_timeout"
+            err = f"no free connection within {spec.timeout:g}s (tracer overloaded)"
+            return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
+        except httpx.ConnectTimeout:
+            attrs["error.type"] = "connect_timeout"  # like a refused connection: no answer to judge
+            err = f"connect timeout after {spec.timeout:g}s"
+            return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
         except httpx.TimeoutException:
             attrs["error.type"] = "timeout"
             err = f"timeout after {spec.timeout:g}s"
-            return Injection(sent, clock.now(), ok=False, error=err, attributes=attrs), None
+            return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
         except httpx.HTTPError as exc:
             attrs["error.type"] = type(exc).__name__
-            return Injection(sent, clock.now(), ok=False, error=_short_error(exc), attributes=attrs), None
+            return Injection(
+                left.at or queued, clock.now(), ok=False, error=_short_error(exc), attributes=attrs
+            ), None
+        sent = left.at or queued
         if resp.status_code == 401 and auth is not None and auth.refreshable and not retried:
             auth.rejected(headers)  # expired or revoked: log in again and retry once
             retried = True
@@ -221,6 +237,21 @@ async def exchange(
         sent, done, ok=ok, status=resp.status_code, error=error, attributes=attrs, response=answer
     )
     return injection, resp
+
+
+class _FirstByte:
+    """httpcore's ``trace`` hook: when the request's first byte left, i.e. the TCP connect of a new
+    connection, or the request head on a pooled one. Stamping before ``client.request`` would
+    count the wait for a free connection in our own pool (the tracer's load) as funnel lag."""
+
+    STARTS = ("connection.connect_tcp.started", "connection.connect_unix_socket.started")
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if self.at is None and (name in self.STARTS or name.endswith("send_request_headers.started")):
+            self.at = clock.now()
 
 
 async def send(
