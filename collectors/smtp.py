@@ -184,6 +184,10 @@ class _CappedSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         c = self.collector
+        if self._original_transport is None and c._accept_probe.claim(transport.get_extra_info("peername")):
+            self._refused = True  # the heartbeat's connection to ourselves: accepted, never served
+            transport.close()
+            return
         if self._original_transport is None and len(c._sessions) >= c.config.max_connections:
             self._refused = True
             c._refuse(clock.now())
@@ -392,6 +396,7 @@ class SmtpCollector:
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = False
         self._sessions: set[_CappedSMTP] = set()
+        self._accept_probe = receipts.AcceptProbe()  # the heartbeat: can we accept right now?
         # Two workers: one slow (bounded) mail never holds up the next good one.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smtp-parse")
         self._parsing = 0
@@ -495,8 +500,14 @@ class SmtpCollector:
     # -- receiving ----------------------------------------------------------------
     async def _beat(self) -> None:
         while True:
-            if self._server is not None and self._server.is_serving():
-                self.coverage.looked(clock.now())
+            now = clock.now()
+            if self._server is not None and self._server.is_serving() and self.port is not None:
+                if await self._accept_probe.accepts(self.config.host, self.port):
+                    self.coverage.looked(now)
+                else:
+                    self._blind(
+                        now, "accept", "the receiver cannot accept connections (out of file descriptors?)"
+                    )
             elif not self._closing and not self.coverage.blind_now:
                 log.error("smtp receiver stopped listening; mail from now on may be missed")
                 self.coverage.failed(clock.now())

@@ -181,7 +181,6 @@ class _Server(uvicorn.Server):
         yield
 
 
-ACCEPT_PROBE = 1.0  # seconds: the heartbeat's connection to itself must be accepted within this
 OVERSIZED_SCAN = 64  # x max_body: how far an oversized body is read (kept: nothing) for a trace id
 SHED_AGE = 0.5  # seconds: shedding a head younger than this may lose a delivery (blind)
 OVERLOAD_WINDOW = 30.0  # seconds: health says "not up" this long after a refused connection
@@ -201,7 +200,7 @@ class _Guard:
     def __init__(self, collector: WebhookCollector) -> None:
         self.collector = collector
         self.conns: dict[_GuardedH11, None] = {}  # insertion-ordered set
-        self.probes: dict[Any, asyncio.Future[None]] = {}  # our own accept probes, by client address
+        self.probes = receipts.AcceptProbe()  # the heartbeat's connections to ourselves
 
     def admit(self, p: _GuardedH11) -> bool:
         cfg = self.collector.config
@@ -286,10 +285,7 @@ class _GuardedH11(H11Protocol):
         self.logger = _QuietLog(self.logger, self.guard.collector._throttle)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        probe = self.guard.probes.get(transport.get_extra_info("peername"))
-        if probe is not None:  # the heartbeat's own accept probe: answered, never admitted
-            if not probe.done():
-                probe.set_result(None)
+        if self.guard.probes.claim(transport.get_extra_info("peername")):  # never admitted
             self.refused = True
             transport.close()
             return
@@ -505,35 +501,8 @@ class WebhookCollector:
             await asyncio.sleep(self.config.heartbeat)
 
     async def _accepts(self) -> bool:
-        """Can the server accept a connection right now? A running server is not enough: out of
-        file descriptors, asyncio stops accepting for a while and senders wait in the kernel's
-        backlog, so a heartbeat that only checked "serving" would certify a window in which a
-        delivery sat unread (a false ``late``). One connection to ourselves, seen accepted."""
         assert self.port is not None
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.config.host, self.config.host)
-        loop = asyncio.get_running_loop()
-        seen: asyncio.Future[None] = loop.create_future()
-        sock: socket.socket | None = None
-        addr = None
-        try:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.bind((host, 0))
-            addr = sock.getsockname()
-            self._guard.probes[addr[:2]] = seen
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # races the inner result, and close() would then wait for this heartbeat forever.
-            async with asyncio.timeout(ACCEPT_PROBE):
-                await loop.sock_connect(sock, (host, self.port))
-                await seen
-            return True
-        except (OSError, TimeoutError):
-            return False
-        finally:
-            if addr is not None:
-                self._guard.probes.pop(addr[:2], None)
-            if sock is not None:
-                sock.close()
+        return await self._guard.probes.accepts(self.config.host, self.port)
 
     def _count(self, reason: str) -> None:
         self.rejected[reason] += 1

@@ -1302,3 +1302,54 @@ def test_imap_password_changed_mid_run_ends_the_waits_as_unknown_with_the_cause(
         run_imap(main, imap_config(d, max_backoff="300ms", timeout="5s"))
     finally:
         d.close()
+
+
+MAIL_CLIENT = """
+import smtplib, sys, time
+time.sleep(float(sys.argv[3]))
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as s:
+    s.sendmail("x@funnel.invalid", ["approver+" + sys.argv[4] + "@funnel.invalid"],
+               "Subject: approval " + sys.argv[2] + "\\r\\n\\r\\nplease approve\\r\\n")
+"""
+
+
+def test_out_of_file_descriptors_the_smtp_receiver_is_blind_not_late() -> None:
+    """The SMTP receiver's heartbeat, like the webhook's, certifies only after a connection to
+    itself is accepted: a notification left in the kernel's backlog while the process has no
+    file descriptors is ``unknown``, never a false ``late``."""
+    token = "fdtoken1234"
+    w = Watch(probe=Probe(step="approval"), hop=HopSpec(name="email", target=3, smtp={}), since=clock.now())
+
+    async def main(mx: SmtpCollector) -> None:
+        start = clock.now()
+        mx.watch(w)
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", MAIL_CLIENT, str(mx.port), w.trace_id, "1.5", token
+        )
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hog: list[Any] = []
+
+        async def grab() -> None:
+            while True:
+                with contextlib.suppress(OSError):
+                    while True:
+                        hog.append(open(os.devnull))  # noqa: SIM115, ASYNC230
+                await asyncio.sleep(0.002)
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        grabber = asyncio.create_task(grab())
+        try:
+            await asyncio.sleep(4.0)
+        finally:
+            grabber.cancel()
+            await asyncio.gather(grabber, return_exceptions=True)
+            for f in hog:
+                f.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await asyncio.wait_for(client.wait(), 20)
+        assert await w.wait_seen(5), mx.health()  # read once descriptors are back
+        certified = await mx.coverage.wait_certified(clock.now(), 3)
+        v, reason = judge_present(w.first, start, 3.0, 30, mx.coverage, certified)
+        assert v == UNKNOWN, (v, reason, w.first.at - start if w.first else None)
+
+    run_smtp(main, rcpt_token=token)

@@ -15,11 +15,13 @@ id, plus deliveries elsewhere that did carry it.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tracer.evidence import Evidence
 from tracer.plugins import Finding
@@ -223,3 +225,51 @@ def auth_finding(where: str, how: str | None) -> Finding:
             check, True, "unauthenticated: any process that learns a trace id can forge a sighting"
         )
     return Finding(check, True, how)
+
+
+class AcceptProbe:
+    """Can a receiver accept a connection right now? Listening is not enough: out of file
+    descriptors, asyncio stops accepting for a while and senders wait in the kernel's backlog,
+    so a heartbeat that only checked "listening" would certify a window in which a delivery sat
+    unread (a false ``late``). ``accepts()`` makes one connection to the receiver and waits for
+    its protocol to ``claim`` it (answered, never served)."""
+
+    TIMEOUT = 1.0  # seconds for the connection to be accepted
+
+    def __init__(self) -> None:
+        self._waiting: dict[Any, asyncio.Future[None]] = {}  # our own client addresses
+
+    def claim(self, peername: Any) -> bool:
+        """From ``connection_made``: True for our own probe connection (close it, serve nothing)."""
+        fut = self._waiting.get(peername[:2] if isinstance(peername, tuple) else peername)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.set_result(None)
+        return True
+
+    async def accepts(self, host: str, port: int) -> bool:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[None] = loop.create_future()
+        sock: socket.socket | None = None
+        addr = None
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.bind((host, 0))
+            addr = sock.getsockname()[:2]
+            self._waiting[addr] = seen
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # races the inner result, and close() would then wait for this heartbeat forever.
+            async with asyncio.timeout(self.TIMEOUT):
+                await loop.sock_connect(sock, (host, port))
+                await seen
+            return True
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if addr is not None:
+                self._waiting.pop(addr, None)
+            if sock is not None:
+                sock.close()
