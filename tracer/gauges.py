@@ -18,6 +18,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, field_validator, model_validator
 
+from tracer import net
 from tracer.net import check_redis_url, redact_url, short_redis_error
 from tracer.payload import value_at
 from tracer.schema import Duration, Model, Secret
@@ -147,7 +148,7 @@ def _number(value: Any, where: str) -> float:
 
 async def _get_json(http: httpx.AsyncClient, method: str, url: str, timeout: float, **kw: Any) -> Any:
     try:
-        resp = await http.request(method, url, timeout=timeout, **kw)
+        resp = await net.request(http, method, url, timeout=timeout, **kw)
     except httpx.TimeoutException:
         raise GaugeError(f"timeout after {timeout:g}s from {redact_url(url)}") from None
     except httpx.HTTPError as exc:

@@ -5,12 +5,18 @@ Kept here, below the collectors and injectors, so a sink never borrows from anot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import random
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from tracer.schema import Secret
+
+MAX_BODY = 1 << 20  # bytes of a response kept: an answer, a token, captures; never a download
 
 
 def redact_url(url: str) -> str:
@@ -83,3 +89,48 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = 0.0
+
+
+async def request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    timeout: float,
+    max_body: int = MAX_BODY,
+    **kw: Any,
+) -> httpx.Response:
+    """``client.request`` with ``timeout`` as a bound on the *whole* exchange and at most
+    ``max_body`` bytes of the body kept (the rest is not read; the connection is dropped).
+
+    Why: httpx's timeout bounds each network read, so a server that drips a byte a second (or
+    streams a gigabyte) holds a plain ``request`` forever and its memory grows. An exchange that
+    overruns raises ``httpx.TimeoutException``; a body cut short sets ``extensions["truncated"]``."""
+    req = client.build_request(method, url, timeout=timeout, **kw)
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await client.send(req, stream=True)
+            try:
+                body = bytearray()
+                truncated = False
+                async for chunk in resp.aiter_bytes():  # decoded, one chunk at a time
+                    body += chunk
+                    if len(body) > max_body:
+                        truncated = True
+                        break
+            finally:
+                await resp.aclose()
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"no complete answer within {timeout:g}s", request=req) from None
+    headers = [
+        (k, v)
+        for k, v in resp.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")  # decoded above
+    ]
+    return httpx.Response(
+        resp.status_code,
+        headers=headers,
+        content=bytes(body[:max_body]),
+        request=req,
+        extensions={"truncated": truncated, "http_version": resp.http_version.encode()},
+    )

@@ -40,7 +40,7 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import Field, field_validator, model_validator
 
-from tracer import clock
+from tracer import clock, net
 from tracer.net import redact_url
 from tracer.payload import value_at
 from tracer.schema import Duration, Model, Secret
@@ -240,7 +240,7 @@ class Authenticator:
 
     async def _post(self, what: str, method: str, url: str, timeout: float, **kw: Any) -> httpx.Response:
         try:
-            resp = await self.http.request(method, url, timeout=timeout, **kw)
+            resp = await net.request(self.http, method, url, timeout=timeout, **kw)
         except httpx.TimeoutException:
             raise AuthError(f"auth '{self.name}': {what} timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:

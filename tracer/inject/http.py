@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 from pydantic import Field, model_validator
 
-from tracer import clock, synthetic
+from tracer import clock, net, synthetic
 from tracer.evidence import excerpt
 from tracer.inject import CleanupOutcome, Injection
 from tracer.inject.auth import Authenticator, AuthError
@@ -196,7 +196,7 @@ async def exchange(
         method, url, headers, body = build_request(spec, probe, {**extra_headers, **auth_headers})
         sent = clock.now()
         try:
-            resp = await client.request(method, url, headers=headers, content=body, timeout=spec.timeout)
+            resp = await net.request(client, method, url, headers=headers, content=body, timeout=spec.timeout)
         except httpx.TimeoutException:
             attrs["error.type"] = "timeout"
             err = f"timeout after {spec.timeout:g}s"
@@ -238,6 +238,8 @@ def take_captures(spec: HttpRequest, resp: httpx.Response, probe: Probe) -> str 
     JSON, nothing at a path) as short text, never the response body."""
     if not spec.capture:
         return None
+    if resp.extensions.get("truncated"):
+        return f"capture: the response to {spec.label()} is larger than {net.MAX_BODY} bytes"
     try:
         body = resp.json()
     except ValueError:

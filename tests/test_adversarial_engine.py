@@ -1,0 +1,254 @@
+"""Issue 10, engine side: hostile injection endpoints, auth endpoints, OTLP endpoints, output paths
+and signals must never stall a probe, forge a verdict, crash with a traceback or leak a secret.
+
+Real sockets throughout: the sandbox funnel and its PostHog (``sb``), small hostile servers
+written here (raw sockets, so they can misbehave below HTTP), ``funnel-tracer`` subprocesses for
+exit codes and signals, and a real OTLP receiver. The time bounds below are hang guards (a stall
+fails the test instead of hanging it), never performance assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.canary_helpers import load
+from tracer.engine import Engine, ProbeResult
+from tracer.sandbox.runner import Sandbox
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+POSTHOG = """
+service: sandbox-funnel
+collectors:
+  posthog: {{host: "{posthog}", project_id: "1", personal_api_key: phx_sandbox, queries_per_minute: 6000,
+             queries_per_hour: 360000, budget_share: 1.0, min_interval: 200ms, timeout: 2s}}
+"""
+
+LEAD = """
+steps:
+  lead:
+    spacing: 100ms
+    inject:
+      http:
+        url: {url}
+        json: {{email: "canary+{{trace_id}}@example.com", metadata: {{canary_trace_id: "{{trace_id}}"}}}}
+        timeout: {timeout}
+{extra}
+    hops:
+      - name: posthog_event
+        target: 1500ms
+        deadline: 3s
+        posthog: {{event: lead_captured, property: canary_trace_id, value: "{{trace_id}}"}}
+"""
+
+
+def lead_spec(sb: Sandbox, url: str, timeout: str = "1s", extra: str = "", head: str = "") -> str:
+    return POSTHOG.format(posthog=sb.posthog_url) + head + LEAD.format(url=url, timeout=timeout, extra=extra)
+
+
+# -- a hostile HTTP server ------------------------------------------------------------------------
+Behaviour = Callable[[socket.socket, bytes], None]
+
+
+class Hostile:
+    """A raw-socket server: reads one request head (and its body, by Content-Length), then hands
+    the socket to ``behaviour``. Counts the bytes it managed to send and keeps every request."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests: list[bytes] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v.strip())
+            while len(rest) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+            self.requests.append(head + b"\r\n\r\n" + rest)
+            self.behaviour(conn, head)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Hostile:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def drip(server: Hostile) -> Behaviour:
+    """Headers at once, then one byte every 0.3 s: each read is within any timeout, the whole never."""
+
+    def go(conn: socket.socket, _head: bytes) -> None:
+        server.send(
+            conn, b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        while not server.stopped:
+            server.send(conn, b" ")
+            time.sleep(0.3)
+
+    return go
+
+
+def run_engine(text: str, samples: int, bound: float = 30.0) -> list[ProbeResult]:
+    """``check`` with every probe kept, failing (not hanging) if it overruns ``bound``."""
+
+    async def go() -> list[ProbeResult]:
+        async with Engine(load(text)) as engine:
+            return await asyncio.wait_for(engine.check(samples, early_stop=False), bound)
+
+    return asyncio.run(go())
+
+
+# -- injection endpoints ------------------------------------------------------------------------
+def test_slow_drip_response_is_a_timeout_not_a_stall(sb: Sandbox) -> None:
+    """httpx's timeout bounds each read; a server dripping a byte per 0.3 s must still cost the
+    probe no more than its timeout, as inject_failed."""
+    server = Hostile(lambda c, h: None)
+    server.behaviour = drip(server)
+    with server:
+        t0 = time.monotonic()
+        (res,) = run_engine(lead_spec(sb, f"{server.url}/api/v1/leads"), 1)
+        took = time.monotonic() - t0
+    assert res.injection.ok is False and res.injection.error == "timeout after 1s", res.injection
+    assert [h.verdict for h in res.hops] == ["inject_failed"]
+    assert took < 20, took  # hang guard (the drip alone would go on for 300 s)
+
+
+def test_huge_response_is_not_read_into_memory(sb: Sandbox) -> None:
+    """A 2 GB answer: the injector keeps at most its cap and drops the connection, and a capture
+    from it is an honest inject_failed, not a parse of a truncated body."""
+    server = Hostile(lambda c, h: None)
+
+    def flood(conn: socket.socket, _head: bytes) -> None:
+        server.send(
+            conn,
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 2000000000\r\n\r\n",
+        )
+        chunk = b'{"id": "' + b"x" * 65536
+        while not server.stopped:
+            server.send(conn, chunk)
+
+    server.behaviour = flood
+    with server:
+        (res,) = run_engine(
+            lead_spec(
+                sb, f"{server.url}/api/v1/leads", timeout="10s", extra="        capture: {lead_id: id}"
+            ),
+            1,
+        )
+        time.sleep(0.2)
+        sent = server.sent
+    assert [h.verdict for h in res.hops] == ["inject_failed"]
+    assert "larger than" in (res.injection.error or ""), res.injection
+    assert sent < 256 << 20, sent  # far below the 2 GB offered: the client stopped reading
+
+
+def test_reset_tls_and_dns_failures_are_inject_failed(sb: Sandbox) -> None:
+    """Connection reset mid-answer, TLS spoken to a plain port, a name that does not resolve:
+    each probe inject_failed with a short error, none lost or late, no traceback."""
+
+    def reset(conn: socket.socket, _head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 201 Cre")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    with Hostile(reset) as rst, Hostile(lambda c, h: None) as plain:
+        tls = plain.url.replace("http://", "https://")
+        for url in (
+            f"{rst.url}/api/v1/leads",
+            f"{tls}/api/v1/leads",
+            "http://no-such-host.invalid/api/v1/leads",
+        ):
+            (res,) = run_engine(lead_spec(sb, url), 1)
+            assert [h.verdict for h in res.hops] == ["inject_failed"], (url, res.hops)
+            assert res.injection.error and len(res.injection.error) < 120, res.injection.error
+
+
+def test_redirect_to_another_host_is_not_followed_with_credentials(sb: Sandbox) -> None:
+    """A 307 to another host (or a redirect loop) must not carry the bearer token anywhere: the
+    probe is inject_failed with the status, and the token appears in no report."""
+    token = "tok-s3cr3t-5f1e2d"
+    with Hostile(lambda c, h: None) as other:
+
+        def bounce(conn: socket.socket, _head: bytes) -> None:
+            conn.sendall(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {other.url}/steal\r\nContent-Length: 0\r\n\r\n".encode()
+            )
+
+        with Hostile(bounce) as first:
+            head = f"auth:\n  api: {{token: {token}}}\n"
+            text = lead_spec(sb, f"{first.url}/api/v1/leads", head=head, extra="        auth: api")
+            (res,) = run_engine(text, 1)
+            assert first.requests and token.encode() in first.requests[0]  # it was sent where asked
+        assert other.requests == []
+    assert [h.verdict for h in res.hops] == ["inject_failed"]
+    assert res.injection.status == 307
+    from tracer.export.report import summarize
+
+    assert token not in repr(summarize(load(text), [res]))
+
+
+def test_client_timeout_while_the_funnel_still_works_is_inject_failed(sb: Sandbox) -> None:
+    """The funnel answers after our timeout but still emits the event: the probe must not be
+    judged from a sighting (no ok, late or lost measured from the wrong start)."""
+    sb.knobs.api_delay["leads"] = 2.0
+    (res,) = run_engine(lead_spec(sb, f"{sb.url}/api/v1/leads", timeout="500ms"), 1)
+    assert [h.verdict for h in res.hops] == ["inject_failed"], res.hops
+    assert res.injection.error == "timeout after 0.5s"
+    assert res.hops[0].lag is None
