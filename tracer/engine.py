@@ -169,7 +169,20 @@ class Engine:
         return InFlight(probe, watches, registered_at=clock.now())
 
     async def inject(self, inflight: InFlight) -> Injection:
-        injection = inflight.injection = await self.injectors[inflight.step].send(inflight.probe)
+        try:
+            injection = await self.injectors[inflight.step].send(inflight.probe)
+        except Exception as exc:  # an injector bug is this probe's inject_failed, never the run's end
+            log.warning("step %s: the injector raised %s", inflight.step, type(exc).__name__)
+            log.debug("injector error", exc_info=True)
+            now = clock.now()
+            injection = Injection(
+                inflight.probe.created_at,
+                now,
+                ok=False,
+                error=f"internal error in the injector: {type(exc).__name__}",
+                attributes={"error.type": type(exc).__name__},
+            )
+        inflight.injection = injection
         for name, w in inflight.watches.items():
             collector = self.collectors[w.sink]
             if isinstance(collector, ObservesInjection) and collector.observe_injection(w, injection):

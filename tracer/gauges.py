@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from tracer import net
 from tracer.net import check_redis_url, redact_url, short_redis_error
 from tracer.payload import value_at
-from tracer.schema import Duration, Model, Secret
+from tracer.schema import Duration, HttpUrl, Model, Secret
 
 OK, WARN, ALERT, UNKNOWN = "ok", "warn", "alert", "unknown"
 
@@ -37,7 +37,7 @@ class RedisGauge(Model):
 
 
 class HttpJsonGauge(Model):
-    url: str = Field(pattern=r"^https?://")
+    url: HttpUrl
     path: str = Field(
         min_length=1, description="where the number is in the JSON answer, e.g. queues.payments.depth"
     )
@@ -46,7 +46,7 @@ class HttpJsonGauge(Model):
 
 
 class HogQLGauge(Model):
-    host: str = Field(pattern=r"^https?://")
+    host: HttpUrl
     project_id: str = Field(min_length=1)
     personal_api_key: Secret
     query: str = Field(

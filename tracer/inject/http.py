@@ -28,7 +28,7 @@ from tracer.net import redact_url
 from tracer.payload import value_at
 from tracer.plugins import Finding, InjectContext, InjectorPlugin
 from tracer.probe import CAPTURE_REF, Probe
-from tracer.schema import Duration, Model
+from tracer.schema import Duration, HttpUrl, Model
 
 _CAPTURE_PATH = r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$"
 
@@ -38,9 +38,7 @@ class HttpRequest(Model):
 
     name: str | None = Field(None, description="label in reports and spans (default: METHOD path)")
     method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"
-    url: str = Field(
-        pattern=r"^https?://", description="templated, e.g. {FUNNEL_URL}/leads/{capture.lead_id}"
-    )
+    url: HttpUrl = Field(description="templated, e.g. {FUNNEL_URL}/leads/{capture.lead_id}")
     headers: dict[str, str] = {}
     json_body: Any = Field(None, alias="json", description="JSON body, templated")
     form: dict[str, str] | None = Field(None, description="form body, templated")
@@ -88,7 +86,7 @@ class HttpInject(HttpRequest):
     """One request (the fields below), or several in order (``requests:``). A later request, the
     hop matchers and the step's cleanup can use what an earlier one captured."""
 
-    url: str | None = Field(None, pattern=r"^https?://", description="the request (or use requests)")  # type: ignore[assignment]
+    url: HttpUrl | None = Field(None, description="the request (or use requests)")  # type: ignore[assignment]
     requests: list[HttpRequest] | None = Field(
         None,
         min_length=1,
@@ -163,7 +161,34 @@ def build_request(
     return spec.method, probe.render_text(str(spec.url)), headers, body
 
 
+# A request that cannot be sent as rendered: a header that is not ASCII, a URL that does not parse
+# (``${VAR}`` and captures are filled in at run time). UnicodeEncodeError is a ValueError.
+_UNSENDABLE = (ValueError, httpx.InvalidURL, httpx.CookieConflict)
+
+
 async def exchange(
+    client: httpx.AsyncClient,
+    spec: HttpRequest,
+    probe: Probe,
+    extra_headers: dict[str, str],
+    auth: Authenticator | None = None,
+) -> tuple[Injection, httpx.Response | None]:
+    """``_exchange``, with a request that cannot be built an ``inject_failed`` saying so (the
+    exception's type only: its text may quote a header value)."""
+    try:
+        return await _exchange(client, spec, probe, extra_headers, auth)
+    except _UNSENDABLE as exc:
+        now = clock.now()
+        attrs = {
+            "http.request.method": spec.method,
+            "error.type": type(exc).__name__,
+            "user_agent.synthetic.type": "test",
+        }
+        error = f"cannot send the request as rendered ({type(exc).__name__}): check its URL and headers"
+        return Injection(now, now, ok=False, error=error, attributes=attrs), None
+
+
+async def _exchange(
     client: httpx.AsyncClient,
     spec: HttpRequest,
     probe: Probe,
