@@ -10,15 +10,21 @@ fails the test instead of hanging it), never performance assertions.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.canary_helpers import load
+from tests.support import tmp_yaml
 from tracer.engine import Engine, ProbeResult
 from tracer.sandbox.runner import Sandbox
 
@@ -252,3 +258,104 @@ def test_client_timeout_while_the_funnel_still_works_is_inject_failed(sb: Sandbo
     assert [h.verdict for h in res.hops] == ["inject_failed"], res.hops
     assert res.injection.error == "timeout after 0.5s"
     assert res.hops[0].lag is None
+
+
+# -- the CLI as a process -------------------------------------------------------------------------
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
+    full.update(env or {})
+    cmd = [sys.executable, "-m", "tracer.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout, cwd=str(ROOT), **kw)
+
+
+GATE = ("--no-preflight", "-n", "2", "--quantile", "0.5", "--confidence", "0.8")
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode in (0, 1, 2, 3), (proc.returncode, proc.stderr[-3000:])
+
+
+def test_header_that_cannot_be_sent_is_inject_failed_not_a_crash(sb: Sandbox) -> None:
+    """A ``${VAR}`` header value that is not ASCII is only found out when sent: each probe is
+    inject_failed saying so, the check reports (exit 3), with no traceback."""
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads", extra='        headers: {X-Who: "${WHO}"}')
+    proc = cli("check", "-c", str(tmp_yaml(text)), *GATE, "--format", "json", env={"WHO": "café"})
+    no_traceback(proc)
+    assert proc.returncode == 3
+    assert "cannot send the request as rendered (UnicodeEncodeError)" in proc.stdout
+
+
+def test_url_that_does_not_parse_is_a_config_error(sb: Sandbox) -> None:
+    for bad in ("http://[::1/api", "http://127.0.0.1:99999/api"):
+        proc = cli("check", "-c", str(tmp_yaml(lead_spec(sb, "${URL}"))), *GATE, env={"URL": bad})
+        no_traceback(proc)
+        assert proc.returncode == 2
+        assert "steps.lead.inject.http.url: not a valid URL" in proc.stderr, proc.stderr
+
+
+# -- auth -------------------------------------------------------------------------------------------
+def command_auth(argv: list[str], timeout: str = "1s") -> str:
+    return "auth:\n  cmd:\n    command: {argv: " + json.dumps(argv) + f", timeout: {timeout}}}\n"
+
+
+def test_token_command_whose_child_holds_stdout_is_bounded_by_its_timeout(sb: Sandbox) -> None:
+    """A helper that prints and then hangs in a child (``sh -c 'echo tok; sleep 30'``): the
+    timeout must end the whole session, not wait for the child to close stdout."""
+    head = command_auth(["sh", "-c", "echo tok; sleep 30"])
+    t0 = time.monotonic()
+    (res,) = run_engine(lead_spec(sb, f"{sb.url}/api/v1/leads", head=head, extra="        auth: cmd"), 1)
+    took = time.monotonic() - t0
+    assert [h.verdict for h in res.hops] == ["inject_failed"]
+    assert res.injection.error == "auth 'cmd': sh timed out after 1s"
+    assert took < 15, took  # hang guard: the child sleeps 30 s
+
+
+def test_token_command_flooding_stdout_is_not_a_token(sb: Sandbox) -> None:
+    head = command_auth([sys.executable, "-c", "import sys; sys.stdout.write('x' * 20_000_000)"], "10s")
+    (res,) = run_engine(lead_spec(sb, f"{sb.url}/api/v1/leads", head=head, extra="        auth: cmd"), 1)
+    assert [h.verdict for h in res.hops] == ["inject_failed"]
+    assert "printed more than 65536 bytes" in (res.injection.error or "")
+
+
+def test_token_command_failing_or_printing_secrets_to_stderr_leaks_nothing(sb: Sandbox) -> None:
+    """Exit status 3 after writing a secret to stderr: inject_failed with the status, the secret
+    in no output (report, logs at -vv)."""
+    secret = "stderr-s3cr3t-9b8a7c"
+    code = f"import sys; sys.stderr.write('{secret}\\n'); print('{secret}'); sys.exit(3)"
+    head = command_auth([sys.executable, "-c", code], "5s")
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads", head=head, extra="        auth: cmd")
+    proc = cli("-vv", "check", "-c", str(tmp_yaml(text)), *GATE, "--format", "json")
+    no_traceback(proc)
+    assert proc.returncode == 3
+    assert "exited with status 3" in proc.stdout
+    assert secret not in proc.stdout + proc.stderr
+
+
+def test_login_that_drips_or_hides_its_token_is_inject_failed(sb: Sandbox) -> None:
+    """A login endpoint dripping its answer is bounded by the login timeout; one that answers
+    with the token somewhere else than configured is an auth error, not a probe sent unauthenticated."""
+    server = Hostile(lambda c, h: None)
+    server.behaviour = drip(server)
+
+    def elsewhere(conn: socket.socket, _head: bytes) -> None:
+        body = b'{"data": {"token": "tok-hidden-4242"}}'
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+
+    with server, Hostile(elsewhere) as other:
+        for login, error in (
+            (server, "login timed out after 1s"),
+            (other, "no text at JSON path access_token"),
+        ):
+            head = f"auth:\n  app:\n    login: {{url: {login.url}/login, json: {{password: pw-1234}}, timeout: 1s}}\n"
+            (res,) = run_engine(
+                lead_spec(sb, f"{sb.url}/api/v1/leads", head=head, extra="        auth: app"), 1
+            )
+            assert [h.verdict for h in res.hops] == ["inject_failed"]
+            assert error in (res.injection.error or ""), res.injection.error
