@@ -36,7 +36,7 @@ distribution-free: 59 probes all within target; 93 if one exceeds; 299 for p99).
 Exit codes (check, demo):
   0  every claim passes (shown with its confidence) and every gauge is below ok_below
   1  a claim fails (disproven, or a negative probe appeared) or a gauge is over its threshold
-  2  invalid config or usage
+  2  invalid config or usage, or a report could not be written (a claim that fails stays 1)
   3  nothing failed, but some claim is inconclusive (too few samples, too many unknown or
      inject_failed) or a gauge could not be read
 """
@@ -238,7 +238,7 @@ def run_check(
     preflight: bool = True,
 ) -> int:
     from tracer.engine import StartError
-    from tracer.export.report import default_trace_url, render_table, summarize, write_junit
+    from tracer.export.report import default_trace_url, summarize
 
     _writable_or_exit(("--junit", junit), ("--html", html_path))
     blocked = _preflight(spec) if preflight else {}
@@ -256,21 +256,73 @@ def run_check(
         gauges=gauges,
         planned=planned,
     )
-    if fmt == "json":
-        click.echo(json.dumps(summary, indent=2))
-    elif fmt == "markdown":
-        from tracer.export.markdown import render_markdown
+    return _report(summary, fmt, junit, html_path)
 
-        click.echo(render_markdown(summary))
-    else:
-        render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
-    if junit:
-        write_junit(summary, junit)
+
+def _report(summary: dict[str, Any], fmt: str, junit: str | None, html_path: str | None) -> int:
+    """Print the report and write its files; the check's exit code, or 2 when some output could
+    not be written (a full disk, a vanished directory: said in one line; a proven failure stays
+    1). A reader that closed the pipe early (``| head -1``) changes nothing: the files are still
+    written and the exit code is still the verdict's."""
+    from tracer.export.report import junit_xml, render_table
+
+    code = int(summary["exit_code"])
+    failed = False
+    try:
+        if fmt == "json":
+            click.echo(json.dumps(summary, indent=2))
+        elif fmt == "markdown":
+            from tracer.export.markdown import render_markdown
+
+            click.echo(render_markdown(summary))
+        else:
+            render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    except OSError as exc:
+        _stdout_gone()
+        err.print(
+            f"[red]error:[/] cannot write the report to stdout: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        failed = True
+    outputs: list[tuple[str, str | None, Any]] = [("--junit", junit, junit_xml)]
     if html_path:
-        from tracer.export.html import write_html
+        from tracer.export.html import render_html
 
-        write_html(summary, html_path)
-    return int(summary["exit_code"])
+        outputs.append(("--html", html_path, lambda s: render_html(s).encode()))
+    for option, path, render in outputs:
+        if path and not _write_output(option, path, render(summary)):
+            failed = True
+    return 2 if failed and code != 1 else code
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _write_output(option: str, path: str, data: bytes) -> bool:
+    """Write a report file; on failure say so in one line and leave no half-written regular
+    file behind for CI to parse."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+        return True
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/] {option} {escape(path)}: cannot write: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        with contextlib.suppress(OSError):
+            if Path(path).is_file():
+                Path(path).unlink()
+        return False
 
 
 def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
@@ -285,7 +337,11 @@ def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
             with target.open("a", encoding="utf-8"):
                 pass
         except OSError as exc:
-            err.print(f"[red]error:[/] {option} {path}: cannot write: {exc.strerror}", highlight=False)
+            err.print(
+                f"[red]error:[/] {option} {escape(path)}: cannot write: {exc.strerror}",
+                highlight=False,
+                soft_wrap=True,
+            )
             sys.exit(2)
         if not existed:
             target.unlink()

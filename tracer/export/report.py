@@ -433,6 +433,11 @@ def _styled_outcome(outcome: str) -> str:
 
 
 def write_junit(summary: dict[str, Any], path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(junit_xml(summary))
+
+
+def junit_xml(summary: dict[str, Any]) -> bytes:
     """One testcase per hop (and per gauge), failing when its claim fails and skipped when the
     claim is inconclusive."""
     suites = ET.Element("testsuites", name=f"funnel-tracer: {summary['service']}")
@@ -482,4 +487,4 @@ def write_junit(summary: dict[str, Any], path: str) -> None:
             ET.SubElement(case, "system-out").text = g["statement"]
         suite.set("failures", str(failures))
         suite.set("skipped", str(skipped))
-    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
