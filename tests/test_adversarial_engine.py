@@ -268,14 +268,17 @@ def cli(
     full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
     full.update(env or {})
     cmd = [sys.executable, "-m", "tracer.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout, cwd=str(ROOT), **kw)
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run(
+        cmd, stderr=subprocess.PIPE, text=True, env=full, timeout=timeout, cwd=str(ROOT), **kw
+    )
 
 
-GATE = ("--no-preflight", "-n", "2", "--quantile", "0.5", "--confidence", "0.8")
+GATE = ("--no-preflight", "-n", "3", "--quantile", "0.5", "--confidence", "0.8")
 
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + (proc.stdout or ""), proc.stderr[-3000:]
     assert proc.returncode in (0, 1, 2, 3), (proc.returncode, proc.stderr[-3000:])
 
 
@@ -359,3 +362,55 @@ def test_login_that_drips_or_hides_its_token_is_inject_failed(sb: Sandbox) -> No
             )
             assert [h.verdict for h in res.hops] == ["inject_failed"]
             assert error in (res.injection.error or ""), res.injection.error
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def test_report_files_on_a_full_disk_exit_2_with_one_line(sb: Sandbox, tmp_path: Path) -> None:
+    """``--junit`` / ``--html`` symlinked to /dev/full pass the start check (it opens for
+    append) and fail at the end: one line each, exit 2 (not 1, which would claim a failing
+    funnel; not a traceback); the same for stdout on a full disk."""
+    junit, html = tmp_path / "junit.xml", tmp_path / "report.html"
+    junit.symlink_to("/dev/full")
+    html.symlink_to("/dev/full")
+    spec = str(tmp_yaml(lead_spec(sb, f"{sb.url}/api/v1/leads")))
+    proc = cli("check", "-c", spec, *GATE, "--junit", str(junit), "--html", str(html))
+    no_traceback(proc)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--junit {junit}: cannot write: No space left on device" in proc.stderr
+    assert f"--html {html}: cannot write: No space left on device" in proc.stderr
+    with open("/dev/full", "w") as full:
+        proc = cli("check", "-c", spec, *GATE, "--format", "json", stdout=full)
+    no_traceback(proc)
+    assert proc.returncode == 2
+    assert "cannot write the report to stdout: No space left on device" in proc.stderr
+    assert proc.stdout is None
+
+
+def test_reader_closing_the_pipe_keeps_the_verdict_and_the_files(sb: Sandbox, tmp_path: Path) -> None:
+    """``check | head -1``: the reader is gone before the report is printed. The exit code
+    must still be the verdict's (0 here, not click's 1 for EPIPE) and --junit still written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    junit = tmp_path / "junit.xml"
+    spec = str(tmp_yaml(lead_spec(sb, f"{sb.url}/api/v1/leads")))
+    cmd = [
+        sys.executable,
+        "-m",
+        "tracer.cli",
+        "check",
+        "-c",
+        spec,
+        *GATE,
+        "--format",
+        "json",
+        "--junit",
+        str(junit),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone
+    rc = proc.wait(60)
+    stderr = proc.stderr.read().decode()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert rc == 0, stderr
+    assert b"<testcase" in junit.read_bytes()
