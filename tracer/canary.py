@@ -41,6 +41,7 @@ from tracer import clock
 from tracer.alerts import AlertManager
 from tracer.engine import Engine, InFlight, ProbeResult, StartError
 from tracer.export.metrics import CanaryMetrics
+from tracer.export.otlp import TelemetryConfigError
 from tracer.export.report import rounded
 from tracer.export.spans import make_provider
 from tracer.ledger import MemoryLedger, Sighting, restore
@@ -601,7 +602,11 @@ def run_canary(spec: FunnelSpec, **kwargs: Any) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        canary = Canary(spec, **kwargs)
+        try:
+            canary = Canary(spec, **kwargs)
+        except TelemetryConfigError as exc:
+            log.error("cannot start the canary: %s", exc, extra={"fields": {"event": "start_failed"}})
+            return 2
         try:
             await canary.start()
         except (OSError, StartError) as exc:  # a port in use, an unreachable bind address

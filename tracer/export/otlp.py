@@ -7,7 +7,9 @@ With no endpoint set nothing is exported, so a laptop run never spams connection
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 Signal = Literal["traces", "metrics"]
@@ -30,3 +32,22 @@ def configured(signal: Signal) -> bool:
 def protocol(signal: Signal) -> str:
     """``grpc`` or ``http/protobuf``; endpoint, headers and TLS are read by the exporter itself."""
     return (_env(signal, "PROTOCOL") or "http/protobuf").lower()
+
+
+class TelemetryConfigError(Exception):
+    """An ``OTEL_*`` variable the OpenTelemetry SDK refuses (it raises for some, e.g. a negative
+    ``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT`` or an unknown ``OTEL_METRICS_EXEMPLAR_FILTER``, where it
+    only warns for others): a configuration error, exit 2, before any probe."""
+
+
+@contextlib.contextmanager
+def from_env(what: str) -> Iterator[None]:
+    """Build ``what`` (a provider, an exporter) from the environment; the SDK's ValueError
+    becomes one line naming the OTEL_* variables set (never their values: headers are secrets)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        names = sorted(k for k in os.environ if k.startswith("OTEL_"))
+        raise TelemetryConfigError(
+            f"invalid OpenTelemetry settings for {what}: {exc} (OTEL_* variables set: {', '.join(names) or 'none'})"
+        ) from None
