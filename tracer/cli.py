@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -237,16 +238,29 @@ def run_check(
     confidence: float | None = None,
     preflight: bool = True,
 ) -> int:
+    _telemetry_or_exit()
     from tracer.engine import StartError
+    from tracer.export.otlp import TelemetryConfigError
     from tracer.export.report import default_trace_url, summarize
 
     _writable_or_exit(("--junit", junit), ("--html", html_path))
-    blocked = _preflight(spec) if preflight else {}
+    # SIGTERM (CI cancelling the job) is an interrupt like Ctrl-C: during the probes it stops
+    # the check with a partial report (``_check``), before them it ends it with one line.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        results, gauges, planned = asyncio.run(_check(spec, samples, quantile, confidence, blocked))
-    except StartError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        blocked = _preflight(spec) if preflight else {}
+        interrupted: list[str] = []
+        results, gauges, planned = asyncio.run(
+            _check(spec, samples, quantile, confidence, blocked, interrupted)
+        )
+    except (StartError, TelemetryConfigError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/] before the first probe: nothing measured (exit 3)", highlight=False)
+        return 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = summarize(
         spec,
         results,
@@ -256,7 +270,20 @@ def run_check(
         gauges=gauges,
         planned=planned,
     )
-    return _report(summary, fmt, junit, html_path)
+    if interrupted:
+        # Probes cut short are ``unknown`` and planned ones never started are missing: an
+        # interrupted gate never passes, though a claim already disproven still fails.
+        summary["interrupted"] = True
+        if summary["exit_code"] == 0:
+            summary["exit_code"], summary["ok"] = 3, False
+    code = _report(summary, fmt, junit, html_path)
+    if interrupted:
+        err.print(
+            f"[red]interrupted[/] by {interrupted[0]}: probes cut short are reported unknown (exit {code})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return code
 
 
 def _report(summary: dict[str, Any], fmt: str, junit: str | None, html_path: str | None) -> int:
@@ -325,6 +352,19 @@ def _write_output(option: str, path: str, data: bytes) -> bool:
         return False
 
 
+def _telemetry_or_exit() -> None:
+    """The OTel SDK reads its span limits from OTEL_* at import and raises on a bad one: that is
+    a configuration error (exit 2, one line), found before anything else runs."""
+    from tracer.export.otlp import TelemetryConfigError, from_env
+
+    try:
+        with from_env("spans"):
+            import opentelemetry.sdk.trace  # noqa: F401
+    except TelemetryConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
 def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
     """Report files are checked before any probe runs: a bad path is a usage error (exit 2), not a
     finding discovered after a ten-minute gate."""
@@ -364,10 +404,27 @@ async def _check(
     quantile: float | None,
     confidence: float | None,
     blocked: dict[str, str] | None = None,
+    interrupted: list[str] | None = None,
 ) -> tuple[list[Any], dict[str, Any], dict[str, int]]:
     from tracer.engine import Engine
 
     async with Engine(spec) as engine:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if engine.stopping.is_set():  # a second one: the user really wants out
+                err.print(f"[red]{sig.name} again[/]: exiting without a report (exit 3)", highlight=False)
+                os._exit(3)
+            if interrupted is not None:
+                interrupted.append(sig.name)
+            err.print(
+                f"[yellow]{sig.name}[/]: stopping; probes in flight end as unknown (again to exit at once)",
+                highlight=False,
+            )
+            engine.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
         engine.block(blocked or {})
         planned = engine.plan(samples, quantile, confidence)
         # Gauges first: the check's own probes (synthetic DLQ entries) must not be in the levels.
@@ -739,6 +796,7 @@ def canary(
     /metrics (Prometheus text) on --http-port; alerts per the spec's canary.alerts section.
     """
     spec = _load(config)
+    _telemetry_or_exit()
     from tracer.canary import run_canary, setup_logging
 
     setup_logging(log_format, (ctx.parent.params.get("verbose") or 0) if ctx.parent else 0)

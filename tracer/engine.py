@@ -49,6 +49,13 @@ from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
 
+STOPPED = "the check was interrupted before this hop resolved"
+
+# The event loop's own pulse: a tick this much later than asked means the tracer was not
+# running (CPU starved, a blocking call), so no collector looked and no push was taken in.
+STALL_TICK = 0.1
+STALL_BLIND = 0.5
+
 
 class StartError(Exception):
     """A collector could not start (e.g. its port is taken): a setup problem, exit 2, before any probe."""
@@ -99,6 +106,27 @@ class Engine:
         self.http: httpx.AsyncClient | None = None
         self.auth: dict[str, inject_auth.Authenticator] = {}  # the spec's auth map, one token cache each
         self.ctx = InjectContext(http=None, synthetic=spec.canary.synthetic)
+        # ``stop``: no new probe starts; probes awaiting their hops end at once as ``unknown``.
+        self.stopping = asyncio.Event()
+        self._awaiting: set[asyncio.Task[Any]] = set()  # tasks inside a probe's await stage
+        self._stopped: set[asyncio.Task[Any]] = set()  # ... of those, the ones stop() cancelled
+        self._wakers: set[asyncio.Event] = set()  # check loops sleeping until their next start
+        self._pulse = clock.now()  # the stall watch's last tick (see _stall_check)
+        self._pulse_task: asyncio.Task[None] | None = None
+        self.stalls = 0  # stalls longer than STALL_BLIND, each a blind window on every collector
+        self._stall_logged = -math.inf
+
+    def stop(self) -> None:
+        """End the run early (the check was interrupted): no probe starts after this; probes
+        awaiting their hops stop waiting, their open hops ``unknown`` (``STOPPED``), and are
+        still cleaned up and exported. Injections under way finish first (bounded by their
+        timeout), since whether they were delivered is only known from their answer."""
+        self.stopping.set()
+        for event in self._wakers:
+            event.set()
+        for task in self._awaiting:
+            self._stopped.add(task)
+            task.cancel()
 
     def sinks(self) -> list[str]:
         """The sinks the steps use, plus those their configs need (PostHog push: the webhook receiver)."""
@@ -124,8 +152,36 @@ class Engine:
         for collector in self.collectors.values():
             if isinstance(collector, Connects):
                 collector.connect(self.collectors)
+        self._pulse = clock.now()
+        self._pulse_task = asyncio.create_task(self._watch_pulse(), name="engine-stall-watch")
+
+    async def _watch_pulse(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_TICK)
+            self._stall_check()
+
+    def _stall_check(self) -> None:
+        """If the loop stalled since the last tick, every collector was blind meanwhile: a look
+        or a push handled after the stall is stamped late by the stall, so a lag straddling the
+        target across it is ``unknown``, not ``late``. Called by the pulse task and, so that
+        the order of callbacks after a stall cannot matter, right before every judgement."""
+        now = clock.now()
+        gap = now - self._pulse - STALL_TICK
+        if gap > STALL_BLIND:
+            why = f"the tracer's event loop stalled {gap:.1f}s (CPU starved or a blocking call)"
+            for c in self.collectors.values():
+                c.coverage.mark_blind(self._pulse, now, why)
+            self.stalls += 1
+            if now - self._stall_logged > 60.0:
+                self._stall_logged = now
+                log.warning("%s: hops across it are unknown, not late (%d stall(s) so far)", why, self.stalls)
+        self._pulse = now
 
     async def close(self) -> None:
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pulse_task
         for c in self.collectors.values():
             await c.close()
         for i in self.injectors.values():
@@ -195,8 +251,13 @@ class Engine:
         step = self.spec.steps[inflight.step]
         injection = inflight.injection
         assert injection is not None, "inject() first"
+        task = asyncio.current_task()
+        assert task is not None
+        self._awaiting.add(task)
         try:
-            if injection.ok:
+            if self.stopping.is_set():
+                hops = self._open_hops(inflight, injection, STOPPED)
+            elif injection.ok:
                 hops = await self._await_hops(
                     inflight.step, step.hops, inflight.watches, injection, inflight, on_hop
                 )
@@ -216,7 +277,14 @@ class Engine:
                     by_name.get(hop.name) or self._inject_failed(inflight.step, hop, injection)
                     for hop in step.hops
                 ]
+        except asyncio.CancelledError:
+            if task not in self._stopped:
+                raise  # cancelled by someone else (a canary's shutdown): theirs to handle
+            task.uncancel()
+            hops = self._open_hops(inflight, injection, STOPPED)
         finally:
+            self._awaiting.discard(task)
+            self._stopped.discard(task)
             self.release(inflight)
         if inflight.injection_unknown:
             for h in hops:
@@ -294,10 +362,17 @@ class Engine:
         """Report a probe that could not be awaited to its end (the canary is stopping): hops
         not resolved yet are ``unknown`` with ``reason``. Exports its trace."""
         self.release(inflight)
-        step = self.spec.steps[inflight.step]
         injection = inflight.injection or Injection(
             inflight.probe.created_at, clock.now(), ok=False, error="canary stopped before injecting"
         )
+        hops = self._open_hops(inflight, injection, reason)
+        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
+        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+
+    def _open_hops(self, inflight: InFlight, injection: Injection, reason: str) -> list[HopResult]:
+        """The probe's hops as they stand: those resolved kept, the others ``unknown`` with
+        ``reason`` (``inject_failed`` if the injection failed): nobody looked to their end."""
+        step = self.spec.steps[inflight.step]
         now = clock.now()
         hops = []
         for hop in step.hops:
@@ -319,8 +394,7 @@ class Engine:
                         after=hop.after,
                     )
             hops.append(r)
-        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
-        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+        return hops
 
     def mark_blind(self, start: float, end: float) -> None:
         """Every collector was blind in ``[start, end]`` (e.g. the canary process was down)."""
@@ -431,6 +505,7 @@ class Engine:
         if watch.first is not None and watch.missing_sources():
             # Push and poll both configured: let the slower one report too, for the comparison.
             await watch.wait_other_sources(min(deadline_at - clock.now(), max(2.0, 3 * collector.error_bar)))
+        self._stall_check()
         certified = True
         if watch.first is None and not watch.settled:
             # Give the collector a chance to look past the deadline before calling it lost.
@@ -566,7 +641,10 @@ class Engine:
                 w = inflight.watches[hop.name]
 
                 def due(w: Watch = w, hop_name: str = hop.name) -> None:
-                    if w.first is None and not w.settled and not self.collectors[w.sink].coverage.blind_now:
+                    self._stall_check()
+                    cov = self.collectors[w.sink].coverage
+                    sent = inflight.injection.sent_at if inflight.injection else -math.inf
+                    if w.first is None and not w.settled and cov.blind_start(sent, clock.now()) is None:
                         tally.provisional(hop_name, inflight)
                         recheck()
 
@@ -587,12 +665,15 @@ class Engine:
 
         tasks: list[asyncio.Task[ProbeResult]] = []
         next_at = clock.now()
+        self._wakers.add(decided)  # stop() wakes the loop, which then starts nothing more
         for _ in range(n):
+            if self.stopping.is_set():
+                break
             await slots.acquire()
             if not decided.is_set() and next_at > clock.now():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(decided.wait(), next_at - clock.now())
-            if decided.is_set():
+            if decided.is_set() or self.stopping.is_set():
                 slots.release()
                 break
             next_at = max(next_at, clock.now()) + interval
@@ -601,6 +682,7 @@ class Engine:
         try:
             return list(await asyncio.gather(*tasks))
         finally:
+            self._wakers.discard(decided)
             for t in timers:
                 t.cancel()
 
@@ -613,7 +695,10 @@ class Engine:
             out = []
             for i in range(g.readings):
                 if i:
-                    await asyncio.sleep(g.spacing)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), g.spacing)
+                if self.stopping.is_set():
+                    break
                 out.append(await self.read_gauge(name))
             return name, out
 

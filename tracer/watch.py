@@ -232,13 +232,14 @@ class Coverage:
         out += [(max(h0, start), end, f"held: {key}") for key, h0 in self._holds.items() if h0 <= end]
         return out
 
-    def mark_blind(self, start: float, end: float) -> None:
+    def mark_blind(self, start: float, end: float, why: str | None = None) -> None:
         """Record a closed window ``[start, end]`` in which nobody looked, learnt after the fact
-        (e.g. the canary process was down between its last heartbeat and a restart). Verdicts
-        treat it like any other blind window; the current state (blind or not) is unchanged."""
+        (e.g. the canary process was down between its last heartbeat and a restart, or its event
+        loop stalled). Verdicts treat it like any other blind window; the current state (blind
+        or not) is unchanged."""
         if end < start:
             return
-        entry = [start, end, "nobody looked (the tracer was not running)"]
+        entry = [start, end, why or "nobody looked (the tracer was not running)"]
         if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
             self._blind.popleft()
         if self._open:
