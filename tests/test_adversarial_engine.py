@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -414,3 +415,117 @@ def test_reader_closing_the_pipe_keeps_the_verdict_and_the_files(sb: Sandbox, tm
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert rc == 0, stderr
     assert b"<testcase" in junit.read_bytes()
+
+
+# -- signals ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_check_gives_an_honest_partial_report_and_cleans_up(
+    sb: Sandbox, sig: signal.Signals
+) -> None:
+    """CI cancels the job (SIGTERM) or a person presses Ctrl-C while probes await their hops:
+    the check stops at once, reports them ``unknown`` (never lost, never a pass: exit 3), still
+    removes what they left in the funnel, and prints no traceback."""
+    sb.knobs.lead_delay = 30.0  # nothing will be seen before the signal
+    sb.ctx.extra.setdefault("leads", {}).clear()
+    cleanup = f'    cleanup:\n      - {{method: DELETE, url: "{sb.url}/api/v1/leads/{{capture.lead_id}}"}}\n'
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads", extra="        capture: {lead_id: id}")
+    text = text.replace("target: 1500ms", "target: 10s").replace("deadline: 3s", "deadline: 20s") + cleanup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "tracer.cli", "check", "-c", str(tmp_yaml(text)), *GATE, "--format", "json"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT)
+    )
+    end = time.monotonic() + 20
+    while sb.synthetic_records()["leads"] < 3 and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    assert sb.synthetic_records()["leads"] == 3
+    proc.send_signal(sig)
+    out, stderr = proc.communicate(timeout=20)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 3, stderr
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["ok"] is False
+    (hop,) = report["steps"][0]["hops"]
+    assert hop["verdicts"]["unknown"] == 3 and hop["verdicts"]["lost"] == 0, hop["verdicts"]
+    assert all("interrupted" in p["reason"] for p in hop["probes"])
+    assert sb.synthetic_records()["leads"] == 0  # the cleanup ran for probes cut short
+    assert f"interrupted by {sig.name}" in stderr
+
+
+# -- OpenTelemetry endpoints and settings --------------------------------------------------------
+def test_otlp_endpoint_black_hole_500_or_garbage_changes_nothing_and_exit_is_bounded(sb: Sandbox) -> None:
+    """Spans going to an endpoint that accepts and never answers, one answering 500, or a URL
+    that is not one: the verdicts and the exit code are the same as without export, no
+    traceback, and the exit waits at most the export timeout (OTEL_EXPORTER_OTLP_TIMEOUT)."""
+
+    def answer_500(conn: socket.socket, _head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops")
+
+    def never(_conn: socket.socket, _head: bytes) -> None:
+        time.sleep(30)
+
+    spec = str(tmp_yaml(lead_spec(sb, f"{sb.url}/api/v1/leads")))
+    with Hostile(never) as hole, Hostile(answer_500) as broken:
+        for endpoint in (hole.url, broken.url, "garbage"):
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+            t0 = time.monotonic()
+            proc = cli("check", "-c", spec, *GATE, "--format", "json", env=env)
+            took = time.monotonic() - t0
+            no_traceback(proc)
+            assert proc.returncode == 0, (endpoint, proc.stderr[-2000:])
+            (hop,) = json.loads(proc.stdout)["steps"][0]["hops"]
+            assert hop["verdicts"]["ok"] == 3, (endpoint, hop["verdicts"])
+            assert took < 45, (endpoint, took)  # hang guard: a black hole must not hold the exit
+
+
+@pytest.mark.parametrize(
+    "var, value", [("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-5"), ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc")]
+)
+def test_otel_setting_the_sdk_refuses_is_a_config_error_for_check(sb: Sandbox, var: str, value: str) -> None:
+    """Most bad OTEL_* values only make the SDK warn; these make it raise. One line naming the
+    variable, exit 2, nothing injected (not a traceback and click's exit 1)."""
+    before = len(sb.posthog.events())
+    proc = cli("check", "-c", str(tmp_yaml(lead_spec(sb, f"{sb.url}/api/v1/leads"))), *GATE, env={var: value})
+    no_traceback(proc)
+    assert proc.returncode == 2
+    assert "invalid OpenTelemetry settings for spans" in proc.stderr and var in proc.stderr
+    assert len(sb.posthog.events()) == before
+
+
+def test_otel_setting_the_sdk_refuses_is_a_config_error_for_the_canary(sb: Sandbox) -> None:
+    from tests.canary_helpers import CanaryProcess, lead_spec_text
+
+    spec = tmp_yaml(lead_spec_text(sb.posthog_url, sb.url))
+    env = {"OTEL_METRICS_EXEMPLAR_FILTER": "bogus", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    with CanaryProcess(spec, "--http-port", "0", env=env) as canary:
+        rc = canary.proc.wait(30)
+        canary._reader.join(5)
+    assert rc == 2, canary.stderr_tail()
+    (failed,) = canary.events("start_failed")
+    assert "invalid OpenTelemetry settings for metrics" in failed["msg"]
+    assert "Traceback" not in "".join(canary.raw)
+
+
+# -- a starved tracer ---------------------------------------------------------------------------
+def test_a_stalled_tracer_loop_is_blind_not_a_false_late(sb: Sandbox) -> None:
+    """The tracer's process starved (CPU pressure, a blocking call) for 3 s just after the
+    injection, while the funnel (other threads) delivered within 0.5 s. The first look after the
+    stall sees the event 3 s late by the clock: that straddle comes from the tracer not looking,
+    so the hop must be ok or unknown (with the stall as the blind window), never late or lost."""
+    sb.knobs.lead_delay = 0.2
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads")
+
+    async def go() -> ProbeResult:
+        async with Engine(load(text)) as engine:
+            await asyncio.sleep(0.5)  # the poller is in its steady cadence
+            loop = asyncio.get_running_loop()
+            return await engine.run_probe(
+                "lead", on_injected=lambda _i: loop.call_later(0.05, time.sleep, 3.0)
+            )
+
+    res = asyncio.run(go())
+    (hop,) = res.hops
+    assert hop.verdict in ("ok", "unknown"), (hop.verdict, hop.lag, hop.error_bar, hop.reason)
+    if hop.verdict == "unknown":
+        assert hop.evidence and any("stalled" in b["why"] for b in hop.evidence["blind"]), hop.evidence
