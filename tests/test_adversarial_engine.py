@@ -529,3 +529,63 @@ def test_a_stalled_tracer_loop_is_blind_not_a_false_late(sb: Sandbox) -> None:
     assert hop.verdict in ("ok", "unknown"), (hop.verdict, hop.lag, hop.error_bar, hop.reason)
     if hop.verdict == "unknown":
         assert hop.evidence and any("stalled" in b["why"] for b in hop.evidence["blind"]), hop.evidence
+
+
+# -- hostile text in reports, and secrets -----------------------------------------------------------
+def test_hostile_answer_cannot_break_reports_or_leak_what_was_sent(sb: Sandbox, tmp_path: Path) -> None:
+    """The funnel refuses with a 422 whose body echoes everything we sent (the bearer token,
+    the personal key in the body) plus control characters, markup and XML breakers. Every
+    report (JSON, table, JUnit, HTML, spans over OTLP, logs at -vv) stays well-formed, and no
+    secret appears in any of them."""
+    import xml.etree.ElementTree as ET
+
+    from tests.otlp_receiver import OtlpReceiver
+
+    token, key = "tok-3ch0-5ecret-77", "phx_personal_k3y_91"
+
+    def echo(conn: socket.socket, _head: bytes) -> None:
+        sent = server.requests[-1]
+        body = b"\x00\x1b[2J\x07<script>alert(1)</script>]]>&[bold red]x[/] \xff\xfe " + sent
+        conn.sendall(b"HTTP/1.1 422 Unprocessable\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    server = Hostile(echo)
+    head = f"auth:\n  api: {{token: {token}}}\n"
+    extra = "        auth: api"
+    with server, OtlpReceiver() as rx:
+        text = lead_spec(sb, f"{server.url}/api/v1/leads", head=head, extra=extra)
+        text = text.replace("json: {email:", 'json: {key: "${PERSONAL_KEY}", email:')
+        spec = str(tmp_yaml(text))
+        env = {"PERSONAL_KEY": key, "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint}
+        junit, html = tmp_path / "j.xml", tmp_path / "r.html"
+        outs = []
+        for fmt in ("json", "table", "markdown"):
+            args = (
+                "-vv",
+                "check",
+                "-c",
+                spec,
+                *GATE,
+                "--format",
+                fmt,
+                "--junit",
+                str(junit),
+                "--html",
+                str(html),
+            )
+            proc = cli(*args, env=env)
+            no_traceback(proc)
+            assert proc.returncode == 3, proc.stderr[-2000:]
+            outs += [proc.stdout, proc.stderr, junit.read_text(), html.read_text()]
+        time.sleep(1.5)
+        spans = json.dumps(rx.spans, default=str)
+    assert token.encode() in server.requests[0] and key.encode() in server.requests[0]  # really sent
+    report = json.loads(outs[0])
+    (hop,) = report["steps"][0]["hops"]
+    assert hop["verdicts"]["inject_failed"] == 3
+    assert "HTTP 422" in hop["probes"][0]["reason"]
+    ET.parse(junit)  # well-formed XML despite NUL and ESC in the answer
+    assert "<script>" not in html.read_text()
+    for text_out in [*outs, spans]:
+        assert token not in text_out and key not in text_out
+        assert "\x00" not in text_out and "\x1b" not in text_out
+    assert "tok-3ch0" not in spans

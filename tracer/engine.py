@@ -138,7 +138,12 @@ class Engine:
     async def start(self) -> None:
         self.http = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"}, follow_redirects=False)
         self.auth = inject_auth.build(dict(self.spec.auth), self.http)
-        ctx = self.ctx = InjectContext(http=self.http, synthetic=self.spec.canary.synthetic, auth=self.auth)
+        ctx = self.ctx = InjectContext(
+            http=self.http,
+            synthetic=self.spec.canary.synthetic,
+            auth=self.auth,
+            redact=self.spec._env_values,
+        )
         for name, step in self.spec.steps.items():
             self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():

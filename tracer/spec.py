@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from tracer import plugins, stats
 from tracer.gauges import GaugeSpec
@@ -271,6 +271,8 @@ class FunnelSpec(Model):
     """A funnel under test: where probes enter (steps), where they are seen (collectors) and how
     fresh they must be (hop targets)."""
 
+    _env_values: tuple[str, ...] = PrivateAttr(default=())  # see parse_spec
+
     service: str = Field(min_length=1, description="the funnel under test, as reports name it")
     auth: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], AuthSpec] = Field(
         default_factory=dict,
@@ -498,7 +500,7 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
     if problems:
         raise SpecError(problems, source)
     try:
-        return FunnelSpec.model_validate(data)
+        spec = FunnelSpec.model_validate(data)
     except ValidationError as exc:
         out = []
         for err in exc.errors(include_input=False, include_url=False):
@@ -506,6 +508,10 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
             path = ctx_err.path if isinstance(ctx_err, _PathError) else _loc_path(tuple(err["loc"]))
             out.append((_redact(path, used), _redact(_message(err), used)))
         raise SpecError(out, source) from None
+    # Values filled in from the environment may be secrets (a personal key in a body): the funnel's
+    # answers are excerpted in reports with each of them replaced (tracer.inject.http).
+    spec._env_values = tuple(sorted((v for v in used if len(v) >= 4), key=len, reverse=True))
+    return spec
 
 
 MAX_SPEC_BYTES = 1 << 20  # a funnel spec is a few KiB; this bounds reading /dev/zero or a log by mistake

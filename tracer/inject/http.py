@@ -172,11 +172,12 @@ async def exchange(
     probe: Probe,
     extra_headers: dict[str, str],
     auth: Authenticator | None = None,
+    redact: tuple[str, ...] = (),
 ) -> tuple[Injection, httpx.Response | None]:
     """``_exchange``, with a request that cannot be built an ``inject_failed`` saying so (the
     exception's type only: its text may quote a header value)."""
     try:
-        return await _exchange(client, spec, probe, extra_headers, auth)
+        return await _exchange(client, spec, probe, extra_headers, auth, redact)
     except _UNSENDABLE as exc:
         now = clock.now()
         attrs = {
@@ -194,6 +195,7 @@ async def _exchange(
     probe: Probe,
     extra_headers: dict[str, str],
     auth: Authenticator | None = None,
+    redact: tuple[str, ...] = (),
 ) -> tuple[Injection, httpx.Response | None]:
     """Send one request (with ``auth``'s token; on a 401, once more with a fresh one) and keep
     the response for captures. The time spent logging in is before ``sent_at``: a login is not
@@ -241,7 +243,7 @@ async def _exchange(
     if resp.status_code >= 400:
         attrs["error.type"] = str(resp.status_code)
     error = None if ok else f"HTTP {resp.status_code}"
-    answer = None if ok else _answer(resp, spec, headers) or None
+    answer = None if ok else _answer(resp, spec, headers, redact) or None
     injection = Injection(
         sent, done, ok=ok, status=resp.status_code, error=error, attributes=attrs, response=answer
     )
@@ -280,10 +282,13 @@ def take_captures(spec: HttpRequest, resp: httpx.Response, probe: Probe) -> str 
 _CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key", "api-key", "x-auth-token")
 
 
-def _answer(resp: httpx.Response, spec: HttpInject, sent_headers: dict[str, str]) -> str:
+def _answer(
+    resp: httpx.Response, spec: HttpInject, sent_headers: dict[str, str], redact: tuple[str, ...] = ()
+) -> str:
     """The first ~300 characters of a refusal (422 bodies name the missing field), with every
-    secret we sent replaced: the signing secret and credential headers' values."""
-    secrets = [v for k, v in sent_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
+    secret we sent replaced: the signing secret, credential headers' values and every value
+    the spec took from the environment (a funnel may echo the body it refused)."""
+    secrets = list(redact) + [v for k, v in sent_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
     secrets += [v.split(" ", 1)[-1] for v in secrets]  # "Bearer <token>": the token alone too
     if spec.sign is not None:
         secrets.append(spec.sign.secret.get_secret_value())
@@ -312,6 +317,7 @@ class HttpInjector:
         self.marker = ctx.synthetic
         self.client: httpx.AsyncClient = ctx.http
         self.auth: dict[str, Authenticator] = dict(ctx.auth or {})
+        self.redact = tuple(getattr(ctx, "redact", ()))
         self.requests = [_marked(r, self.marker) for r in config.request_list()]
         self.start = config.start_index()
         self.multi = config.requests is not None
@@ -326,7 +332,9 @@ class HttpInjector:
                 **synthetic.header(self.marker, req.headers),
                 "traceparent": f"00-{probe.trace_id}-{span_id}-01",
             }
-            inj, resp = await exchange(self.client, req, probe, extra, self.auth.get(req.auth or ""))
+            inj, resp = await exchange(
+                self.client, req, probe, extra, self.auth.get(req.auth or ""), self.redact
+            )
             if inj.ok and resp is not None:
                 error = take_captures(req, resp, probe)
                 if error is not None:
@@ -401,7 +409,9 @@ async def run_cleanup(requests: list[HttpRequest], probe: Probe, ctx: InjectCont
             out.append(CleanupOutcome(what, ok=False, error=f"skipped: nothing captured as '{missing[0]}'"))
             continue
         extra = synthetic.header(ctx.synthetic, req.headers)
-        inj, _ = await exchange(ctx.http, req, probe, extra, (ctx.auth or {}).get(req.auth or ""))
+        inj, _ = await exchange(
+            ctx.http, req, probe, extra, (ctx.auth or {}).get(req.auth or ""), tuple(ctx.redact)
+        )
         out.append(CleanupOutcome(what, ok=inj.ok, error=inj.error, status=inj.status))
     return out
 
