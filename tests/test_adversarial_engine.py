@@ -589,3 +589,51 @@ def test_hostile_answer_cannot_break_reports_or_leak_what_was_sent(sb: Sandbox, 
         assert token not in text_out and key not in text_out
         assert "\x00" not in text_out and "\x1b" not in text_out
     assert "tok-3ch0" not in spans
+
+
+# -- specs valid in shape, absurd in value ------------------------------------------------------
+@pytest.mark.parametrize(
+    "edit, args, code, says",
+    [
+        (("spacing: 100ms", "spacing: 0"), ("-n", "3"), 3, None),  # no pause between starts: fine
+        (
+            ("spacing: 100ms", "spacing: 100ms\n    rate: 1e-9"),
+            ("-n", "2"),
+            2,
+            "steps.lead.rate: at least one probe per 30 days",
+        ),
+        (("spacing: 100ms", "spacing: 100ms\n    concurrency: 1000000"), ("-n", "3"), 3, None),
+        (("target: 1500ms", "target: 0.000000001"), ("-n", "1"), None, None),  # late or inconclusive
+        (
+            (
+                "target: 1500ms",
+                "target: 1500ms\n        objective: {quantile: 0.999999, confidence: 0.999999}",
+            ),
+            ("-n", "1"),
+            2,
+            "steps.lead.hops[0].objective: no check can show this objective",
+        ),
+        (
+            (),
+            ("-n", "1", "--quantile", "0.999999", "--confidence", "0.999999"),
+            2,
+            "no check can show that objective",
+        ),
+        ((), ("-n", "0"), 2, "0 is not in the range"),
+        ((), ("-n", "1000000000"), 2, "is not in the range"),
+    ],
+)
+def test_absurd_but_well_formed_specs_neither_hang_nor_crash(
+    sb: Sandbox, edit: tuple[str, ...], args: tuple[str, ...], code: int | None, says: str | None
+) -> None:
+    """Zero spacing used to divide by zero; a rate of 1e-9 waited 31 years for the second
+    probe; an objective needing over 100 000 probes raised after the probes had run."""
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads")
+    if edit:
+        assert edit[0] in text
+        text = text.replace(*edit)
+    proc = cli("check", "-c", str(tmp_yaml(text)), "--no-preflight", *args, "--format", "json", timeout=40)
+    no_traceback(proc)
+    assert code is None or proc.returncode == code, proc.stderr[-2000:]
+    if says:
+        assert says in proc.stderr, proc.stderr

@@ -239,6 +239,7 @@ def run_check(
     preflight: bool = True,
 ) -> int:
     _telemetry_or_exit()
+    _showable_or_exit(spec, quantile, confidence)
     from tracer.engine import StartError
     from tracer.export.otlp import TelemetryConfigError
     from tracer.export.report import default_trace_url, summarize
@@ -350,6 +351,22 @@ def _write_output(option: str, path: str, data: bytes) -> bool:
             if Path(path).is_file():
                 Path(path).unlink()
         return False
+
+
+def _showable_or_exit(spec: FunnelSpec, quantile: float | None, confidence: float | None) -> None:
+    """``--quantile 0.999999 --confidence 0.999999``: no check runs the probes that would show
+    it; a usage error (exit 2) before anything runs, not a traceback after the probes."""
+    if quantile is None and confidence is None:
+        return
+    for step in spec.steps.values():
+        for hop in step.hops:
+            try:
+                hop.objective_for(quantile, confidence).needed()
+            except ValueError as exc:
+                need = str(exc).replace(" samples needed", " probes")
+                raise click.UsageError(
+                    f"--quantile/--confidence: no check can show that objective (it needs {need}); lower them"
+                ) from None
 
 
 def _telemetry_or_exit() -> None:

@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from tracer import plugins, stats
+from tracer.durations import MAX_SECONDS
 from tracer.gauges import GaugeSpec
 from tracer.inject.auth import AuthSpec
 from tracer.probe import CAPTURE_REF
@@ -61,6 +62,17 @@ class ObjectiveSpec(Model):
     max_loss: float | None = Field(
         None, gt=0, lt=1, description="also show the loss rate (lost probes) is at most this"
     )
+
+    @model_validator(mode="after")
+    def _showable(self) -> ObjectiveSpec:
+        try:
+            stats.Objective(self.quantile, self.confidence, self.max_loss).needed()
+        except ValueError as exc:  # e.g. p99.9999 at 99.9999 %: more probes than any check runs
+            need = str(exc).replace(" samples needed", " probes")
+            raise ValueError(
+                f"no check can show this objective (it needs {need}): lower its quantile or confidence"
+            ) from None
+        return self
 
 
 class _Hop(Model):
@@ -165,6 +177,13 @@ class StepSpec(Model):
     rate: float | None = Field(
         None, gt=0, description="check: at most this many probes started per second (default 1 / spacing)"
     )
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_bounded(cls, v: float | None) -> float | None:
+        if v is not None and v < 1 / MAX_SECONDS:  # e.g. 1e-9: one probe per 31 years
+            raise ValueError("at least one probe per 30 days (the longest duration a spec may say)")
+        return v
 
     @model_validator(mode="after")
     def _hop_refs(self) -> StepSpec:
@@ -354,7 +373,10 @@ class FunnelSpec(Model):
         step = self.steps[step_name]
         if step.concurrency is not None:
             return step.concurrency
-        return max(1, min(10, math.ceil(max(h.target for h in step.hops) / self.check_interval(step_name))))
+        interval = self.check_interval(step_name)
+        if interval <= 0:  # spacing: 0, no pause between starts: the cap alone bounds them
+            return 10
+        return max(1, min(10, math.ceil(max(h.target for h in step.hops) / interval)))
 
     def check_interval(self, step_name: str) -> float:
         """check: least time between two starts of a step's probes (the rate limit)."""
