@@ -637,3 +637,71 @@ def test_absurd_but_well_formed_specs_neither_hang_nor_crash(
     assert code is None or proc.returncode == code, proc.stderr[-2000:]
     if says:
         assert says in proc.stderr, proc.stderr
+
+
+# -- the canary's ledger and status endpoint ---------------------------------------------------------
+def test_corrupt_or_foreign_ledger_records_cannot_block_the_canary(sb: Sandbox, redis_url: str) -> None:
+    """The previous run's records (and heartbeat) are garbage, truncated, of another shape or
+    from a newer version: each is dropped with a warning, the ledger comes up, the canary
+    probes as usual. (Before: one record of the wrong shape made every connect attempt raise,
+    so the ledger stayed down and resumed nothing.)"""
+    import redis
+
+    from tests.canary_helpers import lead_spec_text
+
+    r = redis.Redis.from_url(redis_url)
+    good_stamp = {"mono": 1.0, "wall": time.time() - 5, "boot": "other-boot"}
+    bad = {
+        "t-notjson": b'{"step": "lead", "trace_id": "t-notjs',  # truncated
+        "t-list": b"[1, 2, 3]",
+        "t-number": b"42",
+        "t-stamp": json.dumps(
+            {
+                "step": "lead",
+                "trace_id": "a" * 32,
+                "probe_id": "p",
+                "created": "yesterday",
+                "root_span_id": "1" * 16,
+                "inject_span_id": "2" * 16,
+            }
+        ).encode(),
+        "t-newer": json.dumps(
+            {
+                "step": "lead",
+                "trace_id": "b" * 32,
+                "probe_id": "p",
+                "created": good_stamp,
+                "root_span_id": "1" * 16,
+                "inject_span_id": "2" * 16,
+                "v": 99,
+                "done": {"posthog_event": {"hop": "posthog_event", "from_the_future": 1}},
+            }
+        ).encode(),
+    }
+    r.hset("funnel-tracer:rec:east-9", mapping=bad)
+    r.set("funnel-tracer:alive:east-9", b"not a stamp")
+    extra = f"ledger: {{redis_url: '{redis_url}', instance: east-9}}"
+    text = lead_spec_text(sb.posthog_url, sb.url, interval="300ms", canary_extra=extra)
+    results: list[ProbeResult] = []
+
+    async def main() -> dict[str, Any]:
+        from tracer.canary import Canary
+
+        canary = Canary(load(text), http_port=None, on_result=results.append, preflight=False)
+        await asyncio.wait_for(canary.start(), 20)
+        try:
+            end = time.monotonic() + 15
+            while time.monotonic() < end and not (canary.ledger.health()["up"] and len(results) >= 3):
+                await asyncio.sleep(0.1)
+            return canary.ledger.health()
+        finally:
+            await canary.shutdown()
+
+    health = asyncio.run(main())
+    assert health["up"] is True, health
+    fresh = [res for res in results if not res.resumed]
+    assert len(fresh) >= 3 and all(h.verdict == "ok" for res in fresh for h in res.hops), [
+        (h.verdict, h.reason) for res in results for h in res.hops
+    ]
+    left = {k.decode() for k in r.hkeys("funnel-tracer:rec:east-9")}
+    assert not (left & set(bad)), left  # every unreadable record dropped, none kept forever

@@ -392,14 +392,15 @@ class Canary:
         now = clock.now()
         usable = []
         for rec in records:
-            if rec.get("step") not in self.spec.steps:
-                log.warning("ledger record for unknown step %r dropped (spec changed?)", rec.get("step"))
+            step = rec.get("step")
+            if not isinstance(step, str) or step not in self.spec.steps:
+                log.warning("ledger record for unknown step %r dropped (spec changed?)", str(step)[:64])
                 self.ledger.done(str(rec.get("trace_id")))
                 continue
             try:
                 usable.append(restore(rec))
-            except (KeyError, TypeError, ValueError):
-                log.warning("unreadable ledger record dropped: trace %s", rec.get("trace_id"))
+            except Exception:  # any shape: truncated, hand-edited, from another version
+                log.warning("unreadable ledger record dropped: trace %s", str(rec.get("trace_id"))[:64])
                 self.ledger.done(str(rec.get("trace_id")))
         if not usable:
             return
