@@ -10,6 +10,7 @@ fails the test instead of hanging it), never performance assertions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -705,3 +706,69 @@ def test_corrupt_or_foreign_ledger_records_cannot_block_the_canary(sb: Sandbox, 
     ]
     left = {k.decode() for k in r.hkeys("funnel-tracer:rec:east-9")}
     assert not (left & set(bad)), left  # every unreadable record dropped, none kept forever
+
+
+def test_status_endpoint_under_hostile_clients_keeps_answering_and_probing(sb: Sandbox) -> None:
+    """Hundreds of idle connections (slowloris), an 8 MB header, binary garbage, a request
+    line of 3 MB, half-closed sockets: /healthz still answers a proper client, no traceback is
+    logged, and probes keep resolving ok meanwhile."""
+    import logging
+
+    from tests.canary_helpers import lead_spec_text
+
+    text = lead_spec_text(sb.posthog_url, sb.url, interval="300ms")
+    results: list[ProbeResult] = []
+    errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    async def hostile(port: int) -> None:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+        for payload in (
+            b"GET /healthz HTTP/1.1\r\n" + b"X: " + b"a" * 8_000_000,
+            b"\x00\xff" * 50_000,
+            b"GET /" + b"x" * 3_000_000 + b" HTTP/1.1\r\n\r\n",
+            b"\r\n\r\n",
+            b"GET /healthz\r\n\r\n",
+        ):
+            rd, wr = await asyncio.open_connection("127.0.0.1", port)
+            with contextlib.suppress(ConnectionError):
+                wr.write(payload)
+                await wr.drain()
+                wr.write_eof()
+                await asyncio.wait_for(rd.read(), 10)
+            wr.close()
+        rd, wr = await asyncio.open_connection("127.0.0.1", port)
+        wr.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wr.drain()
+        answer = await asyncio.wait_for(rd.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 200") or answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b'"collectors"' in answer
+        for _, w in idle:
+            w.close()
+
+    async def main() -> None:
+        from tracer.canary import Canary
+
+        canary = Canary(load(text), http_port=0, on_result=results.append, preflight=False)
+        await canary.start()
+        try:
+            assert canary.status is not None
+            await asyncio.wait_for(hostile(canary.status.port), 30)
+            end = time.monotonic() + 10
+            while len(results) < 3 and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+        finally:
+            await canary.shutdown()
+
+    handler = Catch()
+    logging.getLogger().addHandler(handler)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not errors, [r.getMessage() for r in errors]
+    assert len(results) >= 3 and all(h.verdict == "ok" for res in results for h in res.hops)
