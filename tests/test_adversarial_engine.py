@@ -772,3 +772,25 @@ def test_status_endpoint_under_hostile_clients_keeps_answering_and_probing(sb: S
         logging.getLogger().removeHandler(handler)
     assert not errors, [r.getMessage() for r in errors]
     assert len(results) >= 3 and all(h.verdict == "ok" for res in results for h in res.hops)
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [("x {unknown} y", 0), ("{{literal}} }{ {", 0), ("{trace_id", 0), ("{capture.x}", 2)],
+)
+def test_templates_with_stray_braces_are_sent_as_written_or_refused(
+    sb: Sandbox, name: str, code: int
+) -> None:
+    """Only the known placeholders are filled in; anything else in braces goes out as written
+    (ok), and a capture no request makes is a config error naming the path, never a crash."""
+    text = lead_spec(sb, f"{sb.url}/api/v1/leads").replace(
+        "json: {email:", f"json: {{name: {json.dumps(name)}, email:"
+    )
+    proc = cli("check", "-c", str(tmp_yaml(text)), *GATE, "--format", "json")
+    no_traceback(proc)
+    assert proc.returncode == code, proc.stderr[-1500:]
+    if code == 0:
+        (hop,) = json.loads(proc.stdout)["steps"][0]["hops"]
+        assert hop["verdicts"]["ok"] == 3
+    else:
+        assert "steps.lead.inject.http" in proc.stderr
