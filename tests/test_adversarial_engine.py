@@ -794,3 +794,26 @@ def test_templates_with_stray_braces_are_sent_as_written_or_refused(
         assert hop["verdicts"]["ok"] == 3
     else:
         assert "steps.lead.inject.http" in proc.stderr
+
+
+def test_canary_exit_is_not_held_by_a_black_hole_otlp_endpoint(sb: Sandbox) -> None:
+    """SIGTERM with spans and metrics going to an endpoint that accepts and never answers: the
+    final exports get a few seconds in all, not the exporter's 10 s per signal and retry (23 s
+    measured before), so a supervisor's kill deadline is not spent on telemetry."""
+    from tests.canary_helpers import CanaryProcess, lead_spec_text
+
+    def never(_conn: socket.socket, _head: bytes) -> None:
+        time.sleep(60)
+
+    with Hostile(never) as hole:
+        spec = tmp_yaml(lead_spec_text(sb.posthog_url, sb.url, grace="5s"))
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": hole.url, "OTEL_EXPORTER_OTLP_TIMEOUT": "10"}
+        with CanaryProcess(spec, "--http-port", "0", "--no-preflight", env=env) as canary:
+            canary.wait_for(lambda: len(canary.probes()) >= 3, 30, "probes")
+            t0 = time.monotonic()
+            rc = canary.terminate(timeout=60)
+            took = time.monotonic() - t0
+    assert rc == 0, canary.stderr_tail()
+    assert "Traceback" not in "".join(canary.raw)
+    assert all(p["verdict"] == "ok" for p in canary.probes()), canary.probes()
+    assert took < 17, took  # hang guard with margin: probes resolve in ~1 s, exports get 5 s

@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from tracer import clock
 from tracer.alerts import AlertManager
 from tracer.engine import Engine, InFlight, ProbeResult, StartError
+from tracer.export import otlp
 from tracer.export.metrics import CanaryMetrics
 from tracer.export.otlp import TelemetryConfigError
 from tracer.export.report import rounded
@@ -194,10 +195,13 @@ class Canary:
         if self.status is not None:
             await self.status.close()
         self.metrics.refresh(self.engine.collectors, self.ledger)
-        await self.engine.close()  # collectors; spans flushed
+        await self.engine.close(flush=False)  # collectors; spans are flushed below
         await self.ledger.close()
-        self.metrics.shutdown()  # final OTLP export
-        self.provider.shutdown()
+        # Final OTLP exports, both within one budget: a black-holing endpoint must not hold the
+        # exit past a supervisor's kill deadline (the ledger is closed already).
+        end = clock.now() + otlp.FLUSH_BUDGET
+        otlp.bounded(self.metrics.shutdown, max(0.5, end - clock.now()))
+        otlp.bounded(self.provider.shutdown, max(0.5, end - clock.now()))
         log.info("canary stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
     def _all_tasks(self) -> set[asyncio.Task[None]]:

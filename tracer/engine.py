@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tracer import clock, stats
 from tracer.evidence import Evidence, blind_json, sentence, window
+from tracer.export import otlp
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.gauges import GaugeError, Reading
 from tracer.gauges import read as read_gauge
@@ -182,7 +183,9 @@ class Engine:
                 log.warning("%s: hops across it are unknown, not late (%d stall(s) so far)", why, self.stalls)
         self._pulse = now
 
-    async def close(self) -> None:
+    async def close(self, flush: bool = True) -> None:
+        """Stop collectors and injectors; export pending spans (``flush``: a caller that shuts
+        the shared provider down itself, like the canary, passes False)."""
         if self._pulse_task is not None:
             self._pulse_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,9 +197,9 @@ class Engine:
         if self.http is not None:
             await self.http.aclose()
         if self._own_provider:
-            self.provider.shutdown()  # flushes pending spans
-        else:
-            self.provider.force_flush(5000)
+            otlp.bounded(self.provider.shutdown)  # flushes pending spans, a few seconds at most
+        elif flush:
+            otlp.bounded(lambda: self.provider.force_flush(5000))
 
     async def __aenter__(self) -> Engine:
         await self.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Literal
 
@@ -51,3 +52,23 @@ def from_env(what: str) -> Iterator[None]:
         raise TelemetryConfigError(
             f"invalid OpenTelemetry settings for {what}: {exc} (OTEL_* variables set: {', '.join(names) or 'none'})"
         ) from None
+
+
+FLUSH_BUDGET = 5.0  # seconds the last export may hold a process's exit
+
+
+def bounded(fn: object, seconds: float = FLUSH_BUDGET) -> bool:
+    """Run a flush or shutdown (``fn()``) for at most ``seconds``, in a daemon thread: an OTLP
+    endpoint that accepts and never answers would otherwise hold the exit for the exporter's
+    timeout, per signal and per retry (20 s and more), past a supervisor's kill deadline. The
+    SDK's export threads are daemons too, so the process still exits. True if it finished."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()  # type: ignore[operator]
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="otlp-final-flush", daemon=True).start()
+    return done.wait(seconds)
