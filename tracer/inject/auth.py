@@ -340,6 +340,7 @@ class Authenticator:
         except OSError as exc:
             raise AuthError(f"auth '{self.name}': cannot run {program}: {exc.strerror}") from None
         assert proc.stdout is not None
+        finished = False
         try:
             async with asyncio.timeout(c.timeout):
                 out = b""
@@ -353,10 +354,12 @@ class Authenticator:
                         f"auth '{self.name}': {program} printed more than {MAX_TOKEN} bytes: not a token"
                     )
                 await proc.wait()
+                finished = True
         except TimeoutError:
             raise AuthError(f"auth '{self.name}': {program} timed out after {c.timeout:g}s") from None
         finally:
-            await _kill(proc)
+            if not finished:  # timed out, flooded or cancelled: end all it started
+                await _kill(proc)
         if proc.returncode != 0:
             raise AuthError(f"auth '{self.name}': {program} exited with status {proc.returncode}")
         return out.decode(errors="replace").strip(), c.ttl
@@ -374,6 +377,8 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         proc.kill()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.0):
+            if proc.stdout is not None:
+                await proc.stdout.read()  # EOF, so the pipe's transport is closed too
             await proc.wait()
 
 
