@@ -205,8 +205,11 @@ def test_sigkill_and_restart_with_redis_ledger_resumes_and_reports_with_spans(
             sb.posthog_url,
             sb.url,
             interval="400ms",
-            target="6s",
-            deadline="12s",
+            # The restart is a blind window of its own length; under load it took over 3.5 s,
+            # and a lag straddling the target across it is (rightly) unknown. A target well
+            # past lead delay + restart keeps this test about resumption, not about load.
+            target="15s",
+            deadline="30s",
             grace="15s",
             canary_extra=extra,
         )

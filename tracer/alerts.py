@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from tracer import clock
+from tracer import clock, net
 
 if TYPE_CHECKING:
     from tracer.engine import ProbeResult
@@ -211,7 +211,7 @@ class AlertManager:
             if attempt:
                 await asyncio.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
             try:
-                resp = await self._client.post(url, json=data, timeout=self.spec.timeout)
+                resp = await net.request(self._client, "POST", url, json=data, timeout=self.spec.timeout)
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
                 continue

@@ -40,7 +40,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from tracer import clock
 from tracer.alerts import AlertManager
 from tracer.engine import Engine, InFlight, ProbeResult, StartError
+from tracer.export import otlp
 from tracer.export.metrics import CanaryMetrics
+from tracer.export.otlp import TelemetryConfigError
 from tracer.export.report import rounded
 from tracer.export.spans import make_provider
 from tracer.ledger import MemoryLedger, Sighting, restore
@@ -193,10 +195,13 @@ class Canary:
         if self.status is not None:
             await self.status.close()
         self.metrics.refresh(self.engine.collectors, self.ledger)
-        await self.engine.close()  # collectors; spans flushed
+        await self.engine.close(flush=False)  # collectors; spans are flushed below
         await self.ledger.close()
-        self.metrics.shutdown()  # final OTLP export
-        self.provider.shutdown()
+        # Final OTLP exports, both within one budget: a black-holing endpoint must not hold the
+        # exit past a supervisor's kill deadline (the ledger is closed already).
+        end = clock.now() + otlp.FLUSH_BUDGET
+        otlp.bounded(self.metrics.shutdown, max(0.5, end - clock.now()))
+        otlp.bounded(self.provider.shutdown, max(0.5, end - clock.now()))
         log.info("canary stopped", extra={"fields": {"event": "stopped", **self.counts}})
 
     def _all_tasks(self) -> set[asyncio.Task[None]]:
@@ -391,14 +396,15 @@ class Canary:
         now = clock.now()
         usable = []
         for rec in records:
-            if rec.get("step") not in self.spec.steps:
-                log.warning("ledger record for unknown step %r dropped (spec changed?)", rec.get("step"))
+            step = rec.get("step")
+            if not isinstance(step, str) or step not in self.spec.steps:
+                log.warning("ledger record for unknown step %r dropped (spec changed?)", str(step)[:64])
                 self.ledger.done(str(rec.get("trace_id")))
                 continue
             try:
                 usable.append(restore(rec))
-            except (KeyError, TypeError, ValueError):
-                log.warning("unreadable ledger record dropped: trace %s", rec.get("trace_id"))
+            except Exception:  # any shape: truncated, hand-edited, from another version
+                log.warning("unreadable ledger record dropped: trace %s", str(rec.get("trace_id"))[:64])
                 self.ledger.done(str(rec.get("trace_id")))
         if not usable:
             return
@@ -601,7 +607,11 @@ def run_canary(spec: FunnelSpec, **kwargs: Any) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        canary = Canary(spec, **kwargs)
+        try:
+            canary = Canary(spec, **kwargs)
+        except TelemetryConfigError as exc:
+            log.error("cannot start the canary: %s", exc, extra={"fields": {"event": "start_failed"}})
+            return 2
         try:
             await canary.start()
         except (OSError, StartError) as exc:  # a port in use, an unreachable bind address

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -36,7 +37,7 @@ distribution-free: 59 probes all within target; 93 if one exceeds; 299 for p99).
 Exit codes (check, demo):
   0  every claim passes (shown with its confidence) and every gauge is below ok_below
   1  a claim fails (disproven, or a negative probe appeared) or a gauge is over its threshold
-  2  invalid config or usage
+  2  invalid config or usage, or a report could not be written (a claim that fails stays 1)
   3  nothing failed, but some claim is inconclusive (too few samples, too many unknown or
      inject_failed) or a gauge could not be read
 """
@@ -243,16 +244,30 @@ def run_check(
     confidence: float | None = None,
     preflight: bool = True,
 ) -> int:
+    _telemetry_or_exit()
+    _showable_or_exit(spec, quantile, confidence)
     from tracer.engine import StartError
-    from tracer.export.report import default_trace_url, render_table, summarize, write_junit
+    from tracer.export.otlp import TelemetryConfigError
+    from tracer.export.report import default_trace_url, summarize
 
     _writable_or_exit(("--junit", junit), ("--html", html_path))
-    blocked = _preflight(spec) if preflight else {}
+    # SIGTERM (CI cancelling the job) is an interrupt like Ctrl-C: during the probes it stops
+    # the check with a partial report (``_check``), before them it ends it with one line.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        results, gauges, planned = asyncio.run(_check(spec, samples, quantile, confidence, blocked))
-    except StartError as exc:
+        blocked = _preflight(spec) if preflight else {}
+        interrupted: list[str] = []
+        results, gauges, planned = asyncio.run(
+            _check(spec, samples, quantile, confidence, blocked, interrupted)
+        )
+    except (StartError, TelemetryConfigError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/] before the first probe: nothing measured (exit 3)", highlight=False)
+        return 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = summarize(
         spec,
         results,
@@ -262,21 +277,115 @@ def run_check(
         gauges=gauges,
         planned=planned,
     )
-    if fmt == "json":
-        click.echo(json.dumps(summary, indent=2))
-    elif fmt == "markdown":
-        from tracer.export.markdown import render_markdown
+    if interrupted:
+        # Probes cut short are ``unknown`` and planned ones never started are missing: an
+        # interrupted gate never passes, though a claim already disproven still fails.
+        summary["interrupted"] = True
+        if summary["exit_code"] == 0:
+            summary["exit_code"], summary["ok"] = 3, False
+    code = _report(summary, fmt, junit, html_path)
+    if interrupted:
+        err.print(
+            f"[red]interrupted[/] by {interrupted[0]}: probes cut short are reported unknown (exit {code})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return code
 
-        click.echo(render_markdown(summary))
-    else:
-        render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
-    if junit:
-        write_junit(summary, junit)
+
+def _report(summary: dict[str, Any], fmt: str, junit: str | None, html_path: str | None) -> int:
+    """Print the report and write its files; the check's exit code, or 2 when some output could
+    not be written (a full disk, a vanished directory: said in one line; a proven failure stays
+    1). A reader that closed the pipe early (``| head -1``) changes nothing: the files are still
+    written and the exit code is still the verdict's."""
+    from tracer.export.report import junit_xml, render_table
+
+    code = int(summary["exit_code"])
+    failed = False
+    try:
+        if fmt == "json":
+            click.echo(json.dumps(summary, indent=2))
+        elif fmt == "markdown":
+            from tracer.export.markdown import render_markdown
+
+            click.echo(render_markdown(summary))
+        else:
+            render_table(summary, Console() if sys.stdout.isatty() else Console(width=150))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    except OSError as exc:
+        _stdout_gone()
+        err.print(
+            f"[red]error:[/] cannot write the report to stdout: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        failed = True
+    outputs: list[tuple[str, str | None, Any]] = [("--junit", junit, junit_xml)]
     if html_path:
-        from tracer.export.html import write_html
+        from tracer.export.html import render_html
 
-        write_html(summary, html_path)
-    return int(summary["exit_code"])
+        outputs.append(("--html", html_path, lambda s: render_html(s).encode()))
+    for option, path, render in outputs:
+        if path and not _write_output(option, path, render(summary)):
+            failed = True
+    return 2 if failed and code != 1 else code
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _write_output(option: str, path: str, data: bytes) -> bool:
+    """Write a report file; on failure say so in one line and leave no half-written regular
+    file behind for CI to parse."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+        return True
+    except OSError as exc:
+        err.print(
+            f"[red]error:[/] {option} {escape(path)}: cannot write: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        with contextlib.suppress(OSError):
+            if Path(path).is_file():
+                Path(path).unlink()
+        return False
+
+
+def _showable_or_exit(spec: FunnelSpec, quantile: float | None, confidence: float | None) -> None:
+    """``--quantile 0.999999 --confidence 0.999999``: no check runs the probes that would show
+    it; a usage error (exit 2) before anything runs, not a traceback after the probes."""
+    if quantile is None and confidence is None:
+        return
+    for step in spec.steps.values():
+        for hop in step.hops:
+            try:
+                hop.objective_for(quantile, confidence).needed()
+            except ValueError as exc:
+                need = str(exc).replace(" samples needed", " probes")
+                raise click.UsageError(
+                    f"--quantile/--confidence: no check can show that objective (it needs {need}); lower them"
+                ) from None
+
+
+def _telemetry_or_exit() -> None:
+    """The OTel SDK reads its span limits from OTEL_* at import and raises on a bad one: that is
+    a configuration error (exit 2, one line), found before anything else runs."""
+    from tracer.export.otlp import TelemetryConfigError, from_env
+
+    try:
+        with from_env("spans"):
+            import opentelemetry.sdk.trace  # noqa: F401
+    except TelemetryConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
@@ -294,6 +403,7 @@ def _writable_or_exit(*outputs: tuple[str, str | None]) -> None:
             err.print(
                 f"[red]error:[/] {option} {escape(str(path))}: cannot write: {escape(str(exc.strerror))}",
                 highlight=False,
+                soft_wrap=True,
             )
             sys.exit(2)
         if not existed:
@@ -317,10 +427,27 @@ async def _check(
     quantile: float | None,
     confidence: float | None,
     blocked: dict[str, str] | None = None,
+    interrupted: list[str] | None = None,
 ) -> tuple[list[Any], dict[str, Any], dict[str, int]]:
     from tracer.engine import Engine
 
     async with Engine(spec) as engine:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if engine.stopping.is_set():  # a second one: the user really wants out
+                err.print(f"[red]{sig.name} again[/]: exiting without a report (exit 3)", highlight=False)
+                os._exit(3)
+            if interrupted is not None:
+                interrupted.append(sig.name)
+            err.print(
+                f"[yellow]{sig.name}[/]: stopping; probes in flight end as unknown (again to exit at once)",
+                highlight=False,
+            )
+            engine.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
         engine.block(blocked or {})
         planned = engine.plan(samples, quantile, confidence)
         # Gauges first: the check's own probes (synthetic DLQ entries) must not be in the levels.
@@ -692,6 +819,7 @@ def canary(
     /metrics (Prometheus text) on --http-port; alerts per the spec's canary.alerts section.
     """
     spec = _load(config)
+    _telemetry_or_exit()
     from tracer.canary import run_canary, setup_logging
 
     setup_logging(log_format, (ctx.parent.params.get("verbose") or 0) if ctx.parent else 0)

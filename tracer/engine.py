@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tracer import clock, stats
 from tracer.evidence import Evidence, blind_json, sentence, window
+from tracer.export import otlp
 from tracer.export.spans import emit_probe, get_tracer, make_provider
 from tracer.gauges import GaugeError, Reading
 from tracer.gauges import read as read_gauge
@@ -48,6 +49,13 @@ from tracer.verdict import (
 from tracer.watch import Watch
 
 log = logging.getLogger(__name__)
+
+STOPPED = "the check was interrupted before this hop resolved"
+
+# The event loop's own pulse: a tick this much later than asked means the tracer was not
+# running (CPU starved, a blocking call), so no collector looked and no push was taken in.
+STALL_TICK = 0.1
+STALL_BLIND = 0.5
 
 
 class StartError(Exception):
@@ -99,6 +107,27 @@ class Engine:
         self.http: httpx.AsyncClient | None = None
         self.auth: dict[str, inject_auth.Authenticator] = {}  # the spec's auth map, one token cache each
         self.ctx = InjectContext(http=None, synthetic=spec.canary.synthetic)
+        # ``stop``: no new probe starts; probes awaiting their hops end at once as ``unknown``.
+        self.stopping = asyncio.Event()
+        self._awaiting: set[asyncio.Task[Any]] = set()  # tasks inside a probe's await stage
+        self._stopped: set[asyncio.Task[Any]] = set()  # ... of those, the ones stop() cancelled
+        self._wakers: set[asyncio.Event] = set()  # check loops sleeping until their next start
+        self._pulse = clock.now()  # the stall watch's last tick (see _stall_check)
+        self._pulse_task: asyncio.Task[None] | None = None
+        self.stalls = 0  # stalls longer than STALL_BLIND, each a blind window on every collector
+        self._stall_logged = -math.inf
+
+    def stop(self) -> None:
+        """End the run early (the check was interrupted): no probe starts after this; probes
+        awaiting their hops stop waiting, their open hops ``unknown`` (``STOPPED``), and are
+        still cleaned up and exported. Injections under way finish first (bounded by their
+        timeout), since whether they were delivered is only known from their answer."""
+        self.stopping.set()
+        for event in self._wakers:
+            event.set()
+        for task in self._awaiting:
+            self._stopped.add(task)
+            task.cancel()
 
     def sinks(self) -> list[str]:
         """The sinks the steps use, plus those their configs need (PostHog push: the webhook receiver)."""
@@ -110,7 +139,12 @@ class Engine:
     async def start(self) -> None:
         self.http = httpx.AsyncClient(headers={"User-Agent": "funnel-tracer"}, follow_redirects=False)
         self.auth = inject_auth.build(dict(self.spec.auth), self.http)
-        ctx = self.ctx = InjectContext(http=self.http, synthetic=self.spec.canary.synthetic, auth=self.auth)
+        ctx = self.ctx = InjectContext(
+            http=self.http,
+            synthetic=self.spec.canary.synthetic,
+            auth=self.auth,
+            redact=self.spec._env_values,
+        )
         for name, step in self.spec.steps.items():
             self.injectors[name] = INJECTOR_PLUGINS[step.inject.kind].factory(step.inject.config, ctx)
         for sink in self.sinks():
@@ -124,8 +158,38 @@ class Engine:
         for collector in self.collectors.values():
             if isinstance(collector, Connects):
                 collector.connect(self.collectors)
+        self._pulse = clock.now()
+        self._pulse_task = asyncio.create_task(self._watch_pulse(), name="engine-stall-watch")
 
-    async def close(self) -> None:
+    async def _watch_pulse(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_TICK)
+            self._stall_check()
+
+    def _stall_check(self) -> None:
+        """If the loop stalled since the last tick, every collector was blind meanwhile: a look
+        or a push handled after the stall is stamped late by the stall, so a lag straddling the
+        target across it is ``unknown``, not ``late``. Called by the pulse task and, so that
+        the order of callbacks after a stall cannot matter, right before every judgement."""
+        now = clock.now()
+        gap = now - self._pulse - STALL_TICK
+        if gap > STALL_BLIND:
+            why = f"the tracer's event loop stalled {gap:.1f}s (CPU starved or a blocking call)"
+            for c in self.collectors.values():
+                c.coverage.mark_blind(self._pulse, now, why)
+            self.stalls += 1
+            if now - self._stall_logged > 60.0:
+                self._stall_logged = now
+                log.warning("%s: hops across it are unknown, not late (%d stall(s) so far)", why, self.stalls)
+        self._pulse = now
+
+    async def close(self, flush: bool = True) -> None:
+        """Stop collectors and injectors; export pending spans (``flush``: a caller that shuts
+        the shared provider down itself, like the canary, passes False)."""
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pulse_task
         for c in self.collectors.values():
             await c.close()
         for i in self.injectors.values():
@@ -133,9 +197,9 @@ class Engine:
         if self.http is not None:
             await self.http.aclose()
         if self._own_provider:
-            self.provider.shutdown()  # flushes pending spans
-        else:
-            self.provider.force_flush(5000)
+            otlp.bounded(self.provider.shutdown)  # flushes pending spans, a few seconds at most
+        elif flush:
+            otlp.bounded(lambda: self.provider.force_flush(5000))
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -169,7 +233,20 @@ class Engine:
         return InFlight(probe, watches, registered_at=clock.now())
 
     async def inject(self, inflight: InFlight) -> Injection:
-        injection = inflight.injection = await self.injectors[inflight.step].send(inflight.probe)
+        try:
+            injection = await self.injectors[inflight.step].send(inflight.probe)
+        except Exception as exc:  # an injector bug is this probe's inject_failed, never the run's end
+            log.warning("step %s: the injector raised %s", inflight.step, type(exc).__name__)
+            log.debug("injector error", exc_info=True)
+            now = clock.now()
+            injection = Injection(
+                inflight.probe.created_at,
+                now,
+                ok=False,
+                error=f"internal error in the injector: {type(exc).__name__}",
+                attributes={"error.type": type(exc).__name__},
+            )
+        inflight.injection = injection
         for name, w in inflight.watches.items():
             collector = self.collectors[w.sink]
             if isinstance(collector, ObservesInjection) and collector.observe_injection(w, injection):
@@ -182,8 +259,13 @@ class Engine:
         step = self.spec.steps[inflight.step]
         injection = inflight.injection
         assert injection is not None, "inject() first"
+        task = asyncio.current_task()
+        assert task is not None
+        self._awaiting.add(task)
         try:
-            if injection.ok:
+            if self.stopping.is_set():
+                hops = self._open_hops(inflight, injection, STOPPED)
+            elif injection.ok:
                 hops = await self._await_hops(
                     inflight.step, step.hops, inflight.watches, injection, inflight, on_hop
                 )
@@ -203,7 +285,14 @@ class Engine:
                     by_name.get(hop.name) or self._inject_failed(inflight.step, hop, injection)
                     for hop in step.hops
                 ]
+        except asyncio.CancelledError:
+            if task not in self._stopped:
+                raise  # cancelled by someone else (a canary's shutdown): theirs to handle
+            task.uncancel()
+            hops = self._open_hops(inflight, injection, STOPPED)
         finally:
+            self._awaiting.discard(task)
+            self._stopped.discard(task)
             self.release(inflight)
         if inflight.injection_unknown:
             for h in hops:
@@ -281,10 +370,17 @@ class Engine:
         """Report a probe that could not be awaited to its end (the canary is stopping): hops
         not resolved yet are ``unknown`` with ``reason``. Exports its trace."""
         self.release(inflight)
-        step = self.spec.steps[inflight.step]
         injection = inflight.injection or Injection(
             inflight.probe.created_at, clock.now(), ok=False, error="canary stopped before injecting"
         )
+        hops = self._open_hops(inflight, injection, reason)
+        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
+        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+
+    def _open_hops(self, inflight: InFlight, injection: Injection, reason: str) -> list[HopResult]:
+        """The probe's hops as they stand: those resolved kept, the others ``unknown`` with
+        ``reason`` (``inject_failed`` if the injection failed): nobody looked to their end."""
+        step = self.spec.steps[inflight.step]
         now = clock.now()
         hops = []
         for hop in step.hops:
@@ -306,8 +402,7 @@ class Engine:
                         after=hop.after,
                     )
             hops.append(r)
-        emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
-        return ProbeResult(inflight.probe, injection, hops, resumed=inflight.resumed)
+        return hops
 
     def mark_blind(self, start: float, end: float) -> None:
         """Every collector was blind in ``[start, end]`` (e.g. the canary process was down)."""
@@ -418,6 +513,7 @@ class Engine:
         if watch.first is not None and watch.missing_sources():
             # Push and poll both configured: let the slower one report too, for the comparison.
             await watch.wait_other_sources(min(deadline_at - clock.now(), max(2.0, 3 * collector.error_bar)))
+        self._stall_check()
         certified = True
         if watch.first is None and not watch.settled:
             # Give the collector a chance to look past the deadline before calling it lost.
@@ -556,6 +652,7 @@ class Engine:
                 w = inflight.watches[hop.name]
 
                 def due(w: Watch = w, hop_name: str = hop.name, moment: float = sent + hop.target) -> None:
+                    self._stall_check()
                     if w.first is not None or w.settled:
                         return
                     coverage = self.collectors[w.sink].coverage
@@ -582,12 +679,15 @@ class Engine:
 
         tasks: list[asyncio.Task[ProbeResult]] = []
         next_at = clock.now()
+        self._wakers.add(decided)  # stop() wakes the loop, which then starts nothing more
         for _ in range(n):
+            if self.stopping.is_set():
+                break
             await slots.acquire()
             if not decided.is_set() and next_at > clock.now():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(decided.wait(), next_at - clock.now())
-            if decided.is_set():
+            if decided.is_set() or self.stopping.is_set():
                 slots.release()
                 break
             next_at = max(next_at, clock.now()) + interval
@@ -596,6 +696,7 @@ class Engine:
         try:
             return list(await asyncio.gather(*tasks))
         finally:
+            self._wakers.discard(decided)
             for t in timers:
                 t.cancel()
 
@@ -608,7 +709,10 @@ class Engine:
             out = []
             for i in range(g.readings):
                 if i:
-                    await asyncio.sleep(g.spacing)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), g.spacing)
+                if self.stopping.is_set():
+                    break
                 out.append(await self.read_gauge(name))
             return name, out
 

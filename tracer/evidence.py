@@ -10,10 +10,13 @@ Collectors that can say more than the default implement ``tracer.plugins.Explain
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tracer import clock
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -70,5 +73,6 @@ def excerpt(body: bytes | str, secrets: list[str], limit: int = 300) -> str:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
         text = text.replace(s, "***")
-    text = " ".join(text.split())
+    # Control characters would reach terminals (escape sequences) and JUnit (invalid XML).
+    text = _CONTROL.sub("\ufffd", " ".join(text.split()))
     return text if len(text) <= limit else text[:limit] + "…"

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, field_validator, model_validator
 
+from tracer import net
 from tracer.net import check_redis_url, redact_url, short_redis_error
 from tracer.payload import value_at
-from tracer.schema import Duration, Model, Secret
+from tracer.schema import Duration, HttpUrl, Model, Secret
 
 OK, WARN, ALERT, UNKNOWN = "ok", "warn", "alert", "unknown"
 
@@ -36,7 +37,7 @@ class RedisGauge(Model):
 
 
 class HttpJsonGauge(Model):
-    url: str = Field(pattern=r"^https?://")
+    url: HttpUrl
     path: str = Field(
         min_length=1, description="where the number is in the JSON answer, e.g. queues.payments.depth"
     )
@@ -45,7 +46,7 @@ class HttpJsonGauge(Model):
 
 
 class HogQLGauge(Model):
-    host: str = Field(pattern=r"^https?://")
+    host: HttpUrl
     project_id: str = Field(min_length=1)
     personal_api_key: Secret
     query: str = Field(
@@ -147,7 +148,7 @@ def _number(value: Any, where: str) -> float:
 
 async def _get_json(http: httpx.AsyncClient, method: str, url: str, timeout: float, **kw: Any) -> Any:
     try:
-        resp = await http.request(method, url, timeout=timeout, **kw)
+        resp = await net.request(http, method, url, timeout=timeout, **kw)
     except httpx.TimeoutException:
         raise GaugeError(f"timeout after {timeout:g}s from {redact_url(url)}") from None
     except httpx.HTTPError as exc:

@@ -372,10 +372,18 @@ return unowned
                 if tid in mine:
                     continue
                 try:
-                    recs.append(json.loads(value))
+                    rec = json.loads(value)
                 except ValueError:
-                    log.warning("ledger: unreadable record for trace %s skipped", tid)
-            last_alive = clock.from_stamp(json.loads(alive)) if alive else None
+                    rec = None
+                if isinstance(rec, dict):
+                    recs.append(rec)
+                else:  # truncated, or not ours: dropped (the hash is rewritten below)
+                    log.warning("ledger: unreadable record for trace %s dropped", tid[:64])
+            try:
+                last_alive = clock.from_stamp(json.loads(alive)) if alive else None
+            except (ValueError, TypeError, KeyError, AttributeError):
+                log.warning("ledger: unreadable heartbeat of the previous run ignored")
+                last_alive = None
             # Sightings a dead run was applying go back to the queue (applying one twice is
             # harmless: a watch keeps one sighting per source).
             while await self._r.lmove(self.k_proc, self.k_sight, "RIGHT", "LEFT"):
@@ -384,7 +392,10 @@ return unowned
             self._blind_last_id = _s(last[0][0]) if last else "0-0"
             self._resumed = True
             if recs and self.on_pending is not None:
-                self.on_pending(recs, last_alive)  # registers their watches, then put()s them again
+                try:
+                    self.on_pending(recs, last_alive)  # registers their watches, then put()s them again
+                except Exception:  # a resume bug must not keep the ledger down forever
+                    log.exception("ledger: resuming the previous run's records failed")
             elif recs:
                 log.warning("ledger: %d record(s) of an earlier run not resumed", len(recs))
         pending = dict(self._dirty)

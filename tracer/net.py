@@ -18,6 +18,8 @@ from redis.exceptions import RedisError
 
 from tracer.schema import Secret
 
+MAX_BODY = 1 << 20  # bytes of a response kept: an answer, a token, captures; never a download
+
 
 def redact_url(url: str) -> str:
     """``redis://:pw@host:6379/0?x=y`` -> ``redis://host:6379/0``: userinfo and query may hold secrets.
@@ -182,3 +184,48 @@ async def fetch_json(
     except (ValueError, RecursionError):
         raise AnswerError("response is not JSON") from None
     return resp, data
+
+
+async def request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    timeout: float,
+    max_body: int = MAX_BODY,
+    **kw: Any,
+) -> httpx.Response:
+    """``client.request`` with ``timeout`` as a bound on the *whole* exchange and at most
+    ``max_body`` bytes of the body kept (the rest is not read; the connection is dropped).
+
+    Why: httpx's timeout bounds each network read, so a server that drips a byte a second (or
+    streams a gigabyte) holds a plain ``request`` forever and its memory grows. An exchange that
+    overruns raises ``httpx.TimeoutException``; a body cut short sets ``extensions["truncated"]``."""
+    req = client.build_request(method, url, timeout=timeout, **kw)
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await client.send(req, stream=True)
+            try:
+                body = bytearray()
+                truncated = False
+                async for chunk in resp.aiter_bytes():  # decoded, one chunk at a time
+                    body += chunk
+                    if len(body) > max_body:
+                        truncated = True
+                        break
+            finally:
+                await resp.aclose()
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"no complete answer within {timeout:g}s", request=req) from None
+    headers = [
+        (k, v)
+        for k, v in resp.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")  # decoded above
+    ]
+    return httpx.Response(
+        resp.status_code,
+        headers=headers,
+        content=bytes(body[:max_body]),
+        request=req,
+        extensions={"truncated": truncated, "http_version": resp.http_version.encode()},
+    )

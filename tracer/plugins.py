@@ -177,6 +177,9 @@ class InjectContext:
     synthetic: Any  # tracer.synthetic.SyntheticSpec: the markers every injection carries
     # name -> tracer.inject.auth.Authenticator: the spec's ``auth:`` map, one token cache each
     auth: Mapping[str, Any] = field(default_factory=dict)
+    # Values the spec took from the environment (possible secrets): never echoed in a report,
+    # e.g. when the funnel's refusal quotes the body it was sent.
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

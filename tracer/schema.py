@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, WithJsonSchema
 
 from tracer.durations import parse_duration
 
@@ -19,6 +20,20 @@ _DURATION_SCHEMA = {
 }
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 """Seconds; YAML may say ``5s``, ``250ms``, ``5m`` or a plain number."""
+
+
+def _parses(url: str) -> str:
+    """The URL must split into parts (``http://[::1`` or ``:99999`` does not): else every probe
+    would fail in the HTTP client at run time instead of ``validate`` naming the YAML path."""
+    try:
+        urlsplit(url).port  # noqa: B018 - the property raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    return url
+
+
+HttpUrl = Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_parses)]
+"""An http(s) URL that parses (templates such as ``{capture.id}`` in it are fine)."""
 
 Secret = SecretStr
 """Never printed: repr and str show ``**********``. Read with ``.get_secret_value()``."""

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
 
 from tracer import plugins, stats
+from tracer.durations import MAX_SECONDS
 from tracer.gauges import GaugeSpec
 from tracer.inject.auth import AuthSpec
 from tracer.probe import CAPTURE_REF
@@ -61,6 +62,17 @@ class ObjectiveSpec(Model):
     max_loss: float | None = Field(
         None, gt=0, lt=1, description="also show the loss rate (lost probes) is at most this"
     )
+
+    @model_validator(mode="after")
+    def _showable(self) -> ObjectiveSpec:
+        try:
+            stats.Objective(self.quantile, self.confidence, self.max_loss).needed()
+        except ValueError as exc:  # e.g. p99.9999 at 99.9999 %: more probes than any check runs
+            need = str(exc).replace(" samples needed", " probes")
+            raise ValueError(
+                f"no check can show this objective (it needs {need}): lower its quantile or confidence"
+            ) from None
+        return self
 
 
 class _Hop(Model):
@@ -165,6 +177,13 @@ class StepSpec(Model):
     rate: float | None = Field(
         None, gt=0, description="check: at most this many probes started per second (default 1 / spacing)"
     )
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_bounded(cls, v: float | None) -> float | None:
+        if v is not None and v < 1 / MAX_SECONDS:  # e.g. 1e-9: one probe per 31 years
+            raise ValueError("at least one probe per 30 days (the longest duration a spec may say)")
+        return v
 
     @model_validator(mode="after")
     def _hop_refs(self) -> StepSpec:
@@ -271,6 +290,8 @@ class FunnelSpec(Model):
     """A funnel under test: where probes enter (steps), where they are seen (collectors) and how
     fresh they must be (hop targets)."""
 
+    _env_values: tuple[str, ...] = PrivateAttr(default=())  # see parse_spec
+
     service: str = Field(min_length=1, description="the funnel under test, as reports name it")
     auth: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], AuthSpec] = Field(
         default_factory=dict,
@@ -352,7 +373,10 @@ class FunnelSpec(Model):
         step = self.steps[step_name]
         if step.concurrency is not None:
             return step.concurrency
-        return max(1, min(10, math.ceil(max(h.target for h in step.hops) / self.check_interval(step_name))))
+        interval = self.check_interval(step_name)
+        if interval <= 0:  # spacing: 0, no pause between starts: the cap alone bounds them
+            return 10
+        return max(1, min(10, math.ceil(max(h.target for h in step.hops) / interval)))
 
     def check_interval(self, step_name: str) -> float:
         """check: least time between two starts of a step's probes (the rate limit)."""
@@ -498,7 +522,7 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
     if problems:
         raise SpecError(problems, source)
     try:
-        return FunnelSpec.model_validate(data)
+        spec = FunnelSpec.model_validate(data)
     except ValidationError as exc:
         out = []
         for err in exc.errors(include_input=False, include_url=False):
@@ -506,6 +530,10 @@ def parse_spec(data: Any, source: str = "") -> FunnelSpec:
             path = ctx_err.path if isinstance(ctx_err, _PathError) else _loc_path(tuple(err["loc"]))
             out.append((_redact(path, used), _redact(_message(err), used)))
         raise SpecError(out, source) from None
+    # Values filled in from the environment may be secrets (a personal key in a body): the funnel's
+    # answers are excerpted in reports with each of them replaced (tracer.inject.http).
+    spec._env_values = tuple(sorted((v for v in used if len(v) >= 4), key=len, reverse=True))
+    return spec
 
 
 MAX_SPEC_BYTES = 1 << 20  # a funnel spec is a few KiB; this bounds reading /dev/zero or a log by mistake

@@ -233,16 +233,15 @@ class Coverage:
         out += [(max(h0, start), end, f"held: {key}") for key, h0 in self._holds.items() if h0 <= end]
         return out
 
-    def mark_blind(
-        self, start: float, end: float, why: str = "nobody looked (the tracer was not running)"
-    ) -> None:
+    def mark_blind(self, start: float, end: float, why: str | None = None) -> None:
         """Record a closed window ``[start, end]`` in which nobody looked, learnt after the fact
-        (e.g. the canary process was down between its last heartbeat and a restart, a poller's
-        answers came too slowly to keep its cadence, a DLQ key was wiped). Verdicts treat it like
-        any other blind window; the current state (blind or not) is unchanged."""
+        (e.g. the canary process was down between its last heartbeat and a restart, its event
+        loop stalled, a poller's answers came too slowly to keep its cadence, a DLQ key was
+        wiped). Verdicts treat it like any other blind window; the current state (blind or not)
+        is unchanged."""
         if end < start:
             return
-        entry = [start, end, why]
+        entry = [start, end, why or "nobody looked (the tracer was not running)"]
         if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
             self._blind.popleft()
         if self._open:

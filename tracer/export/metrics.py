@@ -86,12 +86,13 @@ class CanaryMetrics:
         self.resource = resource
         self.memory = InMemoryMetricReader()
         readers: list[MetricReader] = [self.memory]
-        if exporter is None and otlp_metrics_configured():
-            exporter = otlp_metric_exporter()
-        self.exporting = exporter is not None
-        if exporter is not None:
-            readers.append(PeriodicExportingMetricReader(exporter))  # OTEL_METRIC_EXPORT_INTERVAL
-        self.provider = MeterProvider(resource=resource, metric_readers=readers)
+        with otlp.from_env("metrics"):
+            if exporter is None and otlp_metrics_configured():
+                exporter = otlp_metric_exporter()
+            self.exporting = exporter is not None
+            if exporter is not None:
+                readers.append(PeriodicExportingMetricReader(exporter))  # OTEL_METRIC_EXPORT_INTERVAL
+            self.provider = MeterProvider(resource=resource, metric_readers=readers)
         meter = self.provider.get_meter("funnel-tracer", tracer.__version__)
         self._probes = meter.create_counter(
             "funnel.probes", unit="{probe}", description="resolved hops by verdict"

@@ -85,11 +85,12 @@ def resource(extra: dict[str, str] | None = None) -> Resource:
 def make_provider(
     exporter: SpanExporter | None = None, extra_resource: dict[str, str] | None = None
 ) -> TracerProvider:
-    provider = TracerProvider(resource=resource(extra_resource), id_generator=ProbeIdGenerator())
-    if exporter is None and otlp_configured():
-        exporter = otlp_span_exporter()
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+    with otlp.from_env("spans"):
+        provider = TracerProvider(resource=resource(extra_resource), id_generator=ProbeIdGenerator())
+        if exporter is None and otlp_configured():
+            exporter = otlp_span_exporter()
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     return provider
 
 

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -40,12 +43,14 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import Field, field_validator, model_validator
 
-from tracer import clock
+from tracer import clock, net
 from tracer.net import redact_url
 from tracer.payload import value_at
-from tracer.schema import Duration, Model, Secret
+from tracer.schema import Duration, HttpUrl, Model, Secret
 
 log = logging.getLogger(__name__)
+
+MAX_TOKEN = 64 * 1024  # bytes a token command may print: more is not a token
 
 
 class TokenFrom(Model):
@@ -74,7 +79,7 @@ class LoginAuth(Model):
     """A login request whose response carries the token."""
 
     method: Literal["POST", "PUT", "GET"] = "POST"
-    url: str = Field(pattern=r"^https?://", description="the login endpoint")
+    url: HttpUrl = Field(description="the login endpoint")
     headers: dict[str, Secret] = Field(default_factory=dict, description="extra request headers (secret)")
     json_body: Any = Field(None, alias="json", repr=False, description="JSON credentials (never printed)")
     form: dict[str, Secret] | None = Field(None, description="form credentials (never printed)")
@@ -100,7 +105,7 @@ class LoginAuth(Model):
 class OAuth2Auth(Model):
     """OAuth2 client credentials grant (RFC 6749 section 4.4)."""
 
-    token_url: str = Field(pattern=r"^https?://")
+    token_url: HttpUrl
     client_id: str = Field(min_length=1)
     client_secret: Secret
     scope: str | None = Field(None, description="space-separated scopes")
@@ -240,7 +245,7 @@ class Authenticator:
 
     async def _post(self, what: str, method: str, url: str, timeout: float, **kw: Any) -> httpx.Response:
         try:
-            resp = await self.http.request(method, url, timeout=timeout, **kw)
+            resp = await net.request(self.http, method, url, timeout=timeout, **kw)
         except httpx.TimeoutException:
             raise AuthError(f"auth '{self.name}': {what} timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:
@@ -320,6 +325,9 @@ class Authenticator:
         return value, lifetime
 
     async def _command(self, c: CommandAuth) -> tuple[str, float | None]:
+        """Run the token command in a session of its own, so a timeout kills what it started
+        too (a helper's child holding stdout open would otherwise outlive the timeout); its
+        stdout is read up to ``MAX_TOKEN`` bytes."""
         program = c.argv[0]
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -327,15 +335,31 @@ class Authenticator:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,  # may echo secrets: never read
+                start_new_session=True,
             )
         except OSError as exc:
             raise AuthError(f"auth '{self.name}': cannot run {program}: {exc.strerror}") from None
+        assert proc.stdout is not None
+        finished = False
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), c.timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            async with asyncio.timeout(c.timeout):
+                out = b""
+                while len(out) <= MAX_TOKEN:
+                    chunk = await proc.stdout.read(MAX_TOKEN + 1 - len(out))
+                    if not chunk:  # EOF: the command is done writing
+                        break
+                    out += chunk
+                else:
+                    raise AuthError(
+                        f"auth '{self.name}': {program} printed more than {MAX_TOKEN} bytes: not a token"
+                    )
+                await proc.wait()
+                finished = True
+        except TimeoutError:
             raise AuthError(f"auth '{self.name}': {program} timed out after {c.timeout:g}s") from None
+        finally:
+            if not finished:  # timed out, flooded or cancelled: end all it started
+                await _kill(proc)
         if proc.returncode != 0:
             raise AuthError(f"auth '{self.name}': {program} exited with status {proc.returncode}")
         return out.decode(errors="replace").strip(), c.ttl
@@ -343,6 +367,19 @@ class Authenticator:
     def health(self) -> dict[str, Any]:
         """No token, no secret: whether one is held and how many were fetched."""
         return {"kind": self.spec.kind, "has_token": self._token is not None, "fetches": self.fetches}
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """End the command's whole session (it may have left children), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            if proc.stdout is not None:
+                await proc.stdout.read()  # EOF, so the pipe's transport is closed too
+            await proc.wait()
 
 
 def build(specs: dict[str, AuthSpec], http: httpx.AsyncClient) -> dict[str, Authenticator]:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 from pydantic import Field, model_validator
 
-from tracer import clock, synthetic
+from tracer import clock, net, synthetic
 from tracer.evidence import excerpt
 from tracer.inject import CleanupOutcome, Injection
 from tracer.inject.auth import Authenticator, AuthError
@@ -28,7 +28,7 @@ from tracer.net import redact_url
 from tracer.payload import value_at
 from tracer.plugins import Finding, InjectContext, InjectorPlugin
 from tracer.probe import CAPTURE_REF, Probe
-from tracer.schema import Duration, Model
+from tracer.schema import Duration, HttpUrl, Model
 
 _CAPTURE_PATH = r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$"
 
@@ -38,9 +38,7 @@ class HttpRequest(Model):
 
     name: str | None = Field(None, description="label in reports and spans (default: METHOD path)")
     method: Literal["POST", "PUT", "PATCH", "GET", "DELETE"] = "POST"
-    url: str = Field(
-        pattern=r"^https?://", description="templated, e.g. {FUNNEL_URL}/leads/{capture.lead_id}"
-    )
+    url: HttpUrl = Field(description="templated, e.g. {FUNNEL_URL}/leads/{capture.lead_id}")
     headers: dict[str, str] = {}
     json_body: Any = Field(None, alias="json", description="JSON body, templated")
     form: dict[str, str] | None = Field(None, description="form body, templated")
@@ -88,7 +86,7 @@ class HttpInject(HttpRequest):
     """One request (the fields below), or several in order (``requests:``). A later request, the
     hop matchers and the step's cleanup can use what an earlier one captured."""
 
-    url: str | None = Field(None, pattern=r"^https?://", description="the request (or use requests)")  # type: ignore[assignment]
+    url: HttpUrl | None = Field(None, description="the request (or use requests)")  # type: ignore[assignment]
     requests: list[HttpRequest] | None = Field(
         None,
         min_length=1,
@@ -163,12 +161,41 @@ def build_request(
     return spec.method, probe.render_text(str(spec.url)), headers, body
 
 
+# A request that cannot be sent as rendered: a header that is not ASCII, a URL that does not parse
+# (``${VAR}`` and captures are filled in at run time). UnicodeEncodeError is a ValueError.
+_UNSENDABLE = (ValueError, httpx.InvalidURL, httpx.CookieConflict)
+
+
 async def exchange(
     client: httpx.AsyncClient,
     spec: HttpRequest,
     probe: Probe,
     extra_headers: dict[str, str],
     auth: Authenticator | None = None,
+    redact: tuple[str, ...] = (),
+) -> tuple[Injection, httpx.Response | None]:
+    """``_exchange``, with a request that cannot be built an ``inject_failed`` saying so (the
+    exception's type only: its text may quote a header value)."""
+    try:
+        return await _exchange(client, spec, probe, extra_headers, auth, redact)
+    except _UNSENDABLE as exc:
+        now = clock.now()
+        attrs = {
+            "http.request.method": spec.method,
+            "error.type": type(exc).__name__,
+            "user_agent.synthetic.type": "test",
+        }
+        error = f"cannot send the request as rendered ({type(exc).__name__}): check its URL and headers"
+        return Injection(now, now, ok=False, error=error, attributes=attrs), None
+
+
+async def _exchange(
+    client: httpx.AsyncClient,
+    spec: HttpRequest,
+    probe: Probe,
+    extra_headers: dict[str, str],
+    auth: Authenticator | None = None,
+    redact: tuple[str, ...] = (),
 ) -> tuple[Injection, httpx.Response | None]:
     """Send one request (with ``auth``'s token; on a 401, once more with a fresh one) and keep
     the response for captures. The time spent logging in is before ``sent_at``: a login is not
@@ -197,8 +224,14 @@ async def exchange(
         left = _FirstByte()
         queued = clock.now()
         try:
-            resp = await client.request(
-                method, url, headers=headers, content=body, timeout=spec.timeout, extensions={"trace": left}
+            resp = await net.request(
+                client,
+                method,
+                url,
+                headers=headers,
+                content=body,
+                timeout=spec.timeout,
+                extensions={"trace": left},
             )
         except httpx.PoolTimeout:
             # Our own connection pool was full (the tracer's load, not the funnel's): nothing
@@ -211,8 +244,12 @@ async def exchange(
             err = f"connect timeout after {spec.timeout:g}s"
             return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
         except httpx.TimeoutException:
-            attrs["error.type"] = "timeout"
-            err = f"timeout after {spec.timeout:g}s"
+            if left.at is None:  # the whole timeout went before a byte left: nothing to judge
+                attrs["error.type"] = "connect_timeout"
+                err = f"nothing sent within {spec.timeout:g}s (no connection)"
+            else:
+                attrs["error.type"] = "timeout"
+                err = f"timeout after {spec.timeout:g}s"
             return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
         except httpx.HTTPError as exc:
             attrs["error.type"] = type(exc).__name__
@@ -232,7 +269,7 @@ async def exchange(
     if resp.status_code >= 400:
         attrs["error.type"] = str(resp.status_code)
     error = None if ok else f"HTTP {resp.status_code}"
-    answer = None if ok else _answer(resp, spec, headers) or None
+    answer = None if ok else _answer(resp, spec, headers, redact) or None
     injection = Injection(
         sent, done, ok=ok, status=resp.status_code, error=error, attributes=attrs, response=answer
     )
@@ -269,6 +306,8 @@ def take_captures(spec: HttpRequest, resp: httpx.Response, probe: Probe) -> str 
     JSON, nothing at a path) as short text, never the response body."""
     if not spec.capture:
         return None
+    if resp.extensions.get("truncated"):
+        return f"capture: the response to {spec.label()} is larger than {net.MAX_BODY} bytes"
     try:
         body = resp.json()
     except ValueError:
@@ -284,10 +323,13 @@ def take_captures(spec: HttpRequest, resp: httpx.Response, probe: Probe) -> str 
 _CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key", "api-key", "x-auth-token")
 
 
-def _answer(resp: httpx.Response, spec: HttpInject, sent_headers: dict[str, str]) -> str:
+def _answer(
+    resp: httpx.Response, spec: HttpInject, sent_headers: dict[str, str], redact: tuple[str, ...] = ()
+) -> str:
     """The first ~300 characters of a refusal (422 bodies name the missing field), with every
-    secret we sent replaced: the signing secret and credential headers' values."""
-    secrets = [v for k, v in sent_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
+    secret we sent replaced: the signing secret, credential headers' values and every value
+    the spec took from the environment (a funnel may echo the body it refused)."""
+    secrets = list(redact) + [v for k, v in sent_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
     secrets += [v.split(" ", 1)[-1] for v in secrets]  # "Bearer <token>": the token alone too
     if spec.sign is not None:
         secrets.append(spec.sign.secret.get_secret_value())
@@ -316,6 +358,7 @@ class HttpInjector:
         self.marker = ctx.synthetic
         self.client: httpx.AsyncClient = ctx.http
         self.auth: dict[str, Authenticator] = dict(ctx.auth or {})
+        self.redact = tuple(getattr(ctx, "redact", ()))
         self.requests = [_marked(r, self.marker) for r in config.request_list()]
         self.start = config.start_index()
         self.multi = config.requests is not None
@@ -330,7 +373,9 @@ class HttpInjector:
                 **synthetic.header(self.marker, req.headers),
                 "traceparent": f"00-{probe.trace_id}-{span_id}-01",
             }
-            inj, resp = await exchange(self.client, req, probe, extra, self.auth.get(req.auth or ""))
+            inj, resp = await exchange(
+                self.client, req, probe, extra, self.auth.get(req.auth or ""), self.redact
+            )
             if inj.ok and resp is not None:
                 error = take_captures(req, resp, probe)
                 if error is not None:
@@ -405,7 +450,9 @@ async def run_cleanup(requests: list[HttpRequest], probe: Probe, ctx: InjectCont
             out.append(CleanupOutcome(what, ok=False, error=f"skipped: nothing captured as '{missing[0]}'"))
             continue
         extra = synthetic.header(ctx.synthetic, req.headers)
-        inj, _ = await exchange(ctx.http, req, probe, extra, (ctx.auth or {}).get(req.auth or ""))
+        inj, _ = await exchange(
+            ctx.http, req, probe, extra, (ctx.auth or {}).get(req.auth or ""), tuple(ctx.redact)
+        )
         out.append(CleanupOutcome(what, ok=inj.ok, error=inj.error, status=inj.status))
     return out
 
