@@ -272,3 +272,43 @@ def test_overflowing_outbox_tells_other_instances_that_window_is_blind(redis_url
     ((sink, start, end),) = notices
     # The two dropped sightings were made at t0 and t0 + 1: that is the window reported blind.
     assert sink == "webhook" and start == pytest.approx(t0, abs=1e-3) and end >= t0 + 1
+
+
+def test_two_processes_never_run_as_one_instance_id(redis_url: str) -> None:
+    """A second process with the same instance id would resume the first's live probes as its
+    own and rewrite its records: it waits one lock_ttl (a killed predecessor's lock expires by
+    then) and is refused. A graceful stop frees the id at once; a killed run's lock expires."""
+    spec = LedgerSpec(redis_url=redis_url, namespace="lock-test", heartbeat=0.2)
+
+    async def main() -> None:
+        a, b = RedisLedger(spec, "same"), RedisLedger(spec, "same")
+        await a.start()
+        assert await a.wait_connected(5)
+        probe = Probe(step="lead")
+        a.put(InFlight(probe, {}, registered_at=probe.created_at))
+        await b.start()
+        t0 = clock.now()
+        assert not await b.wait_connected(b.lock_ttl + 3)
+        assert b.conflict is not None and "instance id 'same'" in b.conflict
+        assert clock.now() - t0 >= b.lock_ttl  # it waited for a killed predecessor's lock first
+        assert a.up and not b.up
+        recs = await asyncio.to_thread(redis.Redis.from_url(redis_url).hlen, "lock-test:rec:same")
+        assert recs == 1  # b wrote nothing over a's records
+        await b.close()
+        await a.close()
+        c = RedisLedger(spec, "same")  # a stopped gracefully: the id is free at once
+        await c.start()
+        assert await c.wait_connected(1.5) and c.conflict is None
+        # c is "killed": its lock stays until it expires; the next run gets in after it.
+        c._closing = True
+        for t in c._tasks:
+            t.cancel()
+        await asyncio.gather(*c._tasks, return_exceptions=True)
+        d = RedisLedger(spec, "same")
+        await d.start()
+        t1 = clock.now()
+        assert await d.wait_connected(d.lock_ttl + 3) and d.conflict is None
+        assert clock.now() - t1 <= d.lock_ttl + 2
+        await d.close()
+
+    asyncio.run(main())

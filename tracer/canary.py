@@ -139,7 +139,11 @@ class Canary:
         if self.ledger.durable:
             # Resume the previous run's probes before injecting new ones (if Redis is down now,
             # they are resumed when it comes back).
-            await self.ledger.wait_connected(3.0)  # type: ignore[attr-defined]
+            # (A predecessor killed without closing holds the instance id for one lock_ttl.)
+            await self.ledger.wait_connected(3.0 + self.ledger.lock_ttl)  # type: ignore[attr-defined]
+            conflict = getattr(self.ledger, "conflict", None)
+            if conflict:
+                raise StartError("canary.ledger.instance", conflict)
         self._route_receivers()
         await self.alerts.start()
         self.metrics.zero_series()

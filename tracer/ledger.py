@@ -12,6 +12,8 @@ Redis layout (``<ns>`` is ``canary.ledger.namespace``, ``<me>`` the instance id)
     <ns>:rec:<me>          HASH   trace id -> probe record (JSON, see ``record_of``)
     <ns>:owner:<trace id>  STRING instance that owns the probe (expires after a day: orphans go)
     <ns>:alive:<me>        STRING stamp of the instance's last heartbeat (restart: blind since then)
+    <ns>:lock:<me>         STRING the running process holding the id <me> (a token; expires after
+                                  ``lock_ttl`` unless refreshed, so a SIGKILLed run frees it soon)
     <ns>:sight:<me>        LIST   sightings made by other instances, for <me> (capped)
     <ns>:sightproc:<me>    LIST   sightings being applied (reliable queue: BLMOVE, then LREM)
     <ns>:blind             STREAM blind notices: an instance could not publish (Redis unreachable
@@ -25,6 +27,10 @@ for a while tells the others with a blind notice, and they mark that window blin
 Writes are write-behind and coalesced per probe, so a Redis outage never blocks or drops a probe:
 the canary keeps running from memory, the ledger reports itself down, and on reconnect it writes
 every record in flight again (a restarted Redis may have lost them) before anything else.
+Two processes must never run as one instance id: the second would resume the first's live
+probes as its own (reporting them twice) and rewrite its record hash. The lock makes the second
+wait one ``lock_ttl`` (a predecessor killed without ``close`` frees it by then) and, if the id is
+still held, refuse to start.
 Timestamps cross process boundaries as ``clock.stamp``: exact monotonic on the same boot, wall
 time otherwise.
 """
@@ -37,6 +43,7 @@ import dataclasses
 import json
 import logging
 import random
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,10 +64,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+LOCK_TTL_MIN = 3.0  # seconds: the instance lock lives this long (at least) without a refresh
 OWNER_TTL = 24 * 3600
 
 
 # -- records --------------------------------------------------------------------------------
+class InstanceBusy(Exception):
+    """The instance lock is held by another process (maybe one just killed: wait and retry)."""
+
+
 def record_of(inflight: InFlight, instance: str) -> dict[str, Any]:
     """Everything needed to finish a probe in another process, JSON-ready."""
     p = inflight.probe
@@ -228,6 +240,20 @@ end
 return unowned
 """
 
+    # Take or refresh the instance lock: ours if free or already ours.
+    _LOCK = """
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+    _UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
     def __init__(self, spec: LedgerSpec, instance: str) -> None:
         super().__init__(instance)
         assert spec.redis_url is not None
@@ -240,6 +266,12 @@ return unowned
         self.k_proc = f"{ns}:sightproc:{instance}"
         self.k_owner = f"{ns}:owner:"
         self.k_blind = f"{ns}:blind"
+        self.k_lock = f"{ns}:lock:{instance}"
+        self._token = uuid.uuid4().hex
+        self.lock_ttl = max(3 * spec.heartbeat, LOCK_TTL_MIN)
+        self._lock_busy_since: float | None = None
+        self.conflict: str | None = None  # another running process holds this instance id
+        self._ready = asyncio.Event()  # connected, or refused by the lock
         self._blind_last_id: str | None = None
         self._unpublished: tuple[float, float, set[str]] | None = None  # window we failed to publish
         self._dirty: dict[str, str | None] = {}
@@ -282,6 +314,8 @@ return unowned
         self._r = Redis.from_url(self._url, socket_timeout=2.0, **common)
         self._rb = Redis.from_url(self._url, socket_timeout=4.0, **common)  # BLMOVE blocks up to 1 s
         self._publish = self._r.register_script(self._PUBLISH)
+        self._lock = self._r.register_script(self._LOCK)
+        self._unlock = self._r.register_script(self._UNLOCK)
         self._tasks = [
             asyncio.create_task(self._writer(), name="ledger-writer"),
             asyncio.create_task(self._consumer(), name="ledger-sightings"),
@@ -289,7 +323,8 @@ return unowned
         ]
 
     async def wait_connected(self, timeout: float) -> bool:
-        await wait_event(self._connected, timeout)
+        """Connected, or ``False`` on timeout or when the instance id is taken (``conflict``)."""
+        await wait_event(self._ready, timeout)
         return self._connected.is_set()
 
     async def close(self, flush_timeout: float = 3.0) -> None:
@@ -303,6 +338,9 @@ return unowned
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._r is not None and self.conflict is None:
+            with contextlib.suppress(Exception):  # a graceful stop frees the id at once
+                await self._unlock(keys=[self.k_lock], args=[self._token])
         for client in (self._r, self._rb):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -343,6 +381,9 @@ return unowned
         backoff = 0.1
         while not self._closing:
             try:
+                if not await self._hold_lock():  # another process runs as this instance
+                    self._mark_down(InstanceBusy(self.conflict or ""))  # held receivers go blind
+                    return  # and nothing more is written
                 await self._connect_once()
                 await self._flush()
                 self._mark_up()
@@ -355,6 +396,27 @@ return unowned
                 self._mark_down(exc)
                 await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))
                 backoff = min(1.0, backoff * 2)
+
+    async def _hold_lock(self) -> bool:
+        """Take or refresh the instance lock. Held by another process: wait one ``lock_ttl``
+        (a killed predecessor's lock expires by then), then give up: ``conflict`` says why."""
+        assert self._r is not None
+        if await self._lock(keys=[self.k_lock], args=[self._token, int(self.lock_ttl * 1000)]):
+            self._lock_busy_since = None
+            return True
+        now = clock.now()
+        if self._lock_busy_since is None:
+            self._lock_busy_since = now
+        if now - self._lock_busy_since < self.lock_ttl + 0.5:
+            raise InstanceBusy(f"instance id {self.instance!r} is held by another process")
+        self.conflict = (
+            f"another running canary uses the instance id {self.instance!r} on this ledger "
+            f"(namespace {self.spec.namespace!r}); give each instance its own canary.ledger.instance "
+            "(or --instance)"
+        )
+        log.error("ledger: %s; this process writes nothing to the ledger", self.conflict)
+        self._ready.set()
+        return False
 
     async def _connect_once(self) -> None:
         """After (re)connecting: on the first connection hand the previous process's records to
@@ -415,6 +477,7 @@ return unowned
         self._resync = False
         if not self._connected.is_set():
             self._connected.set()
+            self._ready.set()
 
     async def _flush(self) -> None:
         assert self._r is not None
