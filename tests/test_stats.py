@@ -55,6 +55,21 @@ def test_judge_pass_fail_inconclusive() -> None:
     assert stats.judge(stats.Objective(strict=True), 59, 1, 0).outcome == stats.FAIL
 
 
+def test_undecided_probes_are_censored_not_dropped() -> None:
+    """A probe whose lag interval straddles the target is over it for the pass bound and within
+    it for the fail bound: 58 ok + 1 undecided cannot pass (dropping it would have left 58 ok
+    and an "inconclusive" that more probes turn into a pass, the borderline ones never counted),
+    and 2 undecided of 2 cannot fail."""
+    obj = stats.Objective()
+    c = stats.judge(obj, 59, 0, 0, undecided=1)
+    assert c.outcome == stats.INCONCLUSIVE and c.exceed_upper == stats.judge(obj, 59, 1, 0).exceed_upper
+    assert stats.judge(obj, 2, 0, 0, undecided=2).outcome == stats.INCONCLUSIVE
+    assert stats.judge(obj, 2, 2, 0).outcome == stats.FAIL
+    assert stats.judge(obj, 93, 0, 0, undecided=1).outcome == stats.PASS  # as one exceedance would
+    assert stats.fixed_outcome(obj, 58, 0, 0, 1, undecided=1) == stats.INCONCLUSIVE  # no pass left
+    assert stats.fixed_outcome(obj, 59, 0, 0, 0, undecided=1) == stats.INCONCLUSIVE
+
+
 def test_fixed_outcome_for_early_stop() -> None:
     obj = stats.Objective()
     # 7 of 7 exceeded out of 59 planned: fails whatever the other 52 do; 6 of 6 could still not.
@@ -68,3 +83,15 @@ def test_fixed_outcome_for_early_stop() -> None:
 
 def test_quantile_names() -> None:
     assert [stats.quantile_name(q) for q in (0.5, 0.95, 0.99, 0.995)] == ["p50", "p95", "p99", "p99.5"]
+
+
+def test_claim_counts_undecided_probes_in_n_and_says_so() -> None:
+    from tracer.export.report import claim_of
+    from tracer.spec import HopSpec
+
+    hop = HopSpec(name="posthog_event", target=5, posthog={"event": "lead_captured"})
+    c = claim_of(hop, {"ok": 58, "unknown": 3}, undecided=1)
+    assert (c["n"], c["within"], c["undecided"], c["ignored"]) == (59, 58, 1, 2)
+    assert c["outcome"] == "inconclusive"
+    assert "58/59 within target (1 may be either side" in c["statement"]
+    assert claim_of(hop, {"ok": 59, "unknown": 2})["outcome"] == "pass"  # blind unknowns: left out

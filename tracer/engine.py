@@ -297,7 +297,7 @@ class Engine:
         if inflight.injection_unknown:
             for h in hops:
                 if h.verdict == LOST:  # we cannot tell whether the probe ever reached the funnel
-                    h.verdict = UNKNOWN
+                    h.verdict, h.undecided = UNKNOWN, False
                     h.reason = "not seen, and the canary restarted while injecting: the probe may never have been sent"
         cleanup = await self.cleanup(inflight.probe)
         emit_probe(self.tracer, inflight.probe, injection, hops, self.spec.service)
@@ -529,6 +529,7 @@ class Engine:
             result.verdict, result.reason = judge_present(
                 obs, start, hop.target, deadline, collector.coverage, certified
             )
+            result.undecided = result.verdict == UNKNOWN and obs is not None
             if result.verdict == LOST and obs is not None and obs.at - start <= deadline + hop.late_grace:
                 result.verdict = LATE
                 result.reason = (
@@ -755,6 +756,7 @@ class _StepTally:
         self.valid = dict.fromkeys(objectives, 0)
         self.exceeded = dict.fromkeys(objectives, 0)
         self.lost = dict.fromkeys(objectives, 0)
+        self.undecided = dict.fromkeys(objectives, 0)
         self._early: dict[str, set[int]] = {h: set() for h in objectives}
 
     def provisional(self, hop: str, inflight: InFlight) -> None:
@@ -764,6 +766,10 @@ class _StepTally:
         self.done += 1
         for h in res.hops:
             self._early[h.hop].discard(id(res.probe))
+            if h.undecided:
+                self.valid[h.hop] += 1
+                self.undecided[h.hop] += 1
+                continue
             if h.verdict in (UNKNOWN, INJECT_FAILED):
                 continue
             self.valid[h.hop] += 1
@@ -780,7 +786,12 @@ class _StepTally:
         for hop, obj in self.objectives.items():
             early = len(self._early[hop])
             outcome = stats.fixed_outcome(
-                obj, self.valid[hop] + early, self.exceeded[hop] + early, self.lost[hop], pending - early
+                obj,
+                self.valid[hop] + early,
+                self.exceeded[hop] + early,
+                self.lost[hop],
+                pending - early,
+                self.undecided[hop],
             )
             if outcome == stats.FAIL:
                 return True

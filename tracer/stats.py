@@ -147,15 +147,22 @@ class Claim:
     exceed_lower: float
     loss_upper: float
     loss_lower: float
+    undecided: int = 0  # in n: seen, but the lag interval straddles the target
 
 
-def judge(objective: Objective, n: int, exceeded: int, lost: int, ignored: int = 0) -> Claim:
+def judge(
+    objective: Objective, n: int, exceeded: int, lost: int, ignored: int = 0, undecided: int = 0
+) -> Claim:
     """``pass`` when the upper confidence bound of the exceedance probability is within
     1 - quantile (and of the loss rate within max_loss); ``fail`` when the lower bound is past
-    it (the claim is disproven at the same confidence); else ``inconclusive``."""
+    it (the claim is disproven at the same confidence); else ``inconclusive``.
+
+    ``undecided`` probes (in ``n``; their lag interval straddles the target) are interval-censored:
+    over the target for the pass bound, within it for the fail bound. Leaving them out instead
+    would drop exactly the borderline probes and flatter the funnel."""
     c = objective.confidence
     allowed = 1 - objective.quantile
-    eu, el = upper_bound(exceeded, n, c), lower_bound(exceeded, n, c)
+    eu, el = upper_bound(exceeded + undecided, n, c), lower_bound(exceeded, n, c)
     lu, ll = upper_bound(lost, n, c), lower_bound(lost, n, c)
     fail = (
         (objective.strict and exceeded > 0)
@@ -164,7 +171,7 @@ def judge(objective: Objective, n: int, exceeded: int, lost: int, ignored: int =
     )
     ok = n > 0 and eu <= allowed and (objective.max_loss is None or lu <= objective.max_loss)
     outcome = FAIL if fail else PASS if ok else INCONCLUSIVE
-    return Claim(outcome, n, exceeded, lost, ignored, objective.needed(), eu, el, lu, ll)
+    return Claim(outcome, n, exceeded, lost, ignored, objective.needed(), eu, el, lu, ll, undecided)
 
 
 def fail_certain(objective: Objective, n_done: int, exceeded: int, lost: int, remaining: int) -> bool:
@@ -184,16 +191,18 @@ def quantile_name(q: float) -> str:
     return "p" + f"{q * 100:.4f}".rstrip("0").rstrip(".")
 
 
-def fixed_outcome(objective: Objective, valid: int, exceeded: int, lost: int, pending: int) -> str | None:
+def fixed_outcome(
+    objective: Objective, valid: int, exceeded: int, lost: int, pending: int, undecided: int = 0
+) -> str | None:
     """The claim's outcome if ``pending`` more probes cannot change it, else None.
 
     Best case for passing: every pending probe counts and is within target; worst case for
     failing: every one counts and exceeds (an uncounted probe moves the bounds less)."""
     if pending <= 0:
-        return judge(objective, valid, exceeded, lost).outcome
+        return judge(objective, valid, exceeded, lost, undecided=undecided).outcome
     if fail_certain(objective, valid, exceeded, lost, pending):
         return FAIL
-    if judge(objective, valid + pending, exceeded, lost).outcome == PASS:
+    if judge(objective, valid + pending, exceeded, lost, undecided=undecided).outcome == PASS:
         return None
-    worst = judge(objective, valid + pending, exceeded + pending, lost + pending)
+    worst = judge(objective, valid + pending, exceeded + pending, lost + pending, undecided=undecided)
     return None if worst.outcome == FAIL else INCONCLUSIVE

@@ -39,6 +39,9 @@ class HopResult:
     sources: dict[str, float] = field(default_factory=dict)  # lag as seen by each source (push/poll)
     detail: dict[str, object] = field(default_factory=dict)
     evidence: dict[str, Any] | None = None  # tracer.evidence.Evidence.to_json(), for verdicts that are not ok
+    # unknown, yet seen: the lag lies in [lag - error_bar, lag], which straddles the target. A claim
+    # counts it as over the target when proving a pass, and as within it when proving a fail.
+    undecided: bool = False
 
 
 def judge_present(

@@ -90,7 +90,8 @@ def summarize(
         hops = []
         for hop in step.hops:
             rows = by_hop.get((step_name, hop.name), [])
-            lags = [h.lag for h in rows if h.lag is not None and h.verdict in (OK, LATE)]
+            # Upper bounds, undecided ones included (leaving out the borderline would flatter).
+            lags = [h.lag for h in rows if h.lag is not None and (h.verdict in (OK, LATE) or h.undecided)]
             bars = [h.error_bar for h in rows if h.error_bar is not None and h.lag is not None]
             verdicts = {v: sum(1 for h in rows if h.verdict == v) for v in COUNTED}
             hops.append(
@@ -105,7 +106,14 @@ def summarize(
                     "samples": len(rows),
                     "verdicts": verdicts,
                     "verdict": _hop_verdict(verdicts),
-                    "claim": claim_of(hop, verdicts, quantile, confidence, (planned or {}).get(step_name)),
+                    "claim": claim_of(
+                        hop,
+                        verdicts,
+                        quantile,
+                        confidence,
+                        (planned or {}).get(step_name),
+                        undecided=sum(1 for h in rows if h.undecided),
+                    ),
                     "lag_s": {
                         "p50": rounded(percentile(lags, 50)),
                         "p95": rounded(percentile(lags, 95)),
@@ -145,23 +153,26 @@ def claim_of(
     quantile: float | None = None,
     confidence: float | None = None,
     planned: int | None = None,
+    undecided: int = 0,
 ) -> dict[str, Any]:
     """The hop's claim after these verdict counts, as numbers and as a sentence.
 
-    ``unknown`` and ``inject_failed`` are evidence neither way: they are left out of n."""
+    ``unknown`` and ``inject_failed`` are evidence neither way: they are left out of n, except
+    ``undecided`` unknowns (seen, lag interval straddling the target; see ``stats.judge``)."""
     obj = hop.objective_for(quantile, confidence)
     exceeded = verdicts.get(LATE, 0) + verdicts.get(LOST, 0) + verdicts.get(BREACH, 0)
     lost = verdicts.get(LOST, 0)
-    ignored = verdicts.get(UNKNOWN, 0) + verdicts.get(INJECT_FAILED, 0)
-    n = verdicts.get(OK, 0) + exceeded
-    c = stats.judge(obj, n, exceeded, lost, ignored)
+    ignored = verdicts.get(UNKNOWN, 0) - undecided + verdicts.get(INJECT_FAILED, 0)
+    n = verdicts.get(OK, 0) + exceeded + undecided
+    c = stats.judge(obj, n, exceeded, lost, ignored, undecided)
     return {
         "objective": {"quantile": obj.quantile, "confidence": obj.confidence, "max_loss": obj.max_loss},
         "outcome": c.outcome,
         "statement": _statement(hop, obj, c),
         "n": c.n,
-        "within": c.n - c.exceeded,
+        "within": c.n - c.exceeded - c.undecided,
         "exceeded": c.exceeded,
+        "undecided": c.undecided,
         "lost": c.lost,
         "ignored": c.ignored,
         "needed": c.needed,
@@ -180,7 +191,9 @@ def _statement(hop: HopSpec, obj: stats.Objective, c: stats.Claim) -> str:
         counts = f"{c.n - c.exceeded}/{c.n} rejected"
     else:
         what = f"{stats.quantile_name(obj.quantile)} ≤ {fmt_duration(hop.target)}"
-        counts = f"{c.n - c.exceeded}/{c.n} within target"
+        counts = f"{c.n - c.exceeded - c.undecided}/{c.n} within target"
+        if c.undecided:
+            counts += f" ({c.undecided} may be either side: seen between two looks around the target)"
     if obj.max_loss is not None:
         what += f", loss ≤ {_pct(obj.max_loss)}"
     if c.ignored:
