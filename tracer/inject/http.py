@@ -244,9 +244,13 @@ async def _exchange(
             err = f"connect timeout after {spec.timeout:g}s"
             return Injection(left.at or queued, clock.now(), ok=False, error=err, attributes=attrs), None
         except httpx.TimeoutException:
-            if left.at is None:  # the whole timeout went before a byte left: nothing to judge
+            # The whole timeout went before the request left: nothing to judge the funnel by.
+            if left.at is None:  # waiting for a connection of our own pool
+                attrs["error.type"] = "pool_timeout"
+                err = f"no free connection within {spec.timeout:g}s (tracer overloaded)"
+            elif not left.head_sent:
                 attrs["error.type"] = "connect_timeout"
-                err = f"nothing sent within {spec.timeout:g}s (no connection)"
+                err = f"connect timeout after {spec.timeout:g}s"
             else:
                 attrs["error.type"] = "timeout"
                 err = f"timeout after {spec.timeout:g}s"
@@ -285,10 +289,13 @@ class _FirstByte:
 
     def __init__(self) -> None:
         self.at: float | None = None
+        self.head_sent = False  # the request head went out (connected)
 
     async def __call__(self, name: str, info: dict[str, Any]) -> None:
         if self.at is None and (name in self.STARTS or name.endswith("send_request_headers.started")):
             self.at = clock.now()
+        if name.endswith("send_request_headers.started"):
+            self.head_sent = True
 
 
 async def send(
