@@ -341,6 +341,31 @@ except OSError as exc:
 """
 
 
+async def starve_file_descriptors(seconds: float) -> None:
+    """The process at its file-descriptor limit for ``seconds``: whatever descriptor frees up is
+    taken at once, as under a real leak; everything is given back after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[Any] = []
+
+    async def grab() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                while True:
+                    hog.append(open(os.devnull))  # noqa: SIM115, ASYNC230
+            await asyncio.sleep(0.002)
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    grabber = asyncio.create_task(grab())
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        grabber.cancel()
+        await asyncio.gather(grabber, return_exceptions=True)
+        for f in hog:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_out_of_file_descriptors_the_receiver_is_blind_not_late() -> None:
     """The process hits its file-descriptor limit (a leak elsewhere, a flood on another port):
     asyncio stops accepting, the funnel's delivery waits in the kernel's backlog and is read
@@ -356,26 +381,7 @@ def test_out_of_file_descriptors_the_receiver_is_blind_not_late() -> None:
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CLIENT, str(hook.port), body, "1.5", SECRET, stdout=asyncio.subprocess.PIPE
         )
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        hog: list[Any] = []
-
-        async def grab() -> None:  # whatever fd frees up is taken at once, as under a real leak
-            while True:
-                with contextlib.suppress(OSError):
-                    while True:
-                        hog.append(open(os.devnull))  # noqa: SIM115, ASYNC230
-                await asyncio.sleep(0.002)
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
-        grabber = asyncio.create_task(grab())
-        try:
-            await asyncio.sleep(4.0)
-        finally:
-            grabber.cancel()
-            await asyncio.gather(grabber, return_exceptions=True)
-            for f in hog:
-                f.close()
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await starve_file_descriptors(4.0)
         await asyncio.wait_for(client.communicate(), 10)
         assert await w.wait_seen(5), hook.health()  # read once descriptors are back
         certified = await hook.coverage.wait_certified(clock.now(), 3)
@@ -1326,26 +1332,7 @@ def test_out_of_file_descriptors_the_smtp_receiver_is_blind_not_late() -> None:
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-c", MAIL_CLIENT, str(mx.port), w.trace_id, "1.5", token
         )
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        hog: list[Any] = []
-
-        async def grab() -> None:
-            while True:
-                with contextlib.suppress(OSError):
-                    while True:
-                        hog.append(open(os.devnull))  # noqa: SIM115, ASYNC230
-                await asyncio.sleep(0.002)
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
-        grabber = asyncio.create_task(grab())
-        try:
-            await asyncio.sleep(4.0)
-        finally:
-            grabber.cancel()
-            await asyncio.gather(grabber, return_exceptions=True)
-            for f in hog:
-                f.close()
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await starve_file_descriptors(4.0)
         await asyncio.wait_for(client.wait(), 20)
         assert await w.wait_seen(5), mx.health()  # read once descriptors are back
         certified = await mx.coverage.wait_certified(clock.now(), 3)

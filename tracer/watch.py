@@ -241,14 +241,7 @@ class Coverage:
         is unchanged."""
         if end < start:
             return
-        entry = [start, end, why or "nobody looked (the tracer was not running)"]
-        if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
-            self._blind.popleft()
-        if self._open:
-            self._blind.insert(len(self._blind) - 1, entry)  # the open interval stays last
-        else:
-            self._blind.append(entry)
-        self._wake()
+        self._insert_closed([start, end, why or "nobody looked (the tracer was not running)"])
 
     def missed(self, start: float, end: float, why: str) -> None:
         """Something arrived in ``[start, end]`` that the collector saw but could not read (a
@@ -259,7 +252,9 @@ class Coverage:
         if end < start:
             start, end = end, start
         self._missed.append((start, end))
-        entry = [start, end, why]
+        self._insert_closed([start, end, why])
+
+    def _insert_closed(self, entry: list[Any]) -> None:
         if self._blind.maxlen is not None and len(self._blind) >= self._blind.maxlen:
             self._blind.popleft()
         if self._open:
