@@ -109,6 +109,7 @@ class _Channel:
     sweep_max_ts: float = 0.0
     certified: float | None = None  # monotonic: everything posted before is read
     seen: set[str] = field(default_factory=set)  # ts already handled (reads overlap)
+    threads: dict[str, str] = field(default_factory=dict)  # parent ts -> latest_reply already noted
 
 
 class SlackCollector:
@@ -131,6 +132,7 @@ class SlackCollector:
         self.rate_limited = 0
         self.malformed_messages = 0  # messages without a valid ts: skipped
         self.foreign = 0  # the trace id in a message by an author the hop does not accept
+        self.unread_threads = 0  # threads with new replies (not readable here): windows missed
         self.last_error: str | None = None
 
     # -- Collector protocol -------------------------------------------------
@@ -177,6 +179,7 @@ class SlackCollector:
             "rate_limited": self.rate_limited,
             "malformed_messages": self.malformed_messages,
             "foreign_authors": self.foreign,
+            "unread_threads": self.unread_threads,
             "internal_errors": self._supervisor.crashes,
             "in_flight": len(self._index),
             "last_error": self.last_error,
@@ -286,6 +289,7 @@ class SlackCollector:
             if stamp is None or not math.isfinite(stamp):
                 self.malformed_messages += 1  # Slack's ts is always "<epoch>.<micro>"
                 continue
+            self._thread_activity(name, ch, msg, ts, received)
             if ts in ch.seen:
                 continue
             ch.seen.add(ts)
@@ -316,6 +320,31 @@ class SlackCollector:
                             )
                         )
                         self._index.discard(w)
+
+    def _thread_activity(
+        self, name: str, ch: _Channel, msg: dict[str, Any], ts: str, received: float
+    ) -> None:
+        """New replies in a thread: ``conversations.history`` returns the parent (with
+        ``latest_reply``), never the replies, so a notification posted there cannot be read.
+        The time since the reply is ``missed``: a probe not seen then is ``unknown``, not lost."""
+        latest = msg.get("latest_reply")
+        if not isinstance(latest, str) or ch.threads.get(ts) == latest:
+            return
+        reply_at = _float(latest)
+        if reply_at is None or not math.isfinite(reply_at):
+            return
+        # The new replies came after the last one noted (or the parent) and up to ``latest``.
+        since = _float(ch.threads.get(ts) or ts) or reply_at
+        ch.threads[ts] = latest
+        while len(ch.threads) > 10_000:
+            ch.threads.pop(next(iter(ch.threads)))
+        self.unread_threads += 1
+        skew = self.config.clock_skew
+        self.coverage.missed(
+            min(clock.mono_of_wall(since - skew), received),
+            min(clock.mono_of_wall(reply_at + skew), received),
+            f"{name}: new replies in a thread, which conversations.history does not return",
+        )
 
     def _broke(self, sent: float, error: str) -> float:
         """A setup error (token, scope, membership): every wait ends now with it as the cause

@@ -1101,6 +1101,37 @@ def test_slack_authors_keeps_a_member_pasting_the_trace_id_from_forging_ok() -> 
     asyncio.run(main())
 
 
+def test_slack_thread_replies_we_cannot_read_make_an_unseen_probe_unknown_not_lost() -> None:
+    """``conversations.history`` returns a thread's parent, never its replies: a notification
+    posted as a reply cannot be read. New replies (the parent's ``latest_reply`` moving) mark
+    that window missed, so the probe is ``unknown``; a channel without thread activity still
+    proves absence (``lost``)."""
+    quiet, busy = slack_watch(), slack_watch()
+
+    async def run(w: Watch, messages: list[Any]) -> tuple[str, str | None, SlackCollector]:
+        async with Hostile(lambda _head: history(messages)) as api:
+            col = SlackCollector(slack_config(api.url, clock_skew="1s"))
+            await col.start()
+            try:
+                start = clock.now()
+                col.watch(w)
+                await asyncio.sleep(0.5)
+                assert await certifies(col.coverage)
+                v, reason = judge_present(w.first, start, 0.5, clock.now() - start, col.coverage, True)
+                return v, reason, col
+            finally:
+                await col.close()
+
+    now = time.time()
+    # A parent inside the sweep's window (history returns only ts above ``oldest``).
+    parent = {"ts": f"{now - 1.8:.6f}", "user": "U0BOT", "text": "approval thread", "reply_count": 3}
+    v, _, _ = asyncio.run(run(quiet, [{**parent, "latest_reply": f"{now - 1.5:.6f}"}]))
+    assert v == LOST  # the thread's replies are older than the probe: nothing unread in its window
+    v, reason, col = asyncio.run(run(busy, [{**parent, "latest_reply": f"{now + 0.2:.6f}"}]))
+    assert v == UNKNOWN and "could not read" in (reason or ""), (v, reason)
+    assert col.health()["unread_threads"] == 1
+
+
 @pytest.mark.parametrize("kind", ["slack-invalid_auth", "slack-not_in_channel", "json-401", "json-403"])
 def test_refused_credentials_end_the_waits_at_once_as_unknown(kind: str) -> None:
     """A revoked token mid-run is a setup error: the hops in flight end ``unknown`` with the cause
