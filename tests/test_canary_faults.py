@@ -167,10 +167,14 @@ def test_ledger_redis_killed_and_restarted_reconnects_and_drops_nothing(sb: Sand
                     await asyncio.sleep(0.1)
                     if canary.ledger.up:
                         break
-                await asyncio.sleep(0.3)
-                # Reconnected and rewrote every probe in flight (a restarted Redis lost them all).
-                in_redis = {k.decode() for k in r.hkeys("funnel-tracer:rec:ledger-test")}
-                seen["resync"] = (in_redis, set(canary.local))
+                # Reconnected and rewrote every probe in flight (a restarted Redis lost them all);
+                # writes are write-behind, so a probe started a moment ago may still be on its way.
+                for _ in range(30):
+                    await asyncio.sleep(0.1)
+                    in_redis = {k.decode() for k in r.hkeys("funnel-tracer:rec:ledger-test")}
+                    seen["resync"] = (in_redis, set(canary.local))
+                    if in_redis == set(canary.local):
+                        break
                 seen["owners"] = all(
                     r.get(f"funnel-tracer:owner:{t}") == b"ledger-test" for t in canary.local
                 )
