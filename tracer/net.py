@@ -158,32 +158,28 @@ async def fetch_json(
 ) -> tuple[httpx.Response, Any]:
     """One request for a poller: ``(response, parsed JSON or None for a non-2xx answer)``.
 
-    Why not ``client.request(...).json()``: httpx's timeout is per socket operation, so a server
-    that drips a byte a second holds a poll (and the collector's coverage) forever; and it reads
-    any size into memory. Here ``timeout`` bounds the whole exchange, the body stops at
-    ``max_bytes``, and a large body is parsed off the event loop (deep nesting, which makes the
-    json module raise ``RecursionError``, is "not JSON" like any other bad body). Transport
-    errors are httpx's own; answers that are no evidence raise ``AnswerError``."""
+    ``request`` bounds the whole exchange and the body; here an answer cut at ``max_bytes`` or
+    past the deadline is no evidence (``AnswerError``), and a large body is parsed off the event
+    loop (deep nesting, which makes the json module raise ``RecursionError``, is "not JSON" like
+    any other bad body). Other transport errors are httpx's own."""
     try:
-        async with asyncio.timeout(timeout):
-            async with client.stream(method, url, timeout=timeout, **kwargs) as resp:
-                if not 200 <= resp.status_code < 300:
-                    return resp, None
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise AnswerError(f"answer over {max_bytes} bytes")
-                    chunks.append(chunk)
-    except TimeoutError:
+        resp = await request(client, method, url, timeout=timeout, max_body=max_bytes, **kwargs)
+    except DeadlineExceeded:
         raise AnswerError(f"no complete answer within {timeout:g}s") from None
-    raw = b"".join(chunks)
+    if not 200 <= resp.status_code < 300:
+        return resp, None
+    if resp.extensions.get("truncated"):
+        raise AnswerError(f"answer over {max_bytes} bytes")
+    raw = resp.content
     try:
         data = await asyncio.to_thread(json.loads, raw) if len(raw) > OFF_LOOP_BYTES else json.loads(raw)
     except (ValueError, RecursionError):
         raise AnswerError("response is not JSON") from None
     return resp, data
+
+
+class DeadlineExceeded(httpx.ReadTimeout):
+    """The whole exchange overran its timeout (a dripping or endless answer)."""
 
 
 async def request(
@@ -216,7 +212,7 @@ async def request(
             finally:
                 await resp.aclose()
     except TimeoutError:
-        raise httpx.ReadTimeout(f"no complete answer within {timeout:g}s", request=req) from None
+        raise DeadlineExceeded(f"no complete answer within {timeout:g}s", request=req) from None
     headers = [
         (k, v)
         for k, v in resp.headers.multi_items()
